@@ -1,0 +1,30 @@
+# Two entry points that do all the set-up themselves: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qaconv-built
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: all setup demo test test-fast bench nvcc-check clean
+
+all: test
+
+$(STAMP): $(SOURCES) tools/bootstrap.sh
+	VENV=$(VENV) bash tools/bootstrap.sh
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/qaconv demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_match.py
+
+nvcc-check:
+	bash tools/nvcc_check.sh
+
+clean:
+	rm -rf build *.egg-info qaconv_ext/_C*.so $(STAMP)

@@ -1,0 +1,5 @@
+"""Fused QAConv matching ops, registered as ``torch.ops.qaconv_ext.*``."""
+from . import reference
+from .match import native_available, qaconv_match, qaconv_score
+
+__all__ = ["qaconv_match", "qaconv_score", "native_available", "reference"]

@@ -1,0 +1,161 @@
+"""Binds the ``qaconv_ext::*`` dispatcher ops: native kernels, fake kernels, autograd, fallbacks.
+
+The schemas and the CPU/CUDA kernels come from the compiled ``qaconv_ext._C``. This module adds what
+PyTorch wants from Python: fake (meta) kernels for ``torch.compile``, autograd formulas, and a chunked
+PyTorch implementation for CUDA tensors when the extension was built without CUDA.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+from .checks import check_pair
+
+Tensor = torch.Tensor
+
+try:
+    _C = importlib.import_module("qaconv_ext._C")  # registers the schemas and native kernels
+    NATIVE = True
+    NATIVE_CUDA = bool(getattr(_C, "with_cuda", 0))
+    _IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as exc:  # not built: keep the package usable through the reference path
+    NATIVE = False
+    NATIVE_CUDA = False
+    _IMPORT_ERROR = exc
+
+_LIB = None
+if not NATIVE:
+    _LIB = torch.library.Library("qaconv_ext", "DEF")
+    _LIB.define("match(Tensor query, Tensor gallery, bool with_indices) -> (Tensor, Tensor)")
+    _LIB.define("score(Tensor query, Tensor gallery, Tensor weight, Tensor? bias) -> Tensor")
+    _LIB.define("match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery)"
+                " -> (Tensor, Tensor)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked PyTorch implementations, used where no native kernel exists for a device.
+# ----------------------------------------------------------------------------------------------
+_warned = set()
+
+
+def _warn_fallback(device_type: str) -> None:
+    if device_type in _warned:
+        return
+    _warned.add(device_type)
+    why = ("the compiled extension could not be imported: %s" % _IMPORT_ERROR) if not NATIVE else \
+        "qaconv_ext was built without CUDA"
+    warnings.warn(f"qaconv_ext: using the chunked PyTorch path on {device_type} ({why}). "
+                  "Rebuild with a CUDA toolkit for the fused kernel.", RuntimeWarning, stacklevel=3)
+
+
+def _fallback_match(query: Tensor, gallery: Tensor, with_indices: bool) -> Tuple[Tensor, Tensor]:
+    _warn_fallback(query.device.type)
+    if with_indices:
+        values, indices = reference.qaconv_match(query, gallery, return_indices=True)
+    else:
+        values = reference.qaconv_match(query, gallery)
+        indices = torch.empty((0,), dtype=torch.long, device=query.device)
+    return values.contiguous(), indices.contiguous()
+
+
+def _fallback_score(query: Tensor, gallery: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _warn_fallback(query.device.type)
+    return reference.qaconv_score(query, gallery, weight, bias).contiguous()
+
+
+def _fallback_backward(grad_values: Tensor, indices: Tensor, query: Tensor, gallery: Tensor
+                       ) -> Tuple[Tensor, Tensor]:
+    _warn_fallback(query.device.type)
+    return reference.match_backward(grad_values, indices, query, gallery)
+
+
+_fallback_keys = [] if NATIVE_CUDA else ["CUDA"]
+if not NATIVE:
+    _fallback_keys.append("CPU")
+for _key in _fallback_keys:
+    torch.library.impl("qaconv_ext::match", _key)(_fallback_match)
+    torch.library.impl("qaconv_ext::score", _key)(_fallback_score)
+    torch.library.impl("qaconv_ext::match_backward", _key)(_fallback_backward)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake kernels: shapes, dtypes and strides of the outputs, for torch.compile and meta tensors.
+# ----------------------------------------------------------------------------------------------
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("qaconv_ext::match")
+def _match_fake(query: Tensor, gallery: Tensor, with_indices: bool) -> Tuple[Tensor, Tensor]:
+    P, N, _, Lq, Lg = check_pair(query, gallery)
+    values = query.new_empty((P, N, Lq + Lg))
+    indices = query.new_empty((P, N, Lq + Lg) if with_indices else (0,), dtype=torch.long)
+    return values, indices
+
+
+@torch.library.register_fake("qaconv_ext::score")
+def _score_fake(query: Tensor, gallery: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    P, N, _, _, _ = check_pair(query, gallery)
+    return query.new_empty((P, N), dtype=_score_dtype(query.dtype))
+
+
+@torch.library.register_fake("qaconv_ext::match_backward")
+def _backward_fake(grad_values: Tensor, indices: Tensor, query: Tensor, gallery: Tensor
+                   ) -> Tuple[Tensor, Tensor]:
+    return query.new_empty(query.shape), gallery.new_empty(gallery.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd: the sparse gather/scatter through the argmax; score recomputes match in its backward.
+# ----------------------------------------------------------------------------------------------
+def _match_setup_context(ctx, inputs, output) -> None:
+    query, gallery, with_indices = inputs
+    _, indices = output
+    ctx.with_indices = with_indices
+    ctx.save_for_backward(query, gallery, indices)
+
+
+def _match_backward(ctx, grad_values: Tensor, _grad_indices: Optional[Tensor]):
+    query, gallery, indices = ctx.saved_tensors
+    if not ctx.with_indices:
+        raise RuntimeError("qaconv_ext::match was called with with_indices=False, so it cannot be "
+                           "differentiated; use qaconv_ext.qaconv_match, which asks for indices when "
+                           "a gradient is needed")
+    grad_query, grad_gallery = torch.ops.qaconv_ext.match_backward(grad_values, indices, query, gallery)
+    return (grad_query if ctx.needs_input_grad[0] else None,
+            grad_gallery if ctx.needs_input_grad[1] else None, None)
+
+
+torch.library.register_autograd("qaconv_ext::match", _match_backward, setup_context=_match_setup_context)
+
+
+def _score_setup_context(ctx, inputs, output) -> None:
+    query, gallery, weight, bias = inputs
+    ctx.bias_shape = None if bias is None else bias.shape
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(query, gallery, weight)
+
+
+def _score_backward(ctx, grad: Tensor):
+    query, gallery, weight = ctx.saved_tensors
+    need_q, need_g, need_w, need_b = ctx.needs_input_grad
+    grad_q = grad_g = grad_w = grad_b = None
+    if need_b:
+        grad_b = grad.sum().reshape(ctx.bias_shape).to(ctx.bias_dtype)
+    if need_q or need_g or need_w:
+        values, indices = torch.ops.qaconv_ext.match(query, gallery, True)
+        if need_w:
+            grad_w = torch.einsum("pn,pnk->k", grad, values.to(grad.dtype)).to(weight.dtype)
+        if need_q or need_g:
+            grad_values = grad[:, :, None] * weight.to(grad.dtype)[None, None, :]
+            grad_q, grad_g = torch.ops.qaconv_ext.match_backward(grad_values, indices, query, gallery)
+            grad_q = grad_q if need_q else None
+            grad_g = grad_g if need_g else None
+    return grad_q, grad_g, grad_w, grad_b
+
+
+torch.library.register_autograd("qaconv_ext::score", _score_backward, setup_context=_score_setup_context)

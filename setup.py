@@ -1,0 +1,61 @@
+"""Build of qaconv-ext: the C++ CPU kernels always, the CUDA kernels where torch and a toolkit allow.
+
+Install with ``pip install --no-build-isolation -e .`` so the build uses the torch already installed.
+``QACONV_EXT_CUDA=1`` forces the CUDA build (an error if impossible), ``QACONV_EXT_CUDA=0`` disables it.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as exc:  # pragma: no cover - a build without torch is a user error
+    raise SystemExit("qaconv-ext builds against an installed torch: install torch first, then "
+                     "`pip install --no-build-isolation .`") from exc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_requested() -> bool:
+    switch = os.environ.get("QACONV_EXT_CUDA", "auto").strip().lower()
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if switch in ("0", "off", "false", "no"):
+        return False
+    if switch in ("1", "on", "true", "yes"):
+        if torch.version.cuda is None:
+            raise SystemExit("QACONV_EXT_CUDA=1 but the installed torch has no CUDA support")
+        if cpp_extension.CUDA_HOME is None:
+            raise SystemExit("QACONV_EXT_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+        return True
+    return available
+
+
+def _extension():
+    sources = [os.path.relpath(p, HERE) for p in
+               sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
+    cxx = ["-O3", "-fopenmp"]
+    if os.environ.get("QACONV_EXT_NATIVE_ARCH", "0") == "1":
+        cxx.append("-march=native")
+    include_dirs = [os.path.join(HERE, "csrc")]
+    if not _cuda_requested():
+        return cpp_extension.CppExtension("qaconv_ext._C", sources, include_dirs=include_dirs,
+                                          extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    # With no visible GPU, torch's arch detection fails: pick Ampere (+PTX) and Hopper by default.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
+    sources += [os.path.relpath(p, HERE) for p in
+                sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")) +
+                       glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))]
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    return cpp_extension.CUDAExtension("qaconv_ext._C", sources, include_dirs=include_dirs,
+                                       define_macros=[("QACONV_WITH_CUDA", "1")],
+                                       extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                                       extra_link_args=["-fopenmp"])
+
+
+setup(
+    packages=find_packages(include=["qaconv_ext", "qaconv_ext.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,27 @@
+"""Shared helpers for the test suite."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def unit_maps(batch: int, channels: int, height: int, width: int, dtype=torch.float32,
+              generator: torch.Generator | None = None, device: str = "cpu") -> torch.Tensor:
+    """Fresh random feature maps, L2-normalised over channels at every location (as QAConv feeds them)."""
+    x = torch.randn(batch, channels, height, width, dtype=torch.float64, generator=generator)
+    x = torch.nn.functional.normalize(x, dim=1)
+    return x.to(device=device, dtype=dtype)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64."""
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A generator seeded differently in every run: inputs are fresh, never the same fixed sample."""
+    g = torch.Generator()
+    g.seed()
+    return g

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up the virtual environment and build the extension, on a fresh machine or one that already has torch.
+#  - An importable torch (system site-packages) is reused; otherwise torch==2.13.0 (the CPU wheel) is installed.
+#  - Other dependencies are installed only when missing, so a machine without network works if they exist.
+set -euo pipefail
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv --system-site-packages "$VENV"
+fi
+VPY="$VENV/bin/python"
+pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  echo "bootstrap: installing torch==2.13.0 (CPU)"
+  pip_install "torch==2.13.0"
+fi
+missing=()
+for spec in numpy:numpy scipy:scipy tqdm:tqdm PIL:pillow pytest:pytest setuptools:setuptools wheel:wheel; do
+  mod=${spec%%:*}; pkg=${spec#*:}
+  "$VPY" -c "import $mod" 2>/dev/null || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${missing[*]}"
+  pip_install "${missing[@]}"
+fi
+"$VPY" -c "import ninja" 2>/dev/null || command -v ninja >/dev/null || pip_install ninja || true
+echo "bootstrap: building qaconv_ext (torch $("$VPY" -c 'import torch; print(torch.__version__)'))"
+MAX_JOBS=${MAX_JOBS:-2} "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+"$VPY" -c "import qaconv_ext, qaconv_ext.ops as o; assert o.native_available('cpu'), 'native kernel missing'; print('bootstrap: qaconv_ext', qaconv_ext.__version__, 'native CPU', o.native_available('cpu'), 'native CUDA', o.native_available('cuda'))"

@@ -23,8 +23,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_match.py
 
-nvcc-check:
-	bash tools/nvcc_check.sh
+nvcc-check: $(STAMP)
+	bash tools/nvcc_check.sh $(PY)
 
 clean:
 	rm -rf build *.egg-info qaconv_ext/_C*.so $(STAMP)

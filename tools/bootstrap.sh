@@ -7,6 +7,14 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv --system-site-packages "$VENV"
+  # A host interpreter that is itself a virtual environment (e.g. /opt/torch/.venv) does not pass its
+  # own packages on through --system-site-packages: link them with a .pth file instead.
+  if "$PY" -c "import torch" 2>/dev/null && ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    site_dir=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    "$PY" -c "import site, sys; print('\n'.join(site.getsitepackages() + [p for p in sys.path if p.endswith('-packages')]))" \
+      | sort -u > "$site_dir/_host_site_packages.pth"
+    echo "bootstrap: reusing the packages of $("$PY" -c 'import sys; print(sys.prefix)')"
+  fi
 fi
 VPY="$VENV/bin/python"
 pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
@@ -25,5 +33,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 "$VPY" -c "import ninja" 2>/dev/null || command -v ninja >/dev/null || pip_install ninja || true
 echo "bootstrap: building qaconv_ext (torch $("$VPY" -c 'import torch; print(torch.__version__)'))"
-MAX_JOBS=${MAX_JOBS:-2} "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)} "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 "$VPY" -c "import qaconv_ext, qaconv_ext.ops as o; assert o.native_available('cpu'), 'native kernel missing'; print('bootstrap: qaconv_ext', qaconv_ext.__version__, 'native CPU', o.native_available('cpu'), 'native CUDA', o.native_available('cuda'))"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (torch with CUDA, nvcc, ninja, no network): build the CUDA extension,
+# run the op tests on CPU and GPU, run the GPU benchmark, print its table last.
+#   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and JSON go to OUT_DIR, default benchmarks/results)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 QACONV_EXT_CUDA=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+# Build into the repo's virtual environment, reusing the host's torch (tools/bootstrap.sh).
+rm -f .venv/.qaconv-built qaconv_ext/_C*.so
+if ! make setup > "$OUT/gpu_build.log" 2>&1; then
+  tail -60 "$OUT/gpu_build.log"; echo "gpu_check: build failed"; exit 1
+fi
+tail -3 "$OUT/gpu_build.log"
+PY=.venv/bin/python
+
+$PY -m pytest -q -x tests/test_cuda.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+tests=${PIPESTATUS[0]}
+$PY -m pytest -q tests/test_ops.py 2>&1 | tail -3
+
+$PY benchmarks/bench_gallery.py --json "$OUT/gpu_gallery.json" 2>&1 | tee "$OUT/gpu_bench.log" | tail -12
+bench=${PIPESTATUS[0]}
+echo "gpu_check: tests rc=$tests bench rc=$bench"
+[[ $tests -eq 0 && $bench -eq 0 ]]

@@ -19,6 +19,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
+def score_err(out: torch.Tensor, query: torch.Tensor, gallery: torch.Tensor, weight: torch.Tensor,
+              bias=None) -> float:
+    """Error of ``qaconv_score`` output against the float64 reference, relative to ``||values| @ |w|||``.
+
+    A signed weighted sum can cancel, so a plain relative error fails on lucky cancellations; the sum
+    of the terms' magnitudes is the scale that rounding errors grow with.
+    """
+    from qaconv_ext import reference
+
+    q, g, w = query.detach().double().cpu(), gallery.detach().double().cpu(), weight.detach().double().cpu()
+    ref = reference.qaconv_score(q, g, w, bias if not isinstance(bias, torch.Tensor) else bias.double().cpu())
+    scale = reference.qaconv_match(q, g).abs() @ w.abs()
+    return float((out.double().cpu() - ref).norm() / scale.norm().clamp_min(1e-300))
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     """A generator seeded differently in every run: inputs are fresh, never the same fixed sample."""

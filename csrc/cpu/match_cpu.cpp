@@ -32,7 +32,7 @@ constexpr int64_t kScratchBytes = 512 * 1024;     // S tile budget (per thread)
 // NaN-propagating "is v a new maximum": NaN beats numbers, the first NaN stays (torch.max semantics).
 template <typename T>
 inline bool takes_over(T v, T best) {
-  return v > best || (v != v && best == best);
+  return (v > best) | ((v != v) & (best == best));
 }
 
 // Tie/NaN-aware merge of two (value, index) candidates: the larger value, the smaller index on ties,
@@ -69,9 +69,13 @@ QACONV_ALWAYS_INLINE inline void pool_pair(const T* S, int64_t ld, int64_t Lq, i
     for (int64_t r0 = 0; r0 < body; r0 += kLanes) {
       for (int64_t k = 0; k < kLanes; ++k) {
         const T v = row[r0 + k];
-        if (kIndices) {
-          if (takes_over(v, part[k])) { part[k] = v; part_i[k] = r0 + k; }
-          if (takes_over(v, col_max[r0 + k])) { col_max[r0 + k] = v; col_idx[r0 + k] = s; }
+        if (kIndices) {  // branch-free selects, so the loop vectorises
+          const bool row_new = takes_over(v, part[k]);
+          part[k] = row_new ? v : part[k];
+          part_i[k] = row_new ? r0 + k : part_i[k];
+          const bool col_new = takes_over(v, col_max[r0 + k]);
+          col_max[r0 + k] = col_new ? v : col_max[r0 + k];
+          col_idx[r0 + k] = col_new ? s : col_idx[r0 + k];
         } else {
           part[k] = (v > part[k] || v != v) ? v : part[k];
           col_max[r0 + k] = (v > col_max[r0 + k] || v != v) ? v : col_max[r0 + k];

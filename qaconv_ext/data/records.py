@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset
@@ -48,14 +48,16 @@ def read_image(path: str) -> "PIL.Image.Image":  # noqa: F821 - PIL is imported 
 
 
 class ImageDataset(Dataset):
-    """Map-style dataset over :class:`Record` s.
+    """Map-style dataset over :class:`Record` s (plain image paths are accepted too: pid and camid -1).
 
     Item ``i`` is ``(image, pid, camid, i)`` where ``image`` is ``transform(read_image(path))``
     (the PIL image itself when ``transform`` is ``None``).
     """
 
-    def __init__(self, records: Sequence[Record], transform: Optional[Callable] = None) -> None:
-        self.records: List[Record] = list(records)
+    def __init__(self, records: Sequence[Union[Record, str, "os.PathLike[str]"]],
+                 transform: Optional[Callable] = None) -> None:
+        self.records: List[Record] = [Record(os.fspath(r), -1, -1) if isinstance(r, (str, os.PathLike)) else r
+                                      for r in records]
         self.transform = transform
 
     def __len__(self) -> int:

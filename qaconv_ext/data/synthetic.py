@@ -19,8 +19,9 @@ What the images contain:
   scale and horizontal/vertical offsets of the person in the box.
 * **Occlusions**: pillars, objects covering the lower body, other pedestrians in front.
 * **Cameras**: each camera has its own background scene, colour cast, brightness, contrast,
-  saturation, blur, noise and JPEG quality. Domain A looks like a bright, warm indoor site;
-  domain B like a dim, cool, noisier outdoor site, with other backgrounds.
+  saturation, blur, noise and JPEG quality. Both domains film the same kind of indoor site (each
+  camera its own layout of walls, doors, signs and floor); domain A's cameras are bright, warm and
+  clean, domain B's cooler, dimmer, blurrier, noisier and more compressed.
 * **Time**: the six cameras form a graph (a ring plus two chords) with a transit time per edge.
   Groups of two to four people start at random times, pass through a random path of two to four
   cameras, stay a few seconds in view of each camera and reach the next one after the edge's
@@ -70,7 +71,7 @@ __all__ = [
     "contact_sheet",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 FPS = 25.0
 DOMAINS = ("domain_a", "domain_b")
 _SUBDIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -116,27 +117,26 @@ SHOES = ((30, 30, 30), (235, 235, 235), (110, 70, 40), (180, 30, 30), (40, 60, 1
 BAGS = ("none", "none", "backpack", "shoulder_left", "shoulder_right", "handbag")
 OCCLUSIONS = ("pillar", "object", "person")
 
+# The site both domains film: an indoor hall's wall, floor and prop colours (each camera draws its own).
+_SITE = dict(
+    walls=((200, 190, 170), (182, 180, 186), (212, 200, 182), (172, 160, 148), (215, 212, 200)),
+    floors=((150, 140, 130), (122, 112, 102), (192, 186, 178), (165, 150, 120)),
+    props=((90, 110, 140), (160, 60, 50), (60, 120, 90), (220, 220, 215), (120, 90, 60), (200, 170, 80)),
+)
+
 # Per-domain camera style ranges: (low, high) uniform draws per camera.
 DOMAIN_STYLES: Dict[str, Dict[str, Any]] = {
-    "domain_a": dict(  # bright, warm, clean indoor site
+    "domain_a": dict(  # bright, warm, clean cameras
         gain_r=(0.98, 1.10), gain_g=(0.95, 1.05), gain_b=(0.84, 0.97),
         brightness=(0.92, 1.15), contrast=(0.88, 1.10), saturation=(0.85, 1.10),
         gradient=(-0.10, 0.15), blur=(0.0, 0.5), noise=(1.5, 4.0), quality=(88, 95),
-        scale=(0.82, 0.94), scene="indoor",
-        walls=((200, 190, 170), (182, 180, 186), (212, 200, 182), (172, 160, 148), (215, 212, 200)),
-        floors=((150, 140, 130), (122, 112, 102), (192, 186, 178), (165, 150, 120)),
-        props=((90, 110, 140), (160, 60, 50), (60, 120, 90), (220, 220, 215), (120, 90, 60),
-               (200, 170, 80)),
+        scale=(0.82, 0.94), **_SITE,
     ),
-    "domain_b": dict(  # dim, cool, noisy outdoor site
+    "domain_b": dict(  # the same kind of site seen by other cameras: cooler, dimmer, blurrier, noisier
         gain_r=(0.84, 0.95), gain_g=(0.96, 1.06), gain_b=(1.00, 1.12),
-        brightness=(0.78, 0.92), contrast=(0.82, 0.96), saturation=(0.78, 0.95),
-        gradient=(0.05, 0.25), blur=(0.3, 0.8), noise=(3.0, 6.0), quality=(75, 88),
-        scale=(0.76, 0.92), scene="outdoor",
-        walls=((70, 105, 60), (130, 75, 62), (150, 165, 185), (95, 95, 100), (110, 125, 90)),
-        floors=((72, 72, 78), (95, 92, 88), (60, 66, 62), (110, 105, 95)),
-        props=((50, 90, 45), (35, 70, 35), (140, 140, 145), (90, 60, 40), (170, 160, 120),
-               (60, 60, 70)),
+        brightness=(0.85, 1.00), contrast=(0.82, 0.96), saturation=(0.78, 0.95),
+        gradient=(0.05, 0.25), blur=(0.1, 0.6), noise=(2.0, 4.5), quality=(82, 92),
+        scale=(0.76, 0.92), **_SITE,
     ),
 }
 
@@ -238,7 +238,7 @@ def _camera_style(rng: np.random.Generator, domain: str) -> Dict[str, Any]:
         "brightness": u("brightness"), "contrast": u("contrast"), "saturation": u("saturation"),
         "gradient": u("gradient"), "blur": u("blur"), "noise": u("noise"),
         "quality": int(rng.integers(spec["quality"][0], spec["quality"][1] + 1)),
-        "scale": u("scale"), "scene": spec["scene"], "bg_seed": int(rng.integers(2 ** 31)),
+        "scale": u("scale"), "bg_seed": int(rng.integers(2 ** 31)),
         "wall": list(spec["walls"][rng.integers(len(spec["walls"]))]),
         "floor": list(spec["floors"][rng.integers(len(spec["floors"]))]),
         "props": [list(p) for p in spec["props"]],
@@ -466,46 +466,29 @@ def _scene(style_key: str) -> "Image.Image":  # noqa: F821
     horizon = int(H * rng.uniform(0.45, 0.65))
     wall = np.array(style["wall"], dtype=float)
     floor = np.array(style["floor"], dtype=float)
-    for y in range(horizon):  # soft vertical gradient on the wall / sky
+    for y in range(horizon):  # soft vertical gradient on the wall
         c = wall * (0.9 + 0.2 * y / max(1, horizon))
         d.line([(0, y), (W, y)], fill=tuple(int(v) for v in np.clip(c, 0, 255)))
     for y in range(horizon, H):
         c = floor * (0.85 + 0.3 * (y - horizon) / max(1, H - horizon))
         d.line([(0, y), (W, y)], fill=tuple(int(v) for v in np.clip(c, 0, 255)))
     props = [tuple(p) for p in style["props"]]
-    if style["scene"] == "indoor":
-        for _ in range(int(rng.integers(5, 9))):  # doors, windows, shop signs
-            x = int(rng.uniform(0, W)); w = int(rng.uniform(0.15, 0.5) * w2)
-            top = int(rng.uniform(0.05, 0.5) * horizon); bot = int(rng.uniform(top + 10, horizon))
-            d.rectangle([x, top, x + w, bot], fill=props[rng.integers(len(props))],
-                        outline=tuple(int(v * 0.6) for v in style["wall"]), width=2)
-        for k in range(1, 8):  # floor tiles
-            y = horizon + int((H - horizon) * (k / 8) ** 1.5)
-            d.line([(0, y), (W, y)], fill=tuple(int(v * 0.8) for v in style["floor"]), width=1)
-        for x in range(0, W, int(w2 * 0.6)):
-            d.line([(x, horizon), (x + int(rng.uniform(-30, 30)), H)],
-                   fill=tuple(int(v * 0.85) for v in style["floor"]), width=1)
-    else:
-        for _ in range(int(rng.integers(3, 6))):  # buildings
-            x = int(rng.uniform(0, W)); w = int(rng.uniform(0.4, 1.2) * w2)
-            top = int(rng.uniform(0.0, 0.4) * horizon)
-            col = props[rng.integers(len(props))]
-            d.rectangle([x, top, x + w, horizon], fill=col)
-            for wy in range(top + 8, horizon - 8, 18):
-                for wx in range(x + 6, x + w - 6, 16):
-                    d.rectangle([wx, wy, wx + 7, wy + 9], fill=tuple(int(v * 0.55) for v in col))
-        for _ in range(int(rng.integers(4, 9))):  # trees and bushes
-            x = int(rng.uniform(0, W)); r = int(rng.uniform(0.15, 0.45) * w2)
-            y = horizon - int(rng.uniform(0, 0.5) * r)
-            green = (int(rng.uniform(30, 70)), int(rng.uniform(70, 120)), int(rng.uniform(30, 60)))
-            d.ellipse([x - r, y - r, x + r, y + r // 2], fill=green)
-        kerb = horizon + int((H - horizon) * rng.uniform(0.1, 0.3))
-        d.rectangle([0, kerb, W, kerb + 5], fill=(150, 150, 145))
+    for _ in range(int(rng.integers(5, 9))):  # doors, windows, shop signs
+        x = int(rng.uniform(0, W)); w = int(rng.uniform(0.15, 0.5) * w2)
+        top = int(rng.uniform(0.05, 0.5) * horizon); bot = int(rng.uniform(top + 10, horizon))
+        d.rectangle([x, top, x + w, bot], fill=props[rng.integers(len(props))],
+                    outline=tuple(int(v * 0.6) for v in style["wall"]), width=2)
+    for k in range(1, 8):  # floor tiles
+        y = horizon + int((H - horizon) * (k / 8) ** 1.5)
+        d.line([(0, y), (W, y)], fill=tuple(int(v * 0.8) for v in style["floor"]), width=1)
+    for x in range(0, W, int(w2 * 0.6)):
+        d.line([(x, horizon), (x + int(rng.uniform(-30, 30)), H)],
+               fill=tuple(int(v * 0.85) for v in style["floor"]), width=1)
     return img
 
 
 def _style_key(style: Dict[str, Any], w2: int, h2: int) -> str:
-    keep = {k: style[k] for k in ("bg_seed", "wall", "floor", "props", "scene")}
+    keep = {k: style[k] for k in ("bg_seed", "wall", "floor", "props")}
     keep.update(w2=w2, h2=h2)
     return json.dumps(keep, sort_keys=True)
 

@@ -1,0 +1,28 @@
+"""Training: configuration, the training loop with exact resume, and checkpoints."""
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    capture_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    load_public_qaconv,
+    load_trained,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .trainer import (
+    Trainer,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    build_train_loader,
+    run_training,
+    seed_everything,
+)
+
+__all__ = [
+    "TrainConfig", "Trainer", "run_training", "build_model", "build_optimizer", "build_scheduler", "build_train_loader",
+    "seed_everything", "CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "find_checkpoint",
+    "capture_rng_state", "restore_rng_state", "load_public_qaconv", "load_trained", "CheckpointError",
+]

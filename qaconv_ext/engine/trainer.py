@@ -1,0 +1,318 @@
+"""The training loop: SGD with per-group learning rates, step schedule, checkpoints, exact resume.
+
+``Trainer.fit(loader, epochs)`` trains from the current epoch to ``epochs``, stepping the scheduler
+and writing ``checkpoint_dir/checkpoint.pt`` (atomically) after every epoch. ``Trainer.resume(path)``
+restores model, criterion (class memory, head statistics), optimiser, scheduler, AMP scaler and
+every RNG state (Python, NumPy, torch, CUDA, the data loader's generator), so an interrupted run
+continues exactly as if it had not stopped.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    FORMAT,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .config import TrainConfig
+
+__all__ = ["Trainer", "run_training", "build_optimizer", "build_scheduler", "build_train_loader", "build_model",
+           "seed_everything"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _trunk_parameters(model: nn.Module) -> List[nn.Parameter]:
+    base = getattr(model, "base", None)
+    return list(base.parameters()) if isinstance(base, nn.Module) else []
+
+
+def build_optimizer(model: nn.Module, criterion: nn.Module, lr: float, base_lr_mult: float = 0.1,
+                    momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = True
+                    ) -> torch.optim.SGD:
+    """SGD with three groups: the pretrained trunk (``model.base``, ``lr * base_lr_mult``), the rest
+    of the model (neck, ``lr``) and the criterion's parameters (head or classifier, ``lr``)."""
+    trunk = _trunk_parameters(model)
+    trunk_ids = {id(p) for p in trunk}
+    new = [p for p in model.parameters() if id(p) not in trunk_ids]
+    groups = [{"params": trunk, "lr": lr * base_lr_mult, "name": "trunk"},
+              {"params": new, "lr": lr, "name": "new"},
+              {"params": list(criterion.parameters()), "lr": lr, "name": "criterion"}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov and momentum > 0)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, step_size: int, gamma: float = 0.1
+                    ) -> torch.optim.lr_scheduler.StepLR:
+    """Multiply every group's learning rate by ``gamma`` each ``step_size`` epochs."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, int(step_size)), gamma=gamma)
+
+
+def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
+                       generator: Optional[torch.Generator] = None) -> DataLoader:
+    """Shuffled, ``drop_last`` loader over training records with flip + Random Block (per ``cfg``).
+
+    ``generator`` (default: seeded from ``cfg.seed``) drives the shuffling and the worker seeds; its
+    state goes into checkpoints.
+    """
+    from ..data import ImageDataset, build_train_transform
+
+    if generator is None:
+        generator = torch.Generator()
+        generator.manual_seed(int(cfg.seed))
+    ds = ImageDataset(records, build_train_transform(cfg.height, cfg.width, random_block=cfg.random_block,
+                                                     flip=cfg.flip))
+    if len(ds) < cfg.batch_size:
+        raise ValueError(f"{len(ds)} training images is less than one batch of {cfg.batch_size}")
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.workers,
+                      generator=generator, pin_memory=cfg.device.startswith("cuda"),
+                      persistent_workers=False)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> Tuple[nn.Module, nn.Module]:
+    """``(backbone, criterion)`` for ``cfg.method``: QAConv class-memory loss or the GAP baseline."""
+    from ..head import QAConv
+    from ..losses import ClassMemoryLoss, CosineSoftmaxLoss
+    from ..models import build_backbone, feature_map_size
+
+    backbone = build_backbone(cfg.arch, pretrained_path=cfg.pretrained, neck=cfg.neck)
+    d, h, w = feature_map_size(backbone, cfg.height, cfg.width)
+    if cfg.method == "qaconv":
+        criterion: nn.Module = ClassMemoryLoss(QAConv(d, h, w, layout=cfg.layout), num_classes, d, h, w)
+    elif cfg.method == "baseline":
+        criterion = CosineSoftmaxLoss(d, num_classes, scale=cfg.baseline_scale)
+    else:
+        raise ValueError(f"unknown method {cfg.method!r}; use 'qaconv' or 'baseline'")
+    return backbone, criterion
+
+
+class _Mean:
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def update(self, value: float, n: int) -> None:
+        self.total += value * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+class Trainer:
+    """Trains ``model`` (images -> feature maps) with ``criterion`` (features, labels -> loss, acc).
+
+    Args:
+        model: backbone; ``model.base`` (if present) is the pretrained trunk.
+        criterion: :class:`~qaconv_ext.ClassMemoryLoss`, a cosine-softmax loss, or any module with that
+            signature returning per-sample ``(loss [B], acc [B])``.
+        optimizer, scheduler: see :func:`build_optimizer`, :func:`build_scheduler` (stepped per epoch).
+        device: where to train. amp: mixed precision (default: on for CUDA, unavailable on the CPU).
+        clip_grad: max gradient norm per module (0: off). freeze_bn: keep the model's BatchNorms in eval mode.
+        loader_generator: the data loader's generator (its state is checkpointed).
+        checkpoint_dir: where ``checkpoint_name`` is written after every epoch (None: not written).
+        config: a :class:`TrainConfig` or plain dict stored in checkpoints.
+        progress: show tqdm bars.
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Optional[Any] = None, *, device: Union[str, torch.device] = "cpu",
+                 amp: Optional[bool] = None, clip_grad: float = 0.0, freeze_bn: bool = False,
+                 loader_generator: Optional[torch.Generator] = None, checkpoint_dir: Optional[str] = None,
+                 config: Union[TrainConfig, Dict[str, Any], None] = None, progress: bool = True,
+                 log: Callable[[str], None] = print, checkpoint_name: str = CHECKPOINT_NAME) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.criterion = criterion.to(self.device)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.amp = bool(self.device.type == "cuda" if amp is None else amp) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.clip_grad = float(clip_grad)
+        self.freeze_bn = bool(freeze_bn)
+        self.loader_generator = loader_generator
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_name = checkpoint_name
+        self.config = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
+        self.progress = progress
+        self.log = log
+        self.epoch = 0
+        self.history: List[Dict[str, float]] = []
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Optional[str]:
+        """``checkpoint_dir/checkpoint_name`` (default ``checkpoint.pt``) or None."""
+        return os.path.join(self.checkpoint_dir, self.checkpoint_name) if self.checkpoint_dir else None
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        if self.freeze_bn:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        self.criterion.train()
+
+    def train_epoch(self, loader: Any, epoch: Optional[int] = None, epochs: Optional[int] = None
+                    ) -> Dict[str, float]:
+        """One pass over ``loader`` (batches ``(images, labels, ...)``); returns mean loss, acc, time."""
+        from tqdm.auto import tqdm
+
+        epoch = self.epoch if epoch is None else epoch
+        self._set_train_mode()
+        losses, accs = _Mean(), _Mean()
+        skipped = 0
+        t0 = time.time()
+        total = epochs if epochs is not None else "?"
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total}", leave=False, disable=not self.progress,
+                   dynamic_ncols=True)
+        for batch in bar:
+            images = batch[0].to(self.device, non_blocking=True)
+            targets = batch[1].to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+                feature = self.model(images)
+                loss_vec, acc_vec = self.criterion(feature, targets)
+            finite = torch.isfinite(loss_vec)
+            if not bool(finite.any()):
+                skipped += 1
+                continue
+            loss = loss_vec[finite].float().mean()
+            acc = acc_vec[finite].detach().float().mean()
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                if self.clip_grad > 0:
+                    self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if self.clip_grad > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+                nn.utils.clip_grad_norm_(self.criterion.parameters(), self.clip_grad)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            n = int(finite.sum())
+            losses.update(loss.item(), n)
+            accs.update(acc.item(), n)
+            bar.set_postfix(loss=f"{losses.avg:.3f}", acc=f"{100 * accs.avg:.1f}%")
+        bar.close()
+        stats = {"epoch": epoch + 1, "loss": losses.avg, "acc": accs.avg, "time": time.time() - t0,
+                 "lr": [float(g["lr"]) for g in self.optimizer.param_groups], "skipped_batches": skipped}
+        return stats
+
+    def fit(self, loader: Any, epochs: int) -> List[Dict[str, float]]:
+        """Train from the current epoch up to ``epochs``; checkpoint after each. Returns the history."""
+        while self.epoch < epochs:
+            stats = self.train_epoch(loader, self.epoch, epochs)
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.epoch += 1
+            self.history.append(stats)
+            lr = ", ".join(f"{x:g}" for x in stats["lr"])
+            self.log(f"epoch {self.epoch}/{epochs}: loss {stats['loss']:.4f}, acc {100 * stats['acc']:.1f}%, "
+                     f"lr [{lr}], {stats['time']:.1f} s")
+            if self.checkpoint_path:
+                self.save(self.checkpoint_path)
+        return self.history
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue exactly (tensors and plain containers only)."""
+        matcher = getattr(self.criterion, "matcher", None)
+        return {
+            "format": FORMAT,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "head": matcher.state_dict() if isinstance(matcher, nn.Module) else None,
+            "criterion": self.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": capture_rng_state(self.loader_generator),
+            "config": self.config,
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, ckpt: Dict[str, Any], restore_rng: bool = True) -> None:
+        """Restore from :meth:`state_dict` output."""
+        self.model.load_state_dict(ckpt["model"])
+        self.criterion.load_state_dict(ckpt["criterion"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch = int(ckpt["epoch"])
+        self.history = [dict(h) for h in ckpt.get("history", [])]
+        if restore_rng and ckpt.get("rng") is not None:
+            restore_rng_state(ckpt["rng"], self.loader_generator)
+
+    def save(self, path: Optional[str] = None) -> str:
+        """Write a checkpoint atomically (default: :attr:`checkpoint_path`)."""
+        path = path or self.checkpoint_path
+        if not path:
+            raise ValueError("no checkpoint path: give one or set checkpoint_dir")
+        return save_checkpoint(self.state_dict(), path)
+
+    def resume(self, path: str) -> int:
+        """Load a checkpoint (file or folder holding the checkpoint); returns the epochs completed."""
+        if os.path.isdir(path):
+            path = os.path.join(path, self.checkpoint_name)
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        return self.epoch
+
+
+def run_training(cfg: TrainConfig, train_records: Sequence[Any], num_classes: int, *,
+                 checkpoint_dir: Optional[str] = None, checkpoint_name: str = CHECKPOINT_NAME,
+                 resume: Optional[str] = None, extra_config: Optional[Dict[str, Any]] = None,
+                 progress: bool = True, log: Callable[[str], None] = print) -> Trainer:
+    """Build everything from ``cfg`` and train to ``cfg.epochs``; returns the trainer.
+
+    ``resume``: a checkpoint file or folder to continue from (exactly). ``extra_config`` entries are
+    stored next to the config in checkpoints (e.g. dataset paths for the picture commands).
+    """
+    seed_everything(cfg.seed)
+    backbone, criterion = build_model(cfg, num_classes)
+    generator = torch.Generator()
+    generator.manual_seed(int(cfg.seed))
+    loader = build_train_loader(train_records, cfg, generator)
+    optimizer = build_optimizer(backbone, criterion, cfg.lr, cfg.trunk_lr_mult, cfg.momentum, cfg.weight_decay,
+                                cfg.nesterov)
+    scheduler = build_scheduler(optimizer, cfg.step_size, cfg.gamma)
+    config = cfg.to_dict()
+    config.update({"backbone": cfg.arch, "num_classes": int(num_classes)})
+    config.update(extra_config or {})
+    if cfg.method == "qaconv":
+        m = criterion.matcher
+        config.update(feature_height=m.height, feature_width=m.width, num_features=m.num_features)
+    trainer = Trainer(backbone, criterion, optimizer, scheduler, device=cfg.device, amp=cfg.amp,
+                      clip_grad=cfg.clip_grad, freeze_bn=cfg.freeze_bn, loader_generator=generator,
+                      checkpoint_dir=checkpoint_dir, checkpoint_name=checkpoint_name, config=config,
+                      progress=progress, log=log)
+    if resume:
+        done = trainer.resume(resume)
+        log(f"resumed from {resume} after epoch {done}")
+    trainer.fit(loader, cfg.epochs)
+    return trainer

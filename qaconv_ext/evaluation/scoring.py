@@ -1,0 +1,254 @@
+"""Gallery-scale evaluation: feature extraction, QAConv scoring with the fused op, metrics.
+
+Scores are QAConv logits (higher = more similar), computed by :func:`qaconv_ext.qaconv_score` with
+the head folded into the kernel epilogue, in chunks with a progress bar. Ranking uses the
+distance ``-score`` (float32). Re-ranking and TLift work on bounded values: the distance
+``1 - sigmoid(score / 10)`` goes into k-reciprocal re-ranking, and TLift lifts the similarity
+``1 - re-ranked distance``, as in the public QAConv evaluation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "extract_features",
+    "qaconv_scores",
+    "qaconv_self_scores",
+    "score_to_distance",
+    "rank_metrics",
+    "format_metrics",
+    "rerank_distance",
+    "tlift_distance",
+    "evaluate_qaconv",
+    "evaluate_baseline",
+    "QACONV_ROW",
+    "RR_ROW",
+    "TLIFT_ROW",
+    "BASELINE_ROW",
+]
+
+Records = Sequence[Any]
+
+#: Row names of the result tables (the paper's Tables 2 and 3).
+QACONV_ROW = "QAConv"
+RR_ROW = "QAConv + RR"
+TLIFT_ROW = "QAConv + RR + TLift"
+BASELINE_ROW = "Baseline (GAP + cosine)"
+
+
+def extract_features(model: nn.Module, records: Records, height: int, width: int, batch_size: int = 64,
+                     device: Union[str, torch.device] = "cpu", workers: int = 0, progress: bool = True,
+                     desc: str = "features", amp: Optional[bool] = None,
+                     out_device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """Run ``model`` (eval mode, no grad) over the images of ``records`` -> float32 ``[N, ...]``.
+
+    ``records`` are :class:`~qaconv_ext.data.Record` s or image paths; images are
+    resized to ``height x width`` and normalised as in testing. ``amp``: fp16 autocast on CUDA
+    (default on for CUDA). The result is on ``out_device``.
+    """
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from ..data import ImageDataset, build_test_transform
+
+    device = torch.device(device)
+    use_amp = bool(device.type == "cuda" if amp is None else amp) and device.type == "cuda"
+    loader = DataLoader(ImageDataset(list(records), build_test_transform(height, width)), batch_size=batch_size,
+                        shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    parts: List[torch.Tensor] = []
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    out = model(batch[0].to(device, non_blocking=True))
+                parts.append(out.float().to(out_device))
+    finally:
+        model.train(was_training)
+    if not parts:
+        raise ValueError("extract_features: no images")
+    return torch.cat(parts)
+
+
+def _blocks(n: int, size: int) -> List[Tuple[int, int]]:
+    return [(i, min(i + size, n)) for i in range(0, n, max(1, size))]
+
+
+def qaconv_scores(head: nn.Module, query_fea: torch.Tensor, gallery_fea: torch.Tensor,
+                  query_chunk: int = 512, gallery_chunk: int = 2048, progress: bool = True,
+                  desc: str = "QAConv scores", device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """QAConv logits ``[P, N]`` (float32, CPU) with the fused op and the folded head.
+
+    Works in ``query_chunk x gallery_chunk`` blocks (on ``device``, default: the features' device)
+    so that only the features and one block of scores are resident on the device.
+    """
+    from tqdm.auto import tqdm
+
+    from ..ops import qaconv_score
+
+    device = torch.device(device) if device is not None else query_fea.device
+    weight, bias = _folded(head, device, query_fea.dtype)
+    P, N = query_fea.shape[0], gallery_fea.shape[0]
+    out = torch.empty(P, N, dtype=torch.float32)
+    bar = tqdm(total=P * N, desc=desc, unit="pair", unit_scale=True, leave=False, disable=not progress,
+               dynamic_ncols=True)
+    with torch.no_grad():
+        for g0, g1 in _blocks(N, gallery_chunk):
+            g = gallery_fea[g0:g1].to(device, non_blocking=True)
+            for q0, q1 in _blocks(P, query_chunk):
+                q = query_fea[q0:q1].to(device, non_blocking=True)
+                out[q0:q1, g0:g1] = qaconv_score(q, g, weight, bias).float().cpu()
+                bar.update((q1 - q0) * (g1 - g0))
+    bar.close()
+    return out
+
+
+def qaconv_self_scores(head: nn.Module, fea: torch.Tensor, chunk: int = 1024, progress: bool = True,
+                       desc: str = "QAConv self scores", device: Union[str, torch.device, None] = None
+                       ) -> torch.Tensor:
+    """QAConv logits ``[N, N]`` among one set (e.g. gallery-gallery for re-ranking).
+
+    With the symmetric ``v2`` head only the blocks on and above the diagonal are computed and mirrored
+    (about half the pairs); other heads compute every block.
+    """
+    from tqdm.auto import tqdm
+
+    from ..ops import qaconv_score
+
+    if getattr(head, "layout", "eccv") != "v2":
+        return qaconv_scores(head, fea, fea, chunk, chunk, progress, desc, device)
+    device = torch.device(device) if device is not None else fea.device
+    weight, bias = _folded(head, device, fea.dtype)
+    N = fea.shape[0]
+    out = torch.empty(N, N, dtype=torch.float32)
+    blocks = _blocks(N, chunk)
+    total = sum((b1 - b0) * (a1 - a0) for i, (a0, a1) in enumerate(blocks) for (b0, b1) in blocks[i:])
+    bar = tqdm(total=total, desc=desc, unit="pair", unit_scale=True, leave=False, disable=not progress,
+               dynamic_ncols=True)
+    with torch.no_grad():
+        for i, (a0, a1) in enumerate(blocks):
+            a = fea[a0:a1].to(device, non_blocking=True)
+            for b0, b1 in blocks[i:]:
+                b = fea[b0:b1].to(device, non_blocking=True)
+                s = qaconv_score(a, b, weight, bias).float().cpu()
+                out[a0:a1, b0:b1] = s
+                if b0 != a0:
+                    out[b0:b1, a0:a1] = s.t()
+                bar.update((a1 - a0) * (b1 - b0))
+    bar.close()
+    return out
+
+
+def _folded(head: nn.Module, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    head.eval()
+    with torch.no_grad():
+        weight, bias = head.folded()
+    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return weight.detach().to(device, wdtype), bias.detach().to(device, wdtype)
+
+
+def score_to_distance(score: torch.Tensor, temperature: float = 10.0) -> torch.Tensor:
+    """Bounded distance ``1 - sigmoid(score / temperature)`` in ``[0, 1]`` (input to re-ranking)."""
+    return 1.0 - torch.sigmoid(torch.as_tensor(score).float() / temperature)
+
+
+def _ids(records: Records) -> Tuple[np.ndarray, np.ndarray]:
+    return (np.asarray([r.pid for r in records], dtype=np.int64),
+            np.asarray([r.camid for r in records], dtype=np.int64))
+
+
+def rank_metrics(distmat: Any, query: Records, gallery: Records, max_rank: int = 50) -> Dict[str, Any]:
+    """Rank-1/5/10, mAP and mINP (fractions) of a ``[P, G]`` distance matrix (lower = better),
+    Market-1501 protocol (:func:`qaconv_ext.evaluation.evaluate_rank`)."""
+    from .metrics import evaluate_rank
+
+    q_pids, q_cams = _ids(query)
+    g_pids, g_cams = _ids(gallery)
+    cmc, mAP, mINP = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=max_rank, return_minp=True)
+    at = lambda k: float(cmc[min(k, len(cmc)) - 1])  # noqa: E731
+    return {"rank1": at(1), "rank5": at(5), "rank10": at(10), "mAP": float(mAP), "mINP": float(mINP),
+            "cmc": [float(x) for x in cmc]}
+
+
+def format_metrics(name: str, m: Dict[str, Any], width: int = 22) -> str:
+    """One table row: ``name  R1  R5  R10  mAP  mINP`` in percent."""
+    return (f"{name:<{width}}{100 * m['rank1']:>8.1f}{100 * m['rank5']:>8.1f}{100 * m['rank10']:>8.1f}"
+            f"{100 * m['mAP']:>8.1f}{100 * m.get('mINP', math.nan):>8.1f}")
+
+
+def rerank_distance(score_qg: torch.Tensor, score_qq: torch.Tensor, score_gg: torch.Tensor,
+                    k1: int = 20, k2: int = 6, lambda_value: float = 0.3, mode: str = "dense") -> np.ndarray:
+    """k-reciprocal re-ranking of QAConv scores: distances ``1 - sigmoid(score / 10)`` of the three
+    blocks go into :func:`qaconv_ext.postprocess.k_reciprocal_rerank`; returns ``[P, G]`` distances."""
+    from ..postprocess import k_reciprocal_rerank
+
+    return k_reciprocal_rerank(score_to_distance(score_qg), score_to_distance(score_qq),
+                               score_to_distance(score_gg), k1=k1, k2=k2, lambda_value=lambda_value, mode=mode)
+
+
+def tlift_distance(dist: Any, query: Records, gallery: Records, tau: float = 100, sigma: float = 200,
+                   K: int = 10, alpha: float = 0.2) -> np.ndarray:
+    """TLift on the similarity ``1 - dist`` (e.g. a re-ranked distance); returns ``1 - lifted`` as
+    distances. Needs ``.time`` on every record."""
+    from ..postprocess import tlift
+
+    if any(r.time is None for r in list(query) + list(gallery)):
+        raise ValueError("TLift needs time stamps on every query and gallery record")
+    score = 1.0 - np.asarray(dist, dtype=np.float32)
+    lifted = tlift(score, np.asarray([r.camid for r in gallery]), np.asarray([r.time for r in gallery]),
+                   np.asarray([r.camid for r in query]), np.asarray([r.time for r in query]),
+                   tau=tau, sigma=sigma, K=K, alpha=alpha)
+    return (1.0 - np.asarray(lifted, dtype=np.float32)).astype(np.float32)
+
+
+def evaluate_qaconv(backbone: nn.Module, head: nn.Module, query: Records, gallery: Records, height: int,
+                    width: int, *, batch_size: int = 64, device: Union[str, torch.device] = "cpu",
+                    workers: int = 0, rerank: bool = False, tlift: bool = False,
+                    tlift_params: Optional[Dict[str, float]] = None, rerank_mode: str = "dense",
+                    progress: bool = True, gallery_chunk: int = 2048) -> Dict[str, Any]:
+    """Extract features, score every query against the gallery with the fused op, compute metrics.
+
+    Returns ``{"QAConv": metrics, ["QAConv + RR": ..., "QAConv + RR + TLift": ...], "_scores": {...}}``
+    where ``_scores`` holds the ``qg`` logits (and ``qq``/``gg`` when re-ranking) as CPU tensors.
+    ``tlift`` implies ``rerank`` (the paper's pipeline) and is skipped without time stamps.
+    """
+    device = torch.device(device)
+    backbone = backbone.to(device)
+    head = head.to(device).eval()
+    fea_dev = device  # the scorer moves blocks to the device; keep features there when it is a GPU
+    q_fea = extract_features(backbone, query, height, width, batch_size, device, workers, progress,
+                             "query features", out_device=fea_dev)
+    g_fea = extract_features(backbone, gallery, height, width, batch_size, device, workers, progress,
+                             "gallery features", out_device=fea_dev)
+    s_qg = qaconv_scores(head, q_fea, g_fea, progress=progress, gallery_chunk=gallery_chunk)
+    results: Dict[str, Any] = {QACONV_ROW: rank_metrics(-s_qg, query, gallery)}
+    scores = {"qg": s_qg}
+    if rerank or tlift:
+        s_qq = qaconv_self_scores(head, q_fea, progress=progress, desc="QAConv query-query")
+        s_gg = qaconv_self_scores(head, g_fea, progress=progress, desc="QAConv gallery-gallery")
+        scores.update(qq=s_qq, gg=s_gg)
+        d_rr = rerank_distance(s_qg, s_qq, s_gg, mode=rerank_mode)
+        results[RR_ROW] = rank_metrics(d_rr, query, gallery)
+        if tlift and all(r.time is not None for r in list(query) + list(gallery)):
+            d_tl = tlift_distance(d_rr, query, gallery, **(tlift_params or {}))
+            results[TLIFT_ROW] = rank_metrics(d_tl, query, gallery)
+    results["_scores"] = scores
+    return results
+
+
+def evaluate_baseline(backbone: nn.Module, query: Records, gallery: Records, height: int, width: int, *,
+                      batch_size: int = 64, device: Union[str, torch.device] = "cpu", workers: int = 0,
+                      progress: bool = True) -> Dict[str, Any]:
+    """The GAP + cosine baseline: pooled, L2-normalised features, distance ``1 - cos``."""
+    from ..models.baseline import GAPCosine
+
+    model = GAPCosine(backbone).to(device)
+    q = extract_features(model, query, height, width, batch_size, device, workers, progress, "query features")
+    g = extract_features(model, gallery, height, width, batch_size, device, workers, progress, "gallery features")
+    return rank_metrics(1.0 - q @ g.t(), query, gallery)

@@ -1,0 +1,136 @@
+"""Training losses: QAConv's class-memory loss, and the cosine-softmax loss of the GAP baseline.
+
+Both take ``(feature [B, d, h, w], target [B])`` and return per-sample ``(loss [B], acc [B])``; the
+trainer averages them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["ClassMemoryLoss", "CosineSoftmaxLoss", "focal_bce_with_logits"]
+
+
+def focal_bce_with_logits(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Element-wise BCE-with-logits times the focal weight ``(1 - p)^gamma`` (positives) or ``p^gamma``
+    (negatives), ``p = sigmoid(logits)``. The weight is not detached. ``target`` is 0/1."""
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    prob = torch.sigmoid(logits)
+    weight = torch.where(target > 0.5, 1.0 - prob, prob).pow(gamma)
+    return loss * weight
+
+
+class ClassMemoryLoss(nn.Module):
+    """QAConv's class-memory loss (ECCV 2020, Sec. 3.3).
+
+    A buffer ``class_memory [C, d, h, w]`` (zeros) holds the latest feature map of every class and
+    ``valid_class [C]`` marks the classes seen so far. For a batch, the features are matched (query
+    side) against the detached memory (gallery side) by ``matcher`` -- a :class:`~qaconv_ext.QAConv`
+    head, in training mode with batch statistics -- giving logits ``[B, C]``. The loss per sample is
+    the focal-weighted BCE (``gamma = 2``) summed over the valid classes; accuracy is
+    ``argmax == target``. Afterwards, without gradient, ``class_memory[target] = feature`` (direct
+    replacement; with repeated classes in a batch the last sample wins) and ``valid_class[target] = 1``.
+
+    Args:
+        matcher: module mapping ``(query [B, d, h, w], gallery [C, d, h, w])`` to logits ``[B, C]``.
+        num_classes, num_features, height, width: the memory's shape.
+        gamma: focal exponent (2 in the paper).
+    """
+
+    def __init__(self, matcher: nn.Module, num_classes: int, num_features: int, height: int, width: int,
+                 gamma: float = 2.0) -> None:
+        super().__init__()
+        self.matcher = matcher
+        self.num_classes = int(num_classes)
+        self.num_features = int(num_features)
+        self.height = int(height)
+        self.width = int(width)
+        self.gamma = float(gamma)
+        self.register_buffer("class_memory", torch.zeros(self.num_classes, self.num_features,
+                                                         self.height, self.width))
+        self.register_buffer("valid_class", torch.zeros(self.num_classes))
+
+    def reset_running_stats(self) -> None:
+        """Empty the memory and the matcher's running statistics."""
+        self.class_memory.zero_()
+        self.valid_class.zero_()
+        if hasattr(self.matcher, "reset_running_stats"):
+            self.matcher.reset_running_stats()
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, num_features={self.num_features}, "
+                f"height={self.height}, width={self.width}, gamma={self.gamma}")
+
+    def forward(self, feature: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(loss [B], acc [B])`` for feature maps ``[B, d, h, w]`` and class labels ``[B]``."""
+        if feature.dim() != 4:
+            raise ValueError(f"ClassMemoryLoss: expected a 4-D feature map, got shape {tuple(feature.shape)}")
+        if tuple(feature.shape[1:]) != tuple(self.class_memory.shape[1:]):
+            raise ValueError(f"ClassMemoryLoss: features {tuple(feature.shape[1:])} do not match the memory "
+                             f"{tuple(self.class_memory.shape[1:])}")
+        target = target.to(device=feature.device, dtype=torch.long).reshape(-1)
+        if target.numel() != feature.shape[0]:
+            raise ValueError(f"ClassMemoryLoss: {target.numel()} targets for {feature.shape[0]} features")
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= self.num_classes):
+            raise ValueError(f"ClassMemoryLoss: targets must lie in [0, {self.num_classes}), "
+                             f"got [{int(target.min())}, {int(target.max())}]")
+        memory = self.class_memory.detach().to(feature.dtype, copy=True)  # updated in place below
+        score = self.matcher(feature, memory)  # [B, C]
+        if score.dtype in (torch.float16, torch.bfloat16):
+            score = score.float()
+        onehot = torch.zeros_like(score).scatter_(1, target[:, None], 1.0)
+        loss = focal_bce_with_logits(score, onehot, self.gamma)
+        loss = (loss * self.valid_class.detach().to(score.dtype, copy=True)[None, :]).sum(dim=-1)
+        with torch.no_grad():
+            acc = (score.argmax(dim=1) == target).to(score.dtype)
+            self.update_memory(feature, target)
+        return loss, acc
+
+    @torch.no_grad()
+    def update_memory(self, feature: torch.Tensor, target: torch.Tensor) -> None:
+        """``class_memory[target] = feature`` (last sample wins for repeated classes), mark valid."""
+        order = torch.arange(target.numel(), device=target.device)
+        last = torch.full((self.num_classes,), -1, dtype=torch.long, device=target.device)
+        last.scatter_reduce_(0, target, order, reduce="amax")
+        classes = torch.nonzero(last >= 0).reshape(-1)
+        self.class_memory[classes] = feature.detach()[last[classes]].to(self.class_memory.dtype)
+        self.valid_class[classes] = 1.0
+
+
+class CosineSoftmaxLoss(nn.Module):
+    """Softmax cross-entropy over cosine logits of globally pooled features (the GAP baseline).
+
+    ``feature [B, d, h, w]`` (or ``[B, d]``) is average-pooled, L2-normalised and compared with
+    L2-normalised class weights ``[C, d]``; logits are ``scale * cos``. ``acc`` is ``argmax == target``.
+    """
+
+    def __init__(self, num_features: int, num_classes: int, scale: float = 16.0) -> None:
+        super().__init__()
+        self.num_features = int(num_features)
+        self.num_classes = int(num_classes)
+        self.scale = float(scale)
+        self.weight = nn.Parameter(torch.empty(self.num_classes, self.num_features))
+        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.num_features))
+
+    def extra_repr(self) -> str:
+        return f"num_features={self.num_features}, num_classes={self.num_classes}, scale={self.scale}"
+
+    def logits(self, feature: torch.Tensor) -> torch.Tensor:
+        """``scale * cos(pooled feature, class weight)`` -> ``[B, C]``."""
+        v = feature.mean(dim=(2, 3)) if feature.dim() == 4 else feature
+        if v.dtype in (torch.float16, torch.bfloat16):
+            v = v.float()
+        return self.scale * F.linear(F.normalize(v, dim=1), F.normalize(self.weight.to(v.dtype), dim=1))
+
+    def forward(self, feature: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(loss [B], acc [B])``."""
+        target = target.to(device=feature.device, dtype=torch.long).reshape(-1)
+        logits = self.logits(feature)
+        loss = F.cross_entropy(logits, target, reduction="none")
+        with torch.no_grad():
+            acc = (logits.argmax(dim=1) == target).to(logits.dtype)
+        return loss, acc

@@ -1,0 +1,158 @@
+"""QAConv's feature-map backbone: a ResNet trunk, a neck convolution + BN, channel-wise L2 norm.
+
+Parameter names: ``base.*`` (the trunk, torchvision names), ``neck_conv.*``, ``neck_bn.*`` -- the
+names of the public QAConv code, so its checkpoints load (their ``base.layer4.*``/``base.fc.*``
+entries, unused by a layer-3 trunk, are dropped on load, and a ``module.`` prefix left by
+``nn.DataParallel`` is stripped).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .resnet import RESNET_SPECS, resnet
+
+__all__ = ["ReIDBackbone", "FeatureMapAdapter", "build_backbone", "load_pretrained", "feature_map_size",
+           "ARCHITECTURES"]
+
+#: Names accepted by :func:`build_backbone`.
+ARCHITECTURES = tuple(sorted(RESNET_SPECS))
+
+
+def _strip_prefix(state: Mapping[str, Any], prefix: str) -> Dict[str, Any]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+class ReIDBackbone(nn.Module):
+    """``base`` trunk -> ``neck_conv`` (``neck`` channels, 3x3 by default) -> ``neck_bn`` -> L2 norm.
+
+    ``forward(images [B, 3, H, W]) -> [B, num_features, H / stride, W / stride]``, unit norm over
+    channels at every location. ``neck <= 0`` skips the neck (``num_features`` is then the trunk's
+    channel count).
+    """
+
+    def __init__(self, base: nn.Module, base_channels: int, neck: int = 128, neck_kernel: int = 3,
+                 normalize: bool = True) -> None:
+        super().__init__()
+        self.base = base
+        self.neck = int(neck)
+        self.normalize = bool(normalize)
+        if self.neck > 0:
+            self.neck_conv = nn.Conv2d(base_channels, self.neck, kernel_size=neck_kernel,
+                                       padding=neck_kernel // 2, bias=False)
+            self.neck_bn = nn.BatchNorm2d(self.neck)
+            nn.init.kaiming_normal_(self.neck_conv.weight, mode="fan_out", nonlinearity="relu")
+        self.num_features = self.neck if self.neck > 0 else int(base_channels)
+        self.stride = int(getattr(base, "stride", 0)) or None
+        self.register_load_state_dict_pre_hook(self._adapt_state_dict)
+
+    def _adapt_state_dict(self, module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        """Strip ``module.`` and drop trunk entries of layers this trunk does not build."""
+        for key in [k for k in state_dict if k.startswith(prefix + "module.")]:
+            state_dict[prefix + key[len(prefix) + len("module."):]] = state_dict.pop(key)
+        children = {name for name, _ in self.base.named_children()}
+        base_prefix = prefix + "base."
+        for key in [k for k in state_dict if k.startswith(base_prefix)]:
+            if key[len(base_prefix):].split(".", 1)[0] not in children:
+                del state_dict[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.base(x)
+        if self.neck > 0:
+            x = self.neck_bn(self.neck_conv(x))
+        return F.normalize(x, dim=1) if self.normalize else x
+
+
+class FeatureMapAdapter(nn.Module):
+    """Use any module returning ``[B, d, h, w]`` as a QAConv backbone (adds the channel L2 norm).
+
+    ``base`` is kept under that name, so the optimiser helpers treat it as the pretrained trunk.
+    """
+
+    def __init__(self, module: nn.Module, num_features: Optional[int] = None) -> None:
+        super().__init__()
+        self.base = module
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.base(x), dim=1)
+
+
+def load_pretrained(backbone: ReIDBackbone, path: str) -> Dict[str, Any]:
+    """Load ImageNet weights of the trunk from a local file (torchvision ResNet naming).
+
+    Accepts a plain state dict or one nested under ``state_dict``/``model``; ``module.``/``base.``
+    prefixes are handled; ``fc.*`` and stages the trunk does not build are ignored. Every trunk
+    parameter must be present (a clear error lists the missing ones). Nothing is downloaded.
+    Returns ``{"loaded": n, "ignored": [...]}``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights not found: {path} (give a local file; nothing is downloaded)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = _strip_prefix(state, "module.")
+    if any(k.startswith("base.") for k in state):  # a whole QAConv backbone: keep its trunk
+        state = {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
+    own = backbone.base.state_dict()
+    children = {name for name, _ in backbone.base.named_children()}
+    wanted, ignored = {}, []
+    for k, v in state.items():
+        if k in own:
+            if tuple(own[k].shape) != tuple(v.shape):
+                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the trunk expects {tuple(own[k].shape)} "
+                                 f"(wrong --arch for these weights?)")
+            wanted[k] = v
+        elif k.split(".", 1)[0] not in children or k.endswith("num_batches_tracked"):
+            ignored.append(k)
+        else:
+            raise ValueError(f"{path}: unexpected trunk entry {k} (wrong --arch for these weights?)")
+    missing = [k for k in own if k not in wanted and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} trunk parameters missing, e.g. {missing[:5]} "
+                         f"(wrong --arch for these weights?)")
+    backbone.base.load_state_dict(wanted, strict=False)
+    return {"loaded": len(wanted), "ignored": ignored}
+
+
+def build_backbone(name: str = "resnet50", pretrained_path: Optional[str] = None, neck: int = 128,
+                   final_layer: str = "layer3", neck_kernel: int = 3) -> ReIDBackbone:
+    """QAConv backbone ``name`` (``resnet50``, ``resnet152``, ``small``, ... see :data:`ARCHITECTURES`).
+
+    ``pretrained_path``: optional local file with ImageNet weights (torchvision naming).
+    """
+    base = resnet(name, final_layer)
+    model = ReIDBackbone(base, base.out_channels, neck=neck, neck_kernel=neck_kernel)
+    if pretrained_path:
+        load_pretrained(model, pretrained_path)
+    return model
+
+
+def feature_map_size(backbone: nn.Module, height: int, width: int) -> Tuple[int, int, int]:
+    """``(channels, height, width)`` of the backbone's output for ``height x width`` images."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        p = next(backbone.parameters(), None)
+        x = torch.zeros(1, 3, int(height), int(width),
+                        device=p.device if p is not None else "cpu",
+                        dtype=p.dtype if p is not None else torch.float32)
+        with torch.no_grad():
+            out = backbone(x)
+    finally:
+        backbone.train(was_training)
+    if out.dim() != 4:
+        raise ValueError(f"backbone output must be [B, d, h, w], got shape {tuple(out.shape)}")
+    return int(out.shape[1]), int(out.shape[2]), int(out.shape[3])

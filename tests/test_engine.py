@@ -1,0 +1,197 @@
+"""Training loop: exact resume, atomic checkpoints, weights_only loading, optimiser groups; scoring helpers."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import rel_err, unit_maps
+from qaconv_ext import QAConv
+from qaconv_ext.data import Record
+from qaconv_ext.engine import (
+    TrainConfig,
+    Trainer,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    build_train_loader,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+from qaconv_ext.engine import checkpoint as ckpt_mod
+from qaconv_ext.evaluation import qaconv_scores, qaconv_self_scores, rank_metrics
+
+Image = pytest.importorskip("PIL.Image")
+
+H, W = 32, 16
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory):
+    """24 small JPEGs, 6 identities x 4 images, two cameras."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    recs = []
+    for pid in range(6):
+        base = rng.integers(0, 255, size=3)
+        for k in range(4):
+            img = np.clip(base + rng.normal(0, 25, size=(H, W, 3)), 0, 255).astype(np.uint8)
+            path = os.path.join(root, f"{pid:04d}_c{k % 2 + 1}_{k}.jpg")
+            Image.fromarray(img).save(path)
+            recs.append(Record(path, pid, k % 2, float(10 * pid + k)))
+    return recs
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(arch="small", neck=16, height=H, width=W, epochs=2, batch_size=8, lr=0.05, step_size=1,
+                workers=0, seed=3, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _trainer(cfg: TrainConfig, records, ckdir=None):
+    seed_everything(cfg.seed)
+    model, crit = build_model(cfg, 6)
+    gen = torch.Generator()
+    gen.manual_seed(cfg.seed)
+    loader = build_train_loader(records, cfg, gen)
+    opt = build_optimizer(model, crit, cfg.lr, cfg.trunk_lr_mult, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+    sched = build_scheduler(opt, cfg.step_size, cfg.gamma)
+    tr = Trainer(model, crit, opt, sched, loader_generator=gen, checkpoint_dir=ckdir, config=cfg,
+                 freeze_bn=cfg.freeze_bn, progress=False, log=lambda s: None)
+    return tr, loader
+
+
+def _all_state(tr: Trainer) -> dict:
+    out = {"model." + k: v for k, v in tr.model.state_dict().items()}
+    out.update({"crit." + k: v for k, v in tr.criterion.state_dict().items()})
+    return out
+
+
+@pytest.mark.parametrize("method", ["qaconv", "baseline"])
+def test_resume_continues_exactly(tiny_records, tmp_path, method):
+    cfg = _cfg(method=method)
+    straight, loader = _trainer(cfg, tiny_records)
+    straight.fit(loader, 2)
+
+    first, loader1 = _trainer(cfg, tiny_records, str(tmp_path))
+    first.fit(loader1, 1)
+    path = first.checkpoint_path
+    assert os.path.isfile(path)
+    del first
+    torch.manual_seed(12345)   # a fresh process: other RNG states, other initial weights
+    np.random.seed(7)
+    second, loader2 = _trainer(cfg.replace(seed=99), tiny_records, str(tmp_path))
+    assert second.resume(str(tmp_path)) == 1
+    second.fit(loader2, 2)
+
+    a, b = _all_state(straight), _all_state(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert second.scheduler.state_dict() == straight.scheduler.state_dict()
+    assert second.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.1 ** 2)
+    assert [h["loss"] for h in second.history] == [h["loss"] for h in straight.history]
+
+
+def test_checkpoint_is_weights_only_loadable_and_complete(tiny_records, tmp_path):
+    tr, loader = _trainer(_cfg(epochs=1), tiny_records, str(tmp_path))
+    tr.fit(loader, 1)
+    ck = torch.load(tr.checkpoint_path, weights_only=True)
+    assert ck["epoch"] == 1
+    for key in ("model", "head", "criterion", "optimizer", "scheduler", "rng", "config", "history"):
+        assert key in ck, key
+    assert "class_memory" in ck["criterion"] and "fc.weight" in ck["head"]
+    assert ck["config"]["arch"] == "small" and ck["config"]["height"] == H
+    # what `qaconv match`/`rank` need: backbone under "model", head under "head", input size in "config"
+    head = QAConv(16, ck["criterion"]["class_memory"].shape[2], ck["criterion"]["class_memory"].shape[3])
+    head.load_state_dict(ck["head"])
+
+
+def test_atomic_save_survives_a_failure_mid_save(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    good = {"epoch": 1, "w": torch.arange(5.0)}
+    save_checkpoint(good, path)
+
+    def broken_save(obj, fh, *a, **kw):
+        fh.write(b"PK\x03\x04 partial bytes of a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(5)}, path)
+    monkeypatch.undo()
+    back = load_checkpoint(path)
+    assert back["epoch"] == 1 and torch.equal(back["w"], good["w"])
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_atomic_save_interrupted(tmp_path, monkeypatch):
+    """A KeyboardInterrupt during the write also leaves the previous checkpoint intact."""
+    path = str(tmp_path / "c.pt")
+    save_checkpoint({"epoch": 3}, path)
+
+    def interrupted(obj, fh, *a, **kw):
+        fh.write(b"garbage")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"epoch": 4}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 3 and os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_optimizer_groups_and_schedule():
+    cfg = _cfg(pretrained=None)
+    model, crit = build_model(cfg, 6)
+    opt = build_optimizer(model, crit, 0.01, 0.1)
+    names = [g["name"] for g in opt.param_groups]
+    assert names == ["trunk", "new", "criterion"]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.01, 0.01])
+    assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    n_trunk = sum(p.numel() for p in opt.param_groups[0]["params"])
+    assert n_trunk == sum(p.numel() for p in model.base.parameters())
+    sched = build_scheduler(opt, 2)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.001)
+    assert cfg.trunk_lr_mult == 1.0 and cfg.replace(pretrained="x.pth").trunk_lr_mult == 0.1
+
+
+def test_freeze_bn_keeps_backbone_statistics(tiny_records):
+    tr, loader = _trainer(_cfg(freeze_bn=True), tiny_records)
+    before = tr.model.base.bn1.running_mean.clone()
+    tr.train_epoch(loader)
+    assert torch.equal(before, tr.model.base.bn1.running_mean)
+    assert tr.criterion.matcher.bn.num_batches_tracked.item() > 0  # the head still learns its statistics
+
+
+def test_chunked_scores_equal_head(gen):
+    head = QAConv(8, 3, 2).eval()
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.randn(1, 6, generator=gen))
+        head.bn.running_var.fill_(0.3)
+    q = unit_maps(5, 8, 3, 2, generator=gen)
+    g = unit_maps(11, 8, 3, 2, generator=gen)
+    with torch.no_grad():
+        full = head(q, g)
+    chunked = qaconv_scores(head, q, g, query_chunk=2, gallery_chunk=4, progress=False)
+    assert rel_err(chunked, full) < 1e-6
+    self_full = head(g, g).detach()
+    sym = qaconv_self_scores(head, g, chunk=3, progress=False)
+    assert rel_err(sym, self_full) < 1e-6
+
+
+def test_rank_metrics_on_a_toy():
+    q = [Record("q0", 1, 0), Record("q1", 2, 0)]
+    g = [Record("g0", 1, 1), Record("g1", 2, 1), Record("g2", 3, 1), Record("g3", 1, 0)]
+    dist = torch.tensor([[0.1, 0.5, 0.3, 0.0],     # g3 same pid + camera: junk; g0 first -> AP 1
+                         [0.2, 0.4, 0.1, 0.9]])    # first match (g1) at rank 3 -> AP 1/3
+    m = rank_metrics(dist, q, g)
+    assert m["rank1"] == 0.5 and m["rank5"] == 1.0
+    assert m["mAP"] == pytest.approx((1 + 1 / 3) / 2)

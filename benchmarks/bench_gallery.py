@@ -3,7 +3,8 @@
 All three on one device in one run, synthetic unit-norm bfloat16 features, L = 24 x 8, d = 128:
 
 * (a) fused ``qaconv_score`` over the whole query x gallery matrix (chunked over queries only to bound
-  the output's memory when it is large);
+  the output's memory when it is large), on tensor cores; and the same op on its CUDA-core kernel
+  (``QACONV_EXT_CUDA_KERNEL=simple``) on a slice of the queries;
 * (b) the unfused path re-id code runs today: per 128 x 128 block of queries x gallery, a float16
   einsum into ``[128, 128, L, L]``, the two max reductions, and the head;
 * (c) a dense bfloat16 ``torch.mm`` with the same FLOP count per call, as the achievable peak.
@@ -104,6 +105,18 @@ def measure_size(name: str, P: int, N: int, args: argparse.Namespace) -> Dict[st
     # The fused op's own temporaries: its output ([p, N] float32) is not extra, the copy above is ours.
     row["fused_peak_extra_bytes"] = max(0, extra_fused - p_fused * N * 4)
 
+    # The CUDA-core kernel (QACONV_EXT_CUDA_KERNEL=simple), on a slice of the queries.
+    p_simple = min(p_fused, args.max_queries_simple)
+    os.environ["QACONV_EXT_CUDA_KERNEL"] = "simple"
+    try:
+        t_simple = _time(lambda: fused_score(query[:p_simple], gallery, weight, bias, out[:p_simple]),
+                         max(1, args.repeats // 2))
+        simple_out = out[:p_simple].clone()
+    finally:
+        del os.environ["QACONV_EXT_CUDA_KERNEL"]
+    row["simple_kernel_s"] = t_simple * P / p_simple
+    row["simple_kernel_timed_queries"] = p_simple
+
     p_unf = min(P, args.max_queries_unfused)
     q_unf = query[:p_unf] if p_unf <= p_fused else _unit(p_unf, d, args.height, args.width, torch.bfloat16, 3)
     n_unf = min(N, args.max_gallery_unfused)
@@ -118,6 +131,10 @@ def measure_size(name: str, P: int, N: int, args: argparse.Namespace) -> Dict[st
     common = min(p_unf, p_fused)
     err = (out[:common, :n_unf] - out_unf[:common]).abs().max().item()
     row["fused_vs_unfused_max_abs_diff"] = err
+    fused_again = torch.empty(p_simple, N, device="cuda")
+    fused_score(query[:p_simple], gallery, weight, bias, fused_again)
+    row["tensor_core_vs_simple_max_abs_diff"] = (fused_again - simple_out).abs().max().item()
+    del fused_again, simple_out
     del out_unf, q_unf
 
     # Dense GEMM of about the fused call's FLOPs per call (a square bf16 mm, repeated).
@@ -135,6 +152,7 @@ def measure_size(name: str, P: int, N: int, args: argparse.Namespace) -> Dict[st
     row["dense_mm_tflops"] = mm_tflops
     row["fused_fraction_of_mm"] = row["fused_tflops"] / mm_tflops
     row["speedup_vs_unfused"] = row["unfused_s"] / row["fused_s"]
+    row["speedup_vs_simple_kernel"] = row["simple_kernel_s"] / row["fused_s"]
     del gallery, query, out
     torch.cuda.empty_cache()
     return row
@@ -175,6 +193,8 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--max-queries-fused", type=int, default=4096,
                     help="queries timed for the fused op; larger sets are scaled from this slice")
     ap.add_argument("--max-queries-unfused", type=int, default=256)
+    ap.add_argument("--max-queries-simple", type=int, default=256,
+                    help="queries timed for the CUDA-core score kernel")
     ap.add_argument("--max-gallery-unfused", type=int, default=4096)
     ap.add_argument("--json", default=DEFAULT_JSON)
     args = ap.parse_args(argv)
@@ -199,12 +219,13 @@ def main(argv: List[str] | None = None) -> int:
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=2)
     print(f"\n{result['device']}, torch {result['torch']}, CUDA {result['cuda']}")
-    print("| size | pairs | fused s | unfused s | speed-up | fused TFLOP/s | of dense mm | fused extra MiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| size | pairs | fused s | CUDA-core s | unfused s | vs unfused | fused TFLOP/s | of dense mm "
+          "| fused extra MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['size']} | {r['queries'] * r['gallery']:,} | {r['fused_s']:.2f} | {r['unfused_s']:.2f} | "
-              f"{r['speedup_vs_unfused']:.2f}x | {r['fused_tflops']:.1f} | {100 * r['fused_fraction_of_mm']:.0f}% | "
-              f"{r['fused_peak_extra_bytes'] / 2**20:.0f} |")
+        print(f"| {r['size']} | {r['queries'] * r['gallery']:,} | {r['fused_s']:.2f} | {r['simple_kernel_s']:.2f} | "
+              f"{r['unfused_s']:.2f} | {r['speedup_vs_unfused']:.2f}x | {r['fused_tflops']:.1f} | "
+              f"{100 * r['fused_fraction_of_mm']:.0f}% | {r['fused_peak_extra_bytes'] / 2**20:.0f} |")
     t = training
     print(f"training 32 x 751 match+backward: fused {1e3 * t['fused_fwd_bwd_s']:.1f} ms, reference "
           f"{1e3 * t['reference_fwd_bwd_s']:.1f} ms ({t['speedup']:.1f}x), grad rel err {t['grad_rel_err_vs_reference']:.1e}")

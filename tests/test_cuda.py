@@ -1,7 +1,10 @@
 """The CUDA kernels against the float64 reference on fresh random inputs (skipped without a GPU).
 
-Shapes cross the kernels' tiles on purpose: 64 x 64 similarity tiles, 16-channel chunks, warps of 32
-locations in the backward. L = 35, 143 and 192; d = 16, 40 and 130; P, N never only multiples of a tile.
+Shapes cross the kernels' tiles on purpose: 64 x 64 similarity tiles and 16-channel chunks of the
+CUDA-core kernels, 48 x 64 warp tiles, k = 16 steps and 8-channel copies of the tensor-core score
+kernel, warps of 32 locations in the backward. L = 35, 143 and 192; d = 16, 24, 40 and 130; P, N never
+only multiples of a tile. qaconv_score is checked on both kernels (QACONV_EXT_CUDA_KERNEL=simple
+selects the CUDA-core one).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 
 import qaconv_ext
 from qaconv_ext import reference
-from conftest import rel_err, unit_maps
+from conftest import rel_err, score_err, unit_maps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -49,18 +52,53 @@ def test_match_values_and_indices(dtype, shape, gen):
         assert torch.equal(qaconv_ext.qaconv_match(q, g), values)  # values-only kernel agrees
 
 
+@pytest.fixture(params=["auto", "simple"])
+def kernel(request, monkeypatch):
+    """Run a score test on the tensor-core kernel (auto) and on the CUDA-core kernel (simple)."""
+    if request.param == "simple":
+        monkeypatch.setenv("QACONV_EXT_CUDA_KERNEL", "simple")
+    else:
+        monkeypatch.delenv("QACONV_EXT_CUDA_KERNEL", raising=False)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_score_matches_reference(dtype, shape, gen):
+def test_score_matches_reference(dtype, shape, kernel, gen):
     hq, wq, hg, wg, _ = shape
     for P, N in BATCHES:
         q, g = _pair(P, N, shape, dtype, gen)
         w = torch.randn(hq * wq + hg * wg, generator=gen)
         for bias in (None, torch.tensor([-1.5])):
             out = qaconv_ext.qaconv_score(q, g, w.cuda(), None if bias is None else bias.cuda())
-            ref = reference.qaconv_score(q.double().cpu(), g.double().cpu(), w.double(), bias)
             assert out.shape == (P, N) and out.dtype == torch.float32 and out.is_cuda
-            assert rel_err(out.cpu(), ref) <= max(TOL[dtype], 1e-5), (dtype, shape, P, N, gen.initial_seed())
+            err = score_err(out, q, g, w, bias)
+            assert err <= max(TOL[dtype], 1e-6), (dtype, shape, P, N, kernel, gen.initial_seed())
+
+
+@pytest.mark.parametrize("P, N", [(1, 130), (5, 200), (600, 150)])
+def test_score_gallery_chunks(P, N, gen):
+    """Many CTAs per query, and 64 gallery images streamed through one CTA's pipeline (L = 192, d = 128)."""
+    q, g = _pair(P, N, (24, 8, 24, 8, 128), torch.bfloat16, gen)
+    w = torch.randn(384, generator=gen)
+    out = qaconv_ext.qaconv_score(q, g, w.cuda(), torch.tensor(0.25, device="cuda"))
+    assert score_err(out, q, g, w, 0.25) <= TOL[torch.bfloat16], (P, N, gen.initial_seed())
+
+
+@pytest.mark.parametrize("precision, tol", [("high", 2e-3), ("medium", 1e-2)])
+def test_float32_staged_on_tensor_cores(precision, tol, gen):
+    """float32 maps under "high" / "medium" matmul precision: staged in float16 / bfloat16."""
+    q, g = _pair(7, 33, (24, 8, 13, 11, 40), torch.float32, gen)
+    w = torch.randn(192 + 143, generator=gen)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        out = qaconv_ext.qaconv_score(q, g, w.cuda())
+    finally:
+        torch.set_float32_matmul_precision(before)
+    err = score_err(out, q, g, w)
+    assert err <= tol, (precision, err)
+    assert err > 1e-7  # rounded inputs: not the exact float32 kernel
 
 
 def test_agrees_with_cpu_kernel_on_channels_last(gen):
@@ -103,6 +141,8 @@ def test_nan_propagates_like_torch_max(gen):
     assert (indices[1, :, 6:] == 5).all()
     assert torch.isfinite(values[[0, 2]]).all()
     assert torch.isnan(qaconv_ext.qaconv_score(q, g, torch.ones(10, device="cuda"))[1]).all()
+    score16 = qaconv_ext.qaconv_score(q.half(), g.half(), torch.ones(10, device="cuda"))  # tensor cores
+    assert torch.isnan(score16[1]).all() and torch.isfinite(score16[[0, 2]]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

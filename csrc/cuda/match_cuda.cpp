@@ -5,6 +5,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
 #include "checks.h"
 #include "cuda/match_kernels.h"
 
@@ -55,21 +59,66 @@ std::tuple<at::Tensor, at::Tensor> match_cuda(const at::Tensor& query, const at:
   return {values, indices};
 }
 
+// QACONV_EXT_CUDA_KERNEL=simple keeps qaconv_score on the CUDA-core kernel (for comparisons and tests).
+bool simple_kernel_requested() {
+  const char* v = std::getenv("QACONV_EXT_CUDA_KERNEL");
+  return v != nullptr && std::strcmp(v, "simple") == 0;
+}
+
+cuda::ScalarKind kind_of_type(at::ScalarType t) {
+  return t == at::kHalf ? cuda::ScalarKind::kFloat16 : cuda::ScalarKind::kBFloat16;
+}
+
+// Which kernel scores: tensor cores for float16/bfloat16 maps, and for float32 maps unless
+// torch.get_float32_matmul_precision() is "highest" ("high" stages them in float16, whose 11-bit
+// significand equals TF32's, "medium" in bfloat16); the exact float32 CUDA-core kernel otherwise.
 at::Tensor score_cuda(const at::Tensor& query, const at::Tensor& gallery, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& bias) {
   const MatchDims d = check_pair(query, gallery);
   check_head(weight, bias, d, query);
-  const auto kind = check_cuda_inputs(query, d);
+  auto kind = check_cuda_inputs(query, d);
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor out = at::empty({d.P, d.N}, query.options().dtype(at::kFloat));
   if (d.P == 0 || d.N == 0) return out;
-  const at::Tensor q = locations_major(query.detach()), g = locations_major(gallery.detach());
+  at::Tensor q = locations_major(query.detach()), g = locations_major(gallery.detach());
   const at::Tensor w = weight.detach().reshape({-1}).to(at::kFloat).contiguous();
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->detach().reshape({-1}).to(at::kFloat).contiguous();
-  check_launch(cuda::score_forward(kind, q.data_ptr(), g.data_ptr(), w.data_ptr<float>(),
-                                   b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(), d.P, d.N, d.d,
-                                   d.Lq, d.Lg, c10::cuda::getCurrentCUDAStream()),
+  const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+
+  bool tensor_cores = !simple_kernel_requested();
+  if (tensor_cores && kind == cuda::ScalarKind::kFloat32) {
+    const auto precision = at::globalContext().float32MatmulPrecision();
+    if (precision == at::Float32MatmulPrecision::HIGHEST) {
+      tensor_cores = false;
+    } else {
+      const auto staged = precision == at::Float32MatmulPrecision::HIGH ? at::kHalf : at::kBFloat16;
+      q = q.to(staged);
+      g = g.to(staged);
+      kind = kind_of_type(staged);
+    }
+  }
+  int64_t channels = d.d;
+  if (tensor_cores) {
+    // The kernel copies 16-byte chunks: pad the channels to a multiple of 8 with zeros, align the bases.
+    if (channels % 8 != 0) {
+      const int64_t pad = 8 - channels % 8;
+      q = at::constant_pad_nd(q, {0, pad});
+      g = at::constant_pad_nd(g, {0, pad});
+      channels += pad;
+    }
+    if (reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) q = q.clone();
+    if (reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 != 0) g = g.clone();
+    const cudaError_t err = cuda::score_forward_mma(kind, q.data_ptr(), g.data_ptr(), w.data_ptr<float>(), bias_ptr,
+                                                    out.data_ptr<float>(), d.P, d.N, channels, d.Lq, d.Lg, stream);
+    if (err != cudaErrorNotSupported) {
+      check_launch(err, "qaconv_score tensor-core kernel launch");
+      return out;
+    }
+  }
+  check_launch(cuda::score_forward(kind, q.data_ptr(), g.data_ptr(), w.data_ptr<float>(), bias_ptr,
+                                   out.data_ptr<float>(), d.P, d.N, channels, d.Lq, d.Lg, stream),
                "qaconv_score kernel launch");
   return out;
 }

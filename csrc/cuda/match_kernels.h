@@ -26,6 +26,13 @@ cudaError_t match_forward(ScalarKind kind, const void* q, const void* g, void* v
 cudaError_t score_forward(ScalarKind kind, const void* q, const void* g, const float* weight, const float* bias,
                           float* out, int64_t P, int64_t N, int64_t d, int64_t Lq, int64_t Lg, cudaStream_t stream);
 
+// The same score on tensor cores (sm_80+, score_mma.cu): float16 or bfloat16 inputs with d a multiple
+// of 8 and 16-byte aligned pointers, float32 accumulation. Returns cudaErrorNotSupported (launching
+// nothing) when the device or the problem size does not suit the kernel: the caller then uses score_forward.
+cudaError_t score_forward_mma(ScalarKind kind, const void* q, const void* g, const float* weight, const float* bias,
+                              float* out, int64_t P, int64_t N, int64_t d, int64_t Lq, int64_t Lg,
+                              cudaStream_t stream);
+
 // Sparse backward through the argmax. grad_values float32 [P, N, Lq + Lg], indices int64 (same shape, in
 // range: the caller checks). grad_q [P, Lq, d] and grad_g [N, Lg, d] float32 are fully written (not
 // accumulated into), each element by exactly one thread in a fixed order: deterministic, no float atomics.

@@ -18,7 +18,7 @@ fi
 tail -3 "$OUT/gpu_build.log"
 PY=.venv/bin/python
 
-$PY -m pytest -q -x tests/test_cuda.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+$PY -m pytest -q tests/test_cuda.py tests/test_tlift.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 tests=${PIPESTATUS[0]}
 $PY -m pytest -q tests/test_ops.py 2>&1 | tail -3
 

@@ -28,10 +28,12 @@ def score_err(out: torch.Tensor, query: torch.Tensor, gallery: torch.Tensor, wei
     """
     from qaconv_ext import reference
 
-    q, g, w = query.detach().double().cpu(), gallery.detach().double().cpu(), weight.detach().double().cpu()
-    ref = reference.qaconv_score(q, g, w, bias if not isinstance(bias, torch.Tensor) else bias.double().cpu())
+    dev = query.device  # the float64 reference runs where the inputs are (fast on a GPU)
+    q, g, w = query.detach().double(), gallery.detach().double(), weight.detach().to(dev, torch.float64)
+    b = bias.to(dev, torch.float64) if isinstance(bias, torch.Tensor) else bias
+    ref = reference.qaconv_score(q, g, w, b)
     scale = reference.qaconv_match(q, g).abs() @ w.abs()
-    return float((out.double().cpu() - ref).norm() / scale.norm().clamp_min(1e-300))
+    return float((out.to(dev, torch.float64) - ref).norm() / scale.norm().clamp_min(1e-300))
 
 
 @pytest.fixture

@@ -1,0 +1,103 @@
+"""``qaconv eval``: evaluate a trained model (this package's or a public QAConv checkpoint) on a dataset."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .train import DATASET_CHOICES, add_data_args, add_model_args, load_dataset, resolve_device
+
+ROW_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+
+
+def load_trained(path: str, arch: Optional[str] = None, neck: Optional[int] = None, height: Optional[int] = None,
+                 width: Optional[int] = None, layout: Optional[str] = None
+                 ) -> Tuple[nn.Module, Optional[nn.Module], Dict[str, Any]]:
+    """:func:`qaconv_ext.engine.load_trained`, with its errors as the command's exit message."""
+    from ..engine import CheckpointError
+    from ..engine import load_trained as load
+
+    try:
+        return load(path, arch=arch, neck=neck, height=height, width=width, layout=layout)
+    except CheckpointError as exc:
+        raise SystemExit(f"qaconv eval: {exc}") from None
+
+
+def evaluate_trained(backbone: nn.Module, head: Optional[nn.Module], cfg: Dict[str, Any], dataset: Any, *,
+                     device: str = "cpu", batch_size: int = 64, workers: int = 0, rerank: bool = False,
+                     tlift: bool = False, progress: bool = True) -> Dict[str, Dict[str, float]]:
+    """Rows ``{name: {rank1, rank5, rank10, mAP, mINP}}`` for a QAConv model (head given) or a baseline."""
+    from ..evaluation import BASELINE_ROW, evaluate_baseline, evaluate_qaconv
+
+    h, w = int(cfg["height"]), int(cfg["width"])
+    if head is None:
+        res = {BASELINE_ROW: evaluate_baseline(backbone, dataset.query, dataset.gallery, h, w,
+                                                            batch_size=batch_size, device=device, workers=workers,
+                                                            progress=progress)}
+    else:
+        res = evaluate_qaconv(backbone, head, dataset.query, dataset.gallery, h, w, batch_size=batch_size,
+                              device=device, workers=workers, rerank=rerank, tlift=tlift, progress=progress)
+        res.pop("_scores", None)
+    return {name: {k: float(m[k]) for k in ROW_KEYS} for name, m in res.items()}
+
+
+def print_table(rows: Dict[str, Dict[str, float]], title: str = "") -> str:
+    """Print (and return) a table of Rank-1/5/10, mAP, mINP in percent."""
+    from ..evaluation import format_metrics
+
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append(f"{'method':<26}{'Rank-1':>8}{'Rank-5':>8}{'Rank-10':>8}{'mAP':>8}{'mINP':>8}")
+    lines.append("-" * 66)
+    lines += [format_metrics(name, m, width=26) for name, m in rows.items()]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``eval`` sub-command."""
+    p = subparsers.add_parser(
+        "eval", help="evaluate a trained model on a dataset",
+        description="Extract features, score the query set against the gallery with the fused QAConv op and report "
+                    "Rank-1/5/10, mAP and mINP (Market-1501 protocol). Reads this package's checkpoints and those "
+                    "of the public QAConv code (give --arch, --height, --width for the latter).")
+    add_data_args(p)
+    add_model_args(p, defaults=False)
+    p.add_argument("--checkpoint", default=None, help="checkpoint file (or a folder holding checkpoint.pt)")
+    p.add_argument("--checkpoint-dir", default=None, help="folder holding checkpoint.pt (alternative to --checkpoint)")
+    p.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
+    p.add_argument("--tlift", action="store_true", help="also report re-ranking + TLift (needs time stamps)")
+    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``qaconv eval``."""
+    path = args.checkpoint or args.checkpoint_dir
+    if not path:
+        raise SystemExit("qaconv eval: give --checkpoint FILE or --checkpoint-dir DIR")
+    if args.pretrained:
+        print("qaconv eval: --pretrained is ignored (the checkpoint holds the trained weights)")
+    backbone, head, cfg = load_trained(path, args.arch, args.neck, args.height, args.width, args.layout)
+    ds = load_dataset(args.dataset, args.data_root, args.combine_all, verbose=True)
+    device = resolve_device(args.device)
+    rows = evaluate_trained(backbone, head, cfg, ds, device=device, batch_size=args.batch_size or 64,
+                            workers=args.workers, rerank=args.rerank, tlift=args.tlift,
+                            progress=not args.no_progress)
+    print_table(rows, f"{os.path.basename(cfg['checkpoint'])} on {args.dataset}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+        print(f"results: {args.json}")
+    return 0
+
+
+__all__ = ["load_trained", "evaluate_trained", "print_table", "register", "run", "DATASET_CHOICES"]

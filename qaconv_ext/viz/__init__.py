@@ -1,0 +1,28 @@
+"""Interpretability pictures: QAConv's local correspondences and ranked lists (Pillow only)."""
+from .correspondences import (
+    Segment,
+    correspondence_segments,
+    draw_correspondences,
+    draw_matches,
+    head_contributions,
+    head_logit,
+    infer_stride,
+    load_image,
+    location_centers,
+    match_pair,
+    strength_colormap,
+)
+from .ranklist import (
+    RankCell,
+    draw_ranked_list,
+    rank_gallery,
+    save_demo_pictures,
+)
+
+__all__ = [
+    "draw_correspondences", "draw_matches", "correspondence_segments", "Segment",
+    "head_contributions", "head_logit", "match_pair", "infer_stride", "location_centers",
+    "load_image", "strength_colormap",
+    "draw_ranked_list", "rank_gallery", "RankCell",
+    "save_demo_pictures",
+]

@@ -1,0 +1,151 @@
+"""The ``qaconv`` command line: sub-commands, train/resume/eval on a tiny Market-1501 tree, bench, demo hook."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from qaconv_ext import cli
+from qaconv_ext.data import Market1501, Record
+
+Image = pytest.importorskip("PIL.Image")
+
+H, W = 32, 16
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    """A tiny Market-1501 tree: 6 training identities, 4 test identities (+ a distractor)."""
+    root = tmp_path_factory.mktemp("market") / "Market-1501-v15.09.15"
+    rng = np.random.default_rng(1)
+
+    def put(sub, pid, cam, frame, k, color):
+        folder = root / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        img = np.clip(color + rng.normal(0, 20, size=(H, W, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{pid:04d}_c{cam}s1_{frame:06d}_{k:02d}.jpg")
+
+    for pid in range(1, 7):
+        color = rng.integers(0, 255, size=3)
+        for k in range(4):
+            put("bounding_box_train", pid, k % 2 + 1, 100 * pid + k, k, color)
+    for pid in range(10, 14):
+        color = rng.integers(0, 255, size=3)
+        put("query", pid, 1, 50 * pid, 0, color)
+        for k in range(2):
+            put("bounding_box_test", pid, 2, 50 * pid + 25 + k, k, color)
+    put("bounding_box_test", 0, 1, 7, 0, rng.integers(0, 255, size=3))
+    return str(root)
+
+
+def _run(argv):
+    return cli.main([str(a) for a in argv])
+
+
+def test_parser_lists_subcommands():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == set(cli.SUBCOMMANDS) == {"train", "eval", "demo", "bench", "match", "rank"}
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "train" in capsys.readouterr().out
+
+
+def test_train_resume_eval(market, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    common = ["--dataset", "market1501", "--data-root", market, "--arch", "small", "--neck", "16",
+              "--height", H, "--width", W, "--batch-size", 8, "--workers", 0, "--device", "cpu", "--no-progress"]
+    assert _run(["train", *common, "--epochs", 1, "--lr", 0.02, "--step-size", 1, "--checkpoint-dir", ck]) == 0
+    first = torch.load(ck / "checkpoint.pt", weights_only=True)
+    assert first["epoch"] == 1
+    assert _run(["train", *common, "--epochs", 2, "--lr", 0.02, "--step-size", 1, "--checkpoint-dir", ck,
+                 "--resume", "--test-dataset", "market1501", "--test-root", market]) == 0
+    out = capsys.readouterr().out
+    assert "resumed" in out and "Rank-1" in out
+    second = torch.load(ck / "checkpoint.pt", weights_only=True)
+    assert second["epoch"] == 2 and second["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0002)
+    rows = json.loads((ck / "results_market1501.json").read_text())
+    assert set(rows["QAConv"]) == {"rank1", "rank5", "rank10", "mAP", "mINP"}
+
+    res = tmp_path / "eval.json"
+    assert _run(["eval", "--checkpoint", ck / "checkpoint.pt", "--dataset", "market1501", "--data-root", market,
+                 "--device", "cpu", "--workers", 0, "--no-progress", "--rerank", "--tlift", "--json", res]) == 0
+    rows = json.loads(res.read_text())
+    assert list(rows) == ["QAConv", "QAConv + RR", "QAConv + RR + TLift"]
+    for m in rows.values():
+        assert 0.0 <= m["mAP"] <= 1.0 and m["rank1"] <= m["rank5"] <= m["rank10"]
+
+
+def test_checkpoint_opens_in_the_picture_commands(market, tmp_path):
+    """The checkpoint layout is what ``qaconv match``/``rank`` load; a baseline checkpoint is refused."""
+    from qaconv_ext.cli import match
+
+    ck = tmp_path / "ck"
+    assert _run(["train", "--dataset", "market1501", "--data-root", market, "--arch", "small", "--neck", 16,
+                 "--height", H, "--width", W, "--batch-size", 8, "--workers", 0, "--device", "cpu",
+                 "--no-progress", "--epochs", 1, "--checkpoint-dir", ck]) == 0
+    backbone, head, cfg = match.load_qaconv(str(ck / "checkpoint.pt"))
+    assert cfg["height"] == H and head.layout == "v2" and not head.training
+    assert (cfg["feature_height"], cfg["feature_width"]) == (H // 8, W // 8)
+    bl = tmp_path / "bl"
+    assert _run(["train", "--dataset", "market1501", "--data-root", market, "--arch", "small", "--neck", 16,
+                 "--height", H, "--width", W, "--batch-size", 8, "--workers", 0, "--device", "cpu",
+                 "--no-progress", "--epochs", 1, "--method", "baseline", "--checkpoint-dir", bl]) == 0
+    with pytest.raises(SystemExit, match="baseline checkpoint"):
+        match.load_qaconv(str(bl / "checkpoint.pt"))
+
+
+def test_baseline_train_and_eval(market, tmp_path):
+    ck = tmp_path / "bl"
+    common = ["--dataset", "market1501", "--data-root", market, "--device", "cpu", "--workers", 0, "--no-progress"]
+    assert _run(["train", *common, "--method", "baseline", "--arch", "small", "--neck", 16, "--height", H,
+                 "--width", W, "--batch-size", 8, "--epochs", 1, "--checkpoint-dir", ck]) == 0
+    res = tmp_path / "bl.json"
+    assert _run(["eval", "--checkpoint-dir", ck, *common, "--json", res]) == 0
+    assert list(json.loads(res.read_text())) == ["Baseline (GAP + cosine)"]
+
+
+def test_eval_needs_a_checkpoint(market):
+    with pytest.raises(SystemExit):
+        _run(["eval", "--dataset", "market1501", "--data-root", market])
+
+
+def test_bench_quick(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert _run(["bench", "--queries", 4, "--gallery", 16, "--channels", 16, "--height", 4, "--width", 2,
+                 "--repeats", 1, "--json", out]) == 0
+    rec = json.loads(out.read_text())
+    assert set(rec["results"]) == {"fused score", "fused match", "reference score"}
+    assert "pairs/s" in capsys.readouterr().out
+
+
+def test_postprocessing_rows(market):
+    """evaluate_qaconv adds the RR and RR + TLift rows (tiny random model); no time stamps, no TLift row."""
+    from qaconv_ext import QAConv
+    from qaconv_ext.evaluation import QACONV_ROW, RR_ROW, TLIFT_ROW, evaluate_qaconv
+    from qaconv_ext.models import build_backbone
+
+    ds = Market1501(market)
+    torch.manual_seed(0)
+    backbone = build_backbone("small", neck=8).eval()
+    head = QAConv(8, H // 8, W // 8).eval()
+    kw = dict(height=H, width=W, rerank=True, tlift=True, progress=False)
+    rows = evaluate_qaconv(backbone, head, ds.query, ds.gallery, **kw)
+    assert list(rows) == [QACONV_ROW, RR_ROW, TLIFT_ROW, "_scores"]
+    assert rows["_scores"]["qg"].shape == (len(ds.query), len(ds.gallery))
+    no_time = [r._replace(time=None) for r in ds.query]
+    rows = evaluate_qaconv(backbone, head, no_time, ds.gallery, **kw)
+    assert list(rows) == [QACONV_ROW, RR_ROW, "_scores"]
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "qaconv_ext", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "qaconv-ext" in proc.stdout

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
+from _machine import cpu_name, reset_peak_rss, status_kib  # benchmarks/_machine.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "cpu_match.json")
@@ -31,21 +32,6 @@ METHODS = {
 }
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
 
 
 def _worker(args: argparse.Namespace) -> Dict[str, float]:
@@ -65,10 +51,10 @@ def _worker(args: argparse.Namespace) -> Dict[str, float]:
     call = (lambda: fn(query, gallery, weight, 0.1)) if name == "qaconv_score" else (lambda: fn(query, gallery))
 
     with torch.no_grad():
-        before = _rss_kib("VmRSS")
-        exact_peak = _reset_peak()
+        before = status_kib("VmRSS")
+        exact_peak = reset_peak_rss()
         out = call()
-        peak = _rss_kib("VmHWM")
+        peak = status_kib("VmHWM")
         out_bytes = out.numel() * out.element_size()
         del out
         times: List[float] = []
@@ -82,16 +68,6 @@ def _worker(args: argparse.Namespace) -> Dict[str, float]:
             "peak_extra_mib": extra / 2 ** 20, "output_mib": out_bytes / 2 ** 20,
             "peak_is_exact": exact_peak, "times": times}
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -142,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     record = {
         "benchmark": "cpu_match",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
+        "device": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
         "torch": torch.__version__, "qaconv_ext": qaconv_ext.__version__, "python": platform.python_version(),
         "problem": {"queries": args.queries, "gallery": args.gallery, "pairs": args.queries * args.gallery,
                     "channels": args.channels, "height": args.height, "width": args.width, "L": L,

@@ -27,27 +27,13 @@ import time
 from typing import Dict, List, Optional
 
 import numpy as np
+from _machine import cpu_name, reset_peak_rss, status_kib  # benchmarks/_machine.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "rerank_cpu.json")
 METHODS = ("dense", "sparse", "sparse-callable")
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # VmHWM := current RSS
-        return True
-    except OSError:
-        return False
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -70,12 +56,12 @@ def _worker(args: argparse.Namespace) -> None:
     else:
         gg = dist(gf, gf)
     mode = "dense" if args.worker == "dense" else "sparse"
-    inputs_kib = _status_kib("VmRSS")
-    exact = _reset_peak()
+    inputs_kib = status_kib("VmRSS")
+    exact = reset_peak_rss()
     t0 = time.perf_counter()
     out = k_reciprocal_rerank(qg, qq, gg, mode=mode, progress=False)
     seconds = time.perf_counter() - t0
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     if args.out:
         np.save(args.out, out)
     print(json.dumps({
@@ -98,16 +84,6 @@ def _run(method: str, args: argparse.Namespace, queries: int, gallery: int, out:
         return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"rc {res.returncode}"}
     return json.loads(res.stdout.strip().splitlines()[-1])
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: Optional[List[str]] = None) -> Optional[Dict]:

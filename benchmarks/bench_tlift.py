@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from qaconv_ext.postprocess import tlift
+from _machine import cpu_name  # benchmarks/_machine.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "tlift_cpu.json")
@@ -66,16 +67,6 @@ def make_problem(num_query: int, num_gallery: int, num_cams: int, span: float, s
     prob_time = rng.uniform(0, span, num_query)
     return score, gal_cam, gal_time, prob_cam, prob_time
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_case(args: argparse.Namespace, span: float) -> Dict:

@@ -37,13 +37,19 @@ def _tensor(x: ArrayLike, name: str, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def _camera_ids(x: ArrayLike, name: str, n: int, device: torch.device) -> torch.Tensor:
+def _per_sample(x: ArrayLike, name: str, n: int, device: torch.device, what: str) -> torch.Tensor:
+    """A 1-D tensor of one non-boolean value per sample (``what`` names the values in errors)."""
     t = _tensor(x, name, device).reshape(-1)
     if t.numel() != n:
         raise ValueError(f"{name}: expected {n} entries (one per {'probe' if 'prob' in name else 'gallery'}"
                          f" sample), got {t.numel()}")
     if t.dtype == torch.bool:
-        raise ValueError(f"{name}: camera ids must be integers, got booleans")
+        raise ValueError(f"{name}: {what} must be numbers, got booleans")
+    return t
+
+
+def _camera_ids(x: ArrayLike, name: str, n: int, device: torch.device) -> torch.Tensor:
+    t = _per_sample(x, name, n, device, "camera ids")
     if t.is_floating_point():
         if not bool(torch.isfinite(t).all()) or not bool((t == t.round()).all()):
             raise ValueError(f"{name}: camera ids must be integers")
@@ -52,12 +58,7 @@ def _camera_ids(x: ArrayLike, name: str, n: int, device: torch.device) -> torch.
 
 
 def _times(x: ArrayLike, name: str, n: int, device: torch.device) -> torch.Tensor:
-    t = _tensor(x, name, device).reshape(-1)
-    if t.numel() != n:
-        raise ValueError(f"{name}: expected {n} entries (one per {'probe' if 'prob' in name else 'gallery'}"
-                         f" sample), got {t.numel()}")
-    if t.dtype == torch.bool:
-        raise ValueError(f"{name}: time stamps must be numbers, got booleans")
+    t = _per_sample(x, name, n, device, "time stamps")
     t = t.to(torch.float64)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: time stamps must be finite")

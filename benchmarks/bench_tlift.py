@@ -1,6 +1,6 @@
-"""TLift on CPU at Market-1501 size: the vectorised ``qaconv_ext.postprocess.tlift`` against a per-probe
-loop with the same semantics (the layout of the public implementation: one sort of the co-occurrence
-block per probe and gallery camera), in one process run.
+"""TLift at Market-1501 size: the vectorised ``qaconv_ext.postprocess.tlift`` (on the CPU, or the GPU with
+``--device cuda``) against a per-probe loop with the same semantics on the CPU (the layout of the public
+implementation: one sort of the co-occurrence block per probe and gallery camera), in one process run.
 
 The loop is timed on a random subset of probes (each probe's work does not depend on the others, the
 co-occurrence sets still come from all probes) and scaled linearly to the full probe set; the JSON says
@@ -8,6 +8,7 @@ so. The vectorised output is checked against the loop on those rows.
 
     python benchmarks/bench_tlift.py                       # 3368 x 15913, 6 cameras, 1.5 h and 4.5 h of times
     python benchmarks/bench_tlift.py --loop-probes 3368    # time the loop on every probe
+    python benchmarks/bench_tlift.py --device cuda         # the vectorised version on the GPU
 """
 from __future__ import annotations
 
@@ -71,13 +72,21 @@ def make_problem(num_query: int, num_gallery: int, num_cams: int, span: float, s
 
 def run_case(args: argparse.Namespace, span: float) -> Dict:
     score, gc, gt, pc, pt = make_problem(args.queries, args.gallery, args.cams, span, args.seed)
-    tlift(score, gc, gt, pc, pt)  # warm-up
+    inputs = (score, gc, gt, pc, pt)
+    sync = (lambda: None)
+    if args.device != "cpu":  # the vectorised version on the GPU: torch tensors in, a tensor out
+        inputs = tuple(torch.as_tensor(x, device=args.device) for x in inputs)
+        sync = torch.cuda.synchronize
+    tlift(*inputs)  # warm-up
+    sync()
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        out = tlift(score, gc, gt, pc, pt)
+        out = tlift(*inputs)
+        sync()
         times.append(time.perf_counter() - t0)
     vec_s = statistics.median(times)
+    out = out.cpu().numpy() if torch.is_tensor(out) else out
 
     rng = np.random.default_rng(args.seed + 1)
     n_loop = min(args.loop_probes, args.queries)
@@ -115,16 +124,22 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--loop-probes", type=int, default=300, help="probes timed in the loop baseline")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=DEFAULT_JSON)
+    ap.add_argument("--device", default="cpu", help="where the vectorised version runs (cpu, cuda)")
+    ap.add_argument("--json", default=None, help=f"default {DEFAULT_JSON} (tlift_gpu.json for --device cuda)")
     args = ap.parse_args(argv)
+    gpu = args.device != "cpu"
+    if args.json is None:
+        args.json = DEFAULT_JSON.replace("tlift_cpu", "tlift_gpu") if gpu else DEFAULT_JSON
 
     load_before = os.getloadavg()
     cases = [run_case(args, float(span)) for span in args.spans.split(",") if span]
     load_after = os.getloadavg()
     result = {
-        "benchmark": "tlift_cpu",
+        "benchmark": "tlift_gpu" if gpu else "tlift_cpu",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": cpu_name(),
+        "device": torch.cuda.get_device_name(args.device) if gpu else cpu_name(),
+        "cpu": cpu_name(),
+        "cuda": torch.version.cuda,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -138,7 +153,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         },
         "cases": cases,
     }
-    print(f"TLift {args.queries} x {args.gallery}, {args.cams} cameras")
+    print(f"TLift {args.queries} x {args.gallery}, {args.cams} cameras, vectorised on {result['device']}, "
+          "loop on the CPU")
     print(f"  {'span (s)':>9}{'|R_i| mean':>12}{'vectorised s':>14}{'loop s':>10}{'speed-up':>10}{'max|diff|':>11}")
     for c in cases:
         print(f"  {c['time_span_s']:>9.0f}{c['mean_cooccurrence_set_size']:>12.1f}"

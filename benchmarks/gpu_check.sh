@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (torch with CUDA, nvcc, ninja, no network): build the CUDA extension,
-# run the op tests on CPU and GPU, run the GPU benchmark, print its table last.
+# run the op tests on CPU and GPU, run the GPU benchmarks (TLift, gallery scoring), print the table last.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and JSON go to OUT_DIR, default benchmarks/results)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,7 @@ $PY -m pytest -q tests/test_cuda.py tests/test_tlift.py 2>&1 | tee "$OUT/gpu_tes
 tests=${PIPESTATUS[0]}
 $PY -m pytest -q tests/test_ops.py 2>&1 | tail -3
 
+$PY benchmarks/bench_tlift.py --device cuda --json "$OUT/tlift_gpu.json" 2>&1 | tail -5
 $PY benchmarks/bench_gallery.py --json "$OUT/gpu_gallery.json" 2>&1 | tee "$OUT/gpu_bench.log" | tail -12
 bench=${PIPESTATUS[0]}
 echo "gpu_check: tests rc=$tests bench rc=$bench"

@@ -1,9 +1,13 @@
-"""What the CPU benchmarks share: the processor's name and the process's resident memory (Linux)."""
+"""What the CPU benchmarks share: the machine's description, the process's resident memory (Linux), JSON output."""
 from __future__ import annotations
 
+import datetime as _dt
+import json
+import os
 import platform
+from typing import Any, Dict, Optional, Sequence
 
-__all__ = ["cpu_name", "status_kib", "reset_peak_rss"]
+__all__ = ["cpu_name", "machine_record", "status_kib", "reset_peak_rss", "write_json"]
 
 
 def cpu_name() -> str:
@@ -35,3 +39,29 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def machine_record(load_before: Sequence[float], load_after: Sequence[float],
+                   device: Optional[str] = None) -> Dict[str, Any]:
+    """Date, device (default: the CPU), core and thread counts, versions and load averages for a result file."""
+    import numpy as np
+    import torch
+
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device or cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+    }
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, creating the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")

@@ -16,10 +16,8 @@ of that process, reported in total and above what the inputs already occupy. Met
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,7 +25,7 @@ import time
 from typing import Dict, List, Optional
 
 import numpy as np
-from _machine import cpu_name, reset_peak_rss, status_kib  # benchmarks/_machine.py
+from _machine import machine_record, reset_peak_rss, status_kib, write_json  # benchmarks/_machine.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "rerank_cpu.json")
@@ -102,8 +100,6 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
         _worker(args)
         return None
 
-    import torch
-
     methods = [m for m in args.methods.split(",") if m]
     results: Dict[str, Dict] = {}
     load_before = os.getloadavg()
@@ -128,14 +124,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
     N = args.queries + args.gallery
     result = {
         "benchmark": "rerank_cpu",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        **machine_record(load_before, load_after),
         "problem": {"queries": args.queries, "gallery": args.gallery, "items": N,
                     "features": f"random unit-norm, d={args.dim}", "distance": "Euclidean, not squared",
                     "k1": 20, "k2": 6, "lambda": 0.3, "dense_matrix_mib": 4 * N * N / 2 ** 20},
@@ -163,10 +152,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
             print(f"  MSMT17 size (11659 x 82161) sparse-callable: {msmt['seconds']:.1f} s, "
                   f"peak {msmt['peak_mib'] / 1024:.2f} GiB")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-            fh.write("\n")
+        write_json(args.json, result)
     return result
 
 

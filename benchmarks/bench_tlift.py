@@ -13,10 +13,7 @@ so. The vectorised output is checked against the loop on those rows.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import platform
 import statistics
 import time
 from typing import Dict, List, Optional
@@ -25,7 +22,7 @@ import numpy as np
 import torch
 
 from qaconv_ext.postprocess import tlift
-from _machine import cpu_name  # benchmarks/_machine.py
+from _machine import cpu_name, machine_record, write_json  # benchmarks/_machine.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_JSON = os.path.join(HERE, "results", "tlift_cpu.json")
@@ -136,16 +133,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     load_after = os.getloadavg()
     result = {
         "benchmark": "tlift_gpu" if gpu else "tlift_cpu",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(args.device) if gpu else cpu_name(),
+        **machine_record(load_before, load_after, torch.cuda.get_device_name(args.device) if gpu else None),
         "cpu": cpu_name(),
         "cuda": torch.version.cuda,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "problem": {
             "queries": args.queries, "gallery": args.gallery, "cameras": args.cams,
             "times": "uniform over the span, per sample", "scores": "float32, U(0,1)^8",
@@ -162,10 +152,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               f"{c['speedup']:>9.1f}x{c['max_abs_diff_vs_loop']:>11.1e}")
     print(f"  ({cases[0]['loop']['note']})" if cases else "")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-            fh.write("\n")
+        write_json(args.json, result)
     return result
 
 

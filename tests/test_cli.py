@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
 from qaconv_ext import cli
-from qaconv_ext.data import Market1501, Record
+from qaconv_ext.data import Market1501
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 
 def _time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:

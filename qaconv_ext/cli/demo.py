@@ -148,7 +148,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     print("pictures (a ranked list, the correspondences with a true match and with an impostor):")
     for path in pictures:
         print(f"  {path}")
-    print(f"draw your own: qaconv match IMAGE_A IMAGE_B -o out.png; qaconv rank --query-index 5 -o ranked.png")
+    print("draw your own: qaconv match IMAGE_A IMAGE_B -o out.png; qaconv rank --query-index 5 -o ranked.png")
     print(f"QAConv model: {os.path.join(out, 'qaconv.pt')}; baseline: {os.path.join(out, 'baseline.pt')}")
     print(f"results: {os.path.join(out, 'results.json')}")
     return record

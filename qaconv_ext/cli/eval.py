@@ -6,7 +6,6 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
-import torch
 from torch import nn
 
 from .train import DATASET_CHOICES, add_data_args, add_model_args, load_dataset, resolve_device

@@ -8,13 +8,14 @@ GFLOP/s and the speed-up. ``--full`` runs the repository's ``benchmarks/bench_ma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
 from typing import Any, Callable, Dict, Optional
+
+from .output import write_json
 
 
 def _time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
@@ -117,10 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if "speedup_score" in r:
         print(f"fused score: {r['speedup_score']:.2f}x the reference's pairs/s")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(r, fh, indent=2)
-        print(f"wrote {args.json}")
+        print(f"wrote {write_json(args.json, r)}")
     return 0
 
 

@@ -16,7 +16,6 @@ The defaults are sized to finish within minutes on a two-core CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -24,6 +23,7 @@ from typing import Any, Dict
 
 import torch
 
+from .output import write_json
 from .train import default_synthetic_root, resolve_device
 
 #: Demo settings, sized for a two-core CPU (the README's demo section gives the measured table).
@@ -143,8 +143,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     pictures = save_demo_pictures(backbone, head, test_ds, os.path.join(out, "pictures"), height=cfg.height,
                                   width=cfg.width)
     record["pictures"] = pictures
-    with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump(record, fh, indent=2)
+    write_json(os.path.join(out, "results.json"), record)
     print("pictures (a ranked list, the correspondences with a true match and with an impostor):")
     for path in pictures:
         print(f"  {path}")

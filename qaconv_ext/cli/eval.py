@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
 from torch import nn
 
+from .output import write_json
 from .train import DATASET_CHOICES, add_data_args, add_model_args, load_dataset, resolve_device
 
 ROW_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
@@ -92,10 +92,7 @@ def run(args: argparse.Namespace) -> int:
                             progress=not args.no_progress)
     print_table(rows, f"{os.path.basename(cfg['checkpoint'])} on {args.dataset}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
-        print(f"results: {args.json}")
+        print(f"results: {write_json(args.json, rows)}")
     return 0
 
 

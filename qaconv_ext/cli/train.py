@@ -5,10 +5,11 @@ Also home of the data/model options and the dataset loader shared with ``qaconv 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Any, Dict, Optional
+
+from .output import write_json
 
 DATASET_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "synthetic-a", "synthetic-b", "folder")
 
@@ -167,8 +168,6 @@ def run(args: argparse.Namespace) -> int:
                                 device=cfg.device, batch_size=max(64, cfg.batch_size), workers=cfg.workers,
                                 rerank=args.rerank, tlift=args.tlift, progress=not args.no_progress)
         print_table(rows, f"{args.dataset} -> {args.test_dataset}")
-        out = os.path.join(args.checkpoint_dir, f"results_{args.test_dataset}.json")
-        with open(out, "w") as fh:
-            json.dump(rows, fh, indent=2)
+        out = write_json(os.path.join(args.checkpoint_dir, f"results_{args.test_dataset}.json"), rows)
         print(f"results: {out}")
     return 0

@@ -62,4 +62,9 @@ inline at::Tensor locations_major(const at::Tensor& x) {
   return x.flatten(2).transpose(1, 2).contiguous();
 }
 
+// [B, L, d] location-major gradient -> a contiguous tensor shaped and typed like `like` ([B, d, h, w]).
+inline at::Tensor channels_first(const at::Tensor& x, const at::Tensor& like) {
+  return x.transpose(1, 2).reshape(like.sizes()).to(like.scalar_type()).contiguous();
+}
+
 }  // namespace qaconv

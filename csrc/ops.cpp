@@ -6,7 +6,10 @@
 TORCH_LIBRARY(qaconv_ext, m) {
   m.def("match(Tensor query, Tensor gallery, bool with_indices) -> (Tensor, Tensor)");
   m.def("score(Tensor query, Tensor gallery, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery) -> (Tensor, Tensor)");
+  // output_mask: which of (grad_query, grad_gallery) to compute; a gradient left out is returned as an
+  // empty [0] tensor (the class memory of training is a gallery that needs none).
+  m.def("match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery, "
+        "bool[2] output_mask=[True, True]) -> (Tensor, Tensor)");
 }
 
 #ifndef QACONV_WITH_CUDA

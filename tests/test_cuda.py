@@ -119,18 +119,132 @@ def test_ties_resolve_to_smallest_index(gen):
     assert torch.equal(indices.cpu(), ref_idx)
 
 
-def test_every_output_is_written(gen):
-    # Fill the caching allocator's blocks with NaN, free them, then allocate the outputs in them.
-    poison = torch.full((64 * 1024 * 1024,), float("nan"), device="cuda")
-    del poison
-    q, g = _pair(33, 65, (7, 5, 13, 11, 40), torch.float16, gen)
+def _poison(*outputs):
+    """Blocks of exactly the outputs' sizes, filled with NaN (or -1) and freed: the op's outputs, its first
+    allocations, reuse them. Returns their addresses, to check that they did."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    blocks = [torch.empty(shape, dtype=dtype, device="cuda") for shape, dtype in outputs]
+    for b in blocks:
+        b.fill_(float("nan") if b.is_floating_point() else -1)
+    ptrs = [b.data_ptr() for b in blocks]
+    del blocks
+    return ptrs
+
+
+def test_every_output_is_written(gen, monkeypatch):
+    P, N, Lq, Lg = 33, 65, 35, 143
+    q, g = _pair(P, N, (7, 5, 13, 11, 40), torch.float16, gen)
+    ptrs = _poison(((P, N, Lq + Lg), torch.float16), ((P, N, Lq + Lg), torch.long))
     values, indices = qaconv_ext.qaconv_match(q, g, return_indices=True)
-    score = qaconv_ext.qaconv_score(q, g, torch.ones(35 + 143, device="cuda"))
-    assert torch.isfinite(values).all() and torch.isfinite(score).all()
-    assert int(indices[..., :35].min()) >= 0 and int(indices[..., :35].max()) < 143
-    assert int(indices[..., 35:].min()) >= 0 and int(indices[..., 35:].max()) < 35
-    gq, gg = torch.ops.qaconv_ext.match_backward(torch.randn(values.shape, device="cuda"), indices, q, g)
+    assert [values.data_ptr(), indices.data_ptr()] == ptrs, "outputs not in the poisoned blocks"
+    assert torch.isfinite(values).all()
+    assert int(indices[..., :Lq].min()) >= 0 and int(indices[..., :Lq].max()) < Lg
+    assert int(indices[..., Lq:].min()) >= 0 and int(indices[..., Lq:].max()) < Lq
+    for kernel in ("auto", "simple"):  # the tensor-core kernel, then the CUDA-core one
+        if kernel == "simple":
+            monkeypatch.setenv("QACONV_EXT_CUDA_KERNEL", "simple")
+        ptrs = _poison(((P, N), torch.float32))
+        score = qaconv_ext.qaconv_score(q, g, torch.ones(Lq + Lg, device="cuda"))
+        assert score.data_ptr() == ptrs[0] and torch.isfinite(score).all(), kernel
+    upstream = torch.randn(values.shape, device="cuda")
+    _poison(((P, Lq, 40), torch.float32), ((N, Lg, 40), torch.float32))  # its float32 accumulators
+    gq, gg = torch.ops.qaconv_ext.match_backward(upstream, indices, q, g)
     assert torch.isfinite(gq).all() and torch.isfinite(gg).all()
+
+
+# (P, N, (hq, wq, hg, wg, d)) reaching the tensor-core kernel's other code paths; which one runs depends
+# on the device's shared memory (A100 164 KB, H100/H200 227 KB per block), the answer must not.
+TC_PATHS = {
+    "double buffer over many images, partial tiles": (600, 150, (13, 11, 24, 8, 40)),
+    "double buffer over many images, small maps": (600, 150, (7, 5, 3, 6, 24)),
+    "warps loop over 24 warp tiles": (9, 70, (16, 16, 16, 16, 16)),
+    "one gallery buffer (H100) or fallback (A100)": (9, 70, (24, 8, 24, 8, 256)),
+    "does not fit: CUDA-core fallback": (5, 20, (24, 8, 24, 8, 512)),
+    "larger maps: CUDA-core fallback": (3, 10, (24, 16, 24, 16, 128)),
+    "3 channels, padded to 8": (9, 70, (7, 5, 3, 6, 3)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", list(TC_PATHS))
+def test_score_tensor_core_paths(case, dtype, gen):
+    P, N, shape = TC_PATHS[case]
+    hq, wq, hg, wg, _ = shape
+    q, g = _pair(P, N, shape, dtype, gen)
+    w = torch.randn(hq * wq + hg * wg, generator=gen)
+    out = qaconv_ext.qaconv_score(q, g, w.cuda(), torch.tensor([0.5], device="cuda"))
+    assert score_err(out, q, g, w, torch.tensor([0.5])) <= TOL[dtype], (case, dtype, gen.initial_seed())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_score_on_misaligned_and_channels_last_maps(dtype, kernel, gen):
+    q, g = _pair(7, 33, (7, 5, 13, 11, 24), dtype, gen)
+    w = torch.randn(35 + 143, generator=gen)
+    # storage offset of one element: the bases are no longer 16-byte aligned
+    q_off = torch.empty(q.numel() + 1, dtype=dtype, device="cuda")[1:].view(q.shape).copy_(q)
+    g_off = torch.empty(g.numel() + 1, dtype=dtype, device="cuda")[1:].view(g.shape).copy_(g)
+    cl = dict(memory_format=torch.channels_last)
+    for a, b in [(q_off, g_off), (q.to(**cl), g.to(**cl)), (q[:, :, :, :], g.transpose(2, 3).transpose(2, 3))]:
+        out = qaconv_ext.qaconv_score(a, b, w.cuda())
+        assert score_err(out, q, g, w) <= max(TOL[dtype], 1e-6), (dtype, kernel, gen.initial_seed())
+
+
+def test_empty_batches_on_cuda(gen):
+    q, g = _pair(0, 4, (3, 2, 3, 2, 8), torch.float16, gen)
+    assert qaconv_ext.qaconv_score(q, g, torch.ones(12, device="cuda")).shape == (0, 4)
+    q, g = _pair(3, 0, (3, 2, 3, 2, 8), torch.float16, gen)
+    values, indices = qaconv_ext.qaconv_match(q, g, return_indices=True)
+    assert values.shape == (3, 0, 12) and indices.shape == (3, 0, 12)
+    assert qaconv_ext.qaconv_score(q, g, torch.ones(12, device="cuda")).shape == (3, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_score_with_infinities(dtype, kernel, gen):
+    q, g = _pair(3, 4, (3, 2, 2, 2, 16), dtype, gen)
+    q[1, 0] = float("inf")  # every location of query 1: +inf * positive, -inf * negative entries
+    out = qaconv_ext.qaconv_score(q, g, torch.ones(10, device="cuda"))
+    ref = reference.qaconv_score(q.double().cpu(), g.double().cpu(), torch.ones(10, dtype=torch.float64))
+    assert torch.equal(torch.isnan(out.cpu()), torch.isnan(ref)) and torch.equal(torch.isinf(out.cpu()),
+                                                                                   torch.isinf(ref))
+    rest = [0, 2]
+    assert score_err(out[rest], q[rest], g, torch.ones(10)) <= max(TOL[dtype], 1e-6)
+
+
+def test_float32_high_precision_keeps_large_values_finite(gen):
+    """Values beyond float16's range: "high" stages them in bfloat16 instead of overflowing to inf."""
+    q, g = _pair(5, 9, (7, 5, 7, 5, 16), torch.float32, gen)
+    q, g = q * 1e5, g * 3e4
+    w = torch.randn(70, generator=gen)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        out = qaconv_ext.qaconv_score(q, g, w.cuda())
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.isfinite(out).all()
+    assert score_err(out, q, g, w) <= 1e-2
+
+
+def test_score_captured_in_a_cuda_graph(gen):
+    """Launches go to the current stream (a launch elsewhere fails the capture) and need no host sync."""
+    q, g = _pair(7, 33, (24, 8, 24, 8, 128), torch.float16, gen)
+    w = torch.randn(384, generator=gen).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside the capture
+            qaconv_ext.qaconv_score(q, g, w)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = qaconv_ext.qaconv_score(q, g, w)
+    q2, g2 = _pair(7, 33, (24, 8, 24, 8, 128), torch.float16, gen)
+    q.copy_(q2)
+    g.copy_(g2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert score_err(out, q2, g2, w.cpu()) <= TOL[torch.float16]
 
 
 def test_nan_propagates_like_torch_max(gen):
@@ -159,6 +273,12 @@ def test_backward_kernel_against_sparse_reference(dtype, gen):
         assert rel_err(gq.cpu(), rq) <= tol and rel_err(gg.cpu(), rg) <= tol, (dtype, shape, gen.initial_seed())
         again = torch.ops.qaconv_ext.match_backward(upstream.to("cuda", torch.float32), indices, q, g)
         assert torch.equal(again[0], gq) and torch.equal(again[1], gg)  # deterministic
+        only_q, none_g = torch.ops.qaconv_ext.match_backward(upstream.to("cuda", torch.float32), indices, q, g,
+                                                             [True, False])
+        none_q, only_g = torch.ops.qaconv_ext.match_backward(upstream.to("cuda", torch.float32), indices, q, g,
+                                                             [False, True])
+        assert torch.equal(only_q, gq) and torch.equal(only_g, gg)
+        assert none_g.shape == (0,) and none_q.shape == (0,)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

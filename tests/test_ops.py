@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -145,6 +147,45 @@ def test_match_gradients_against_reference_autograd(dtype, gen):
     assert rel_err(dq, rdq) <= tol and rel_err(dg, rdg) <= tol, gen.initial_seed()
 
 
+@pytest.mark.parametrize("mask", [(True, False), (False, True), (False, False)])
+def test_backward_output_mask(mask, gen):
+    # the gradients asked for are the full ones; the others are empty [0] tensors, not computed
+    q = unit_maps(6, 16, 7, 5, torch.float32, gen)
+    g = unit_maps(9, 16, 3, 6, torch.float32, gen)
+    values, indices = torch.ops.qaconv_ext.match(q, g, True)
+    upstream = torch.randn(values.shape, generator=gen)
+    full = reference.match_backward(upstream.double(), indices, q.double(), g.double())
+    got = torch.ops.qaconv_ext.match_backward(upstream, indices, q, g, list(mask))
+    ref = reference.match_backward(upstream.double(), indices, q.double(), g.double(), output_mask=mask)
+    for need, out, r, f, like in zip(mask, got, ref, full, (q, g)):
+        if need:
+            assert out.shape == like.shape and rel_err(out, f) <= 1e-6 and torch.equal(r, f)
+        else:
+            assert out.shape == (0,) and r.shape == (0,)
+
+
+def test_autograd_skips_the_gallery_gradient(gen, monkeypatch):
+    # the class memory of training is a gallery without gradient: its half of the backward is not run
+    q = unit_maps(4, 8, 3, 2, torch.float32, gen).requires_grad_()
+    g = unit_maps(5, 8, 3, 2, torch.float32, gen)
+    w = torch.randn(12, generator=gen)
+    masks = []
+    real = torch.ops.qaconv_ext.match_backward
+
+    def spy(*args):
+        masks.append(tuple(args[4]))
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.qaconv_ext, "match_backward", spy)
+    qaconv_ext.qaconv_match(q, g).sum().backward()
+    qaconv_ext.qaconv_score(q, g, w, 0.0).sum().backward()
+    assert masks == [(True, False), (True, False)]
+    qr = q.detach().double().requires_grad_()
+    (reference.qaconv_match(qr, g.double()).sum() + reference.qaconv_score(qr, g.double(), w.double())
+     .sum()).backward()
+    assert rel_err(q.grad, qr.grad) <= 1e-6
+
+
 def test_score_gradients_against_reference_autograd(gen):
     q = unit_maps(6, 12, 4, 3, torch.float64, gen).requires_grad_()
     g = unit_maps(9, 12, 4, 3, torch.float64, gen).requires_grad_()
@@ -177,6 +218,8 @@ def test_opcheck(gen):
     values, indices = torch.ops.qaconv_ext.match(q.detach(), g.detach(), True)
     torch.library.opcheck(torch.ops.qaconv_ext.match_backward.default,
                           (torch.randn_like(values), indices, q.detach(), g.detach()))
+    torch.library.opcheck(torch.ops.qaconv_ext.match_backward.default,
+                          (torch.randn_like(values), indices, q.detach(), g.detach(), [True, False]))
 
 
 def test_torch_compile_fullgraph(gen):
@@ -239,3 +282,31 @@ def test_match_threads_agree(gen):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+_WITHOUT_EXTENSION = r"""
+import sys, warnings
+sys.modules["qaconv_ext._C"] = None  # the compiled module cannot be imported
+import torch, qaconv_ext
+from qaconv_ext import reference
+assert not qaconv_ext.native_available("cpu")
+q = torch.nn.functional.normalize(torch.randn(3, 8, 3, 2, dtype=torch.float64), dim=1).requires_grad_()
+g = torch.nn.functional.normalize(torch.randn(4, 8, 2, 3, dtype=torch.float64), dim=1).requires_grad_()
+w = torch.randn(12, dtype=torch.float64)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    grads = torch.autograd.grad(qaconv_ext.qaconv_score(q, g, w, 0.1).sum(), (q, g))
+    only_q = torch.autograd.grad(qaconv_ext.qaconv_match(q, g.detach()).sum(), q)
+assert any("chunked PyTorch path" in str(c.message) for c in caught)
+ref = torch.autograd.grad((reference.qaconv_match(q, g) @ w).sum(), (q, g))
+ref_q = torch.autograd.grad(reference.qaconv_match(q, g).sum(), q)
+for a, b in zip(grads + only_q, ref + ref_q):
+    assert (a - b).abs().max() < 1e-12
+print("fallback ok")
+"""
+
+
+def test_package_works_without_the_compiled_extension():
+    # a build without the C++ module still registers the ops (chunked PyTorch path) and warns once
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "fallback ok" in out.stdout, out.stderr

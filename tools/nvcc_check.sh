@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-checks the CUDA sources without a GPU: every .cu with nvcc for sm_80 and sm_90a, with the
+# Compile-checks the CUDA sources without a GPU: every .cu with nvcc for sm_75, sm_80 and sm_90a, with the
 # defines torch's build adds to nvcc, and the torch binding (csrc/cuda/*.cpp) with the host compiler
 # against the installed torch's headers. Usage: tools/nvcc_check.sh [python]  (default .venv/bin/python)
 set -euo pipefail
@@ -21,7 +21,7 @@ TORCH_NVCC_DEFINES=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
 
 status=0
 for cu in csrc/cuda/*.cu; do
-  for arch in sm_80 sm_90a; do
+  for arch in sm_75 sm_80 sm_90a; do  # sm_75: builds that list pre-Ampere GPUs must still compile
     if "$NVCC" -std=c++17 -O3 --use_fast_math -Icsrc "${TORCH_NVCC_DEFINES[@]}" \
         -gencode "arch=compute_${arch#sm_},code=${arch}" -Xptxas -warn-spills \
         -c "$cu" -o "$OUT/$(basename "$cu").$arch.o" 2> "$OUT/log"; then

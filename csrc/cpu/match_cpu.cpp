@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -207,13 +208,15 @@ at::Tensor score_cpu(const at::Tensor& query, const at::Tensor& gallery, const a
 
 // Owner-computes backward: grad_q[p] is written only by the task owning p, grad_g[n] by the task owning n.
 std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_values, const at::Tensor& indices,
-                                                      const at::Tensor& query, const at::Tensor& gallery) {
+                                                      const at::Tensor& query, const at::Tensor& gallery,
+                                                      std::array<bool, 2> output_mask) {
   const MatchDims d = check_pair(query, gallery);
   check_backward(grad_values, indices, d);
   const auto ct = compute_type(query.scalar_type());
-  at::Tensor gq = at::zeros({d.P, d.Lq, d.d}, query.options().dtype(ct));
-  at::Tensor gg = at::zeros({d.N, d.Lg, d.d}, query.options().dtype(ct));
-  if (d.P > 0 && d.N > 0) {
+  const bool need_q = output_mask[0], need_g = output_mask[1];
+  at::Tensor gq = at::zeros({need_q ? d.P : 0, d.Lq, d.d}, query.options().dtype(ct));
+  at::Tensor gg = at::zeros({need_g ? d.N : 0, d.Lg, d.d}, query.options().dtype(ct));
+  if (d.P > 0 && d.N > 0 && (need_q || need_g)) {
     const at::Tensor q = locations_major(query.detach()).to(ct), g = locations_major(gallery.detach()).to(ct);
     const at::Tensor gv = grad_values.detach().to(ct).contiguous();
     const at::Tensor ix = indices.contiguous();
@@ -231,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_val
       auto check_index = [](int64_t i, int64_t bound) {
         TORCH_CHECK(i >= 0 && i < bound, "qaconv: match index ", i, " out of range [0, ", bound, ")");
       };
-      at::parallel_for(0, d.P, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, need_q ? d.P : 0, 1, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p)
           for (int64_t n = 0; n < d.N; ++n) {
             const scalar_t* gvp = GV + (p * d.N + n) * L;
@@ -249,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_val
             }
           }
       });
-      at::parallel_for(0, d.N, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, need_g ? d.N : 0, 1, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n)
           for (int64_t p = 0; p < d.P; ++p) {
             const scalar_t* gvp = GV + (p * d.N + n) * L;
@@ -269,9 +272,8 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_val
       });
     });
   }
-  at::Tensor grad_query = gq.transpose(1, 2).reshape(query.sizes()).to(query.scalar_type()).contiguous();
-  at::Tensor grad_gallery = gg.transpose(1, 2).reshape(gallery.sizes()).to(gallery.scalar_type()).contiguous();
-  return {grad_query, grad_gallery};
+  return {need_q ? channels_first(gq, query) : query.new_empty({0}),
+          need_g ? channels_first(gg, gallery) : gallery.new_empty({0})};
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -69,18 +70,31 @@ cuda::ScalarKind kind_of_type(at::ScalarType t) {
   return t == at::kHalf ? cuda::ScalarKind::kFloat16 : cuda::ScalarKind::kBFloat16;
 }
 
+// float32 maps on tensor cores are staged in float16 (11-bit significand, as TF32) when every value
+// fits its range, in bfloat16 (float32's range) otherwise. One reduction and a sync: small next to
+// the scoring of a gallery.
+at::ScalarType staging_type(const at::Tensor& q, const at::Tensor& g, at::Float32MatmulPrecision precision) {
+  if (precision != at::Float32MatmulPrecision::HIGH) return at::kBFloat16;
+  constexpr float kHalfMax = 65504.f;  // larger magnitudes round to inf in float16
+  const auto [q_min, q_max] = at::aminmax(q);
+  const auto [g_min, g_max] = at::aminmax(g);
+  const at::Tensor range = at::stack({q_min, q_max, g_min, g_max}).abs().max();
+  return range.item<float>() < kHalfMax ? at::kHalf : at::kBFloat16;
+}
+
 // Which kernel scores: tensor cores for float16/bfloat16 maps, and for float32 maps unless
-// torch.get_float32_matmul_precision() is "highest" ("high" stages them in float16, whose 11-bit
-// significand equals TF32's, "medium" in bfloat16); the exact float32 CUDA-core kernel otherwise.
+// torch.get_float32_matmul_precision() is "highest" ("high" stages them in float16 -- bfloat16 when a
+// value exceeds float16's range --, "medium" in bfloat16); the exact float32 CUDA-core kernel otherwise,
+// and wherever the tensor-core kernel does not fit the device or the problem.
 at::Tensor score_cuda(const at::Tensor& query, const at::Tensor& gallery, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& bias) {
   const MatchDims d = check_pair(query, gallery);
   check_head(weight, bias, d, query);
-  auto kind = check_cuda_inputs(query, d);
+  const auto kind = check_cuda_inputs(query, d);
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor out = at::empty({d.P, d.N}, query.options().dtype(at::kFloat));
   if (d.P == 0 || d.N == 0) return out;
-  at::Tensor q = locations_major(query.detach()), g = locations_major(gallery.detach());
+  const at::Tensor q_in = locations_major(query.detach()), g_in = locations_major(gallery.detach());
   const at::Tensor w = weight.detach().reshape({-1}).to(at::kFloat).contiguous();
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->detach().reshape({-1}).to(at::kFloat).contiguous();
@@ -88,20 +102,19 @@ at::Tensor score_cuda(const at::Tensor& query, const at::Tensor& gallery, const 
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
   bool tensor_cores = !simple_kernel_requested();
-  if (tensor_cores && kind == cuda::ScalarKind::kFloat32) {
-    const auto precision = at::globalContext().float32MatmulPrecision();
-    if (precision == at::Float32MatmulPrecision::HIGHEST) {
-      tensor_cores = false;
-    } else {
-      const auto staged = precision == at::Float32MatmulPrecision::HIGH ? at::kHalf : at::kBFloat16;
+  const auto precision = at::globalContext().float32MatmulPrecision();
+  if (kind == cuda::ScalarKind::kFloat32 && precision == at::Float32MatmulPrecision::HIGHEST) tensor_cores = false;
+  if (tensor_cores) {
+    at::Tensor q = q_in, g = g_in;
+    auto tc_kind = kind;
+    if (kind == cuda::ScalarKind::kFloat32) {
+      const auto staged = staging_type(q_in, g_in, precision);
       q = q.to(staged);
       g = g.to(staged);
-      kind = kind_of_type(staged);
+      tc_kind = kind_of_type(staged);
     }
-  }
-  int64_t channels = d.d;
-  if (tensor_cores) {
     // The kernel copies 16-byte chunks: pad the channels to a multiple of 8 with zeros, align the bases.
+    int64_t channels = d.d;
     if (channels % 8 != 0) {
       const int64_t pad = 8 - channels % 8;
       q = at::constant_pad_nd(q, {0, pad});
@@ -110,31 +123,36 @@ at::Tensor score_cuda(const at::Tensor& query, const at::Tensor& gallery, const 
     }
     if (reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) q = q.clone();
     if (reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 != 0) g = g.clone();
-    const cudaError_t err = cuda::score_forward_mma(kind, q.data_ptr(), g.data_ptr(), w.data_ptr<float>(), bias_ptr,
-                                                    out.data_ptr<float>(), d.P, d.N, channels, d.Lq, d.Lg, stream);
+    const cudaError_t err = cuda::score_forward_mma(tc_kind, q.data_ptr(), g.data_ptr(), w.data_ptr<float>(),
+                                                    bias_ptr, out.data_ptr<float>(), d.P, d.N, channels, d.Lq, d.Lg,
+                                                    stream);
     if (err != cudaErrorNotSupported) {
       check_launch(err, "qaconv_score tensor-core kernel launch");
       return out;
     }
   }
-  check_launch(cuda::score_forward(kind, q.data_ptr(), g.data_ptr(), w.data_ptr<float>(), bias_ptr,
-                                   out.data_ptr<float>(), d.P, d.N, channels, d.Lq, d.Lg, stream),
+  // The CUDA-core kernel reads the maps as given (no staging, no padding).
+  check_launch(cuda::score_forward(kind, q_in.data_ptr(), g_in.data_ptr(), w.data_ptr<float>(), bias_ptr,
+                                   out.data_ptr<float>(), d.P, d.N, d.d, d.Lq, d.Lg, stream),
                "qaconv_score kernel launch");
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> match_backward_cuda(const at::Tensor& grad_values, const at::Tensor& indices,
-                                                       const at::Tensor& query, const at::Tensor& gallery) {
+                                                       const at::Tensor& query, const at::Tensor& gallery,
+                                                       std::array<bool, 2> output_mask) {
   const MatchDims d = check_pair(query, gallery);
   check_backward(grad_values, indices, d);
   const auto kind = check_cuda_inputs(query, d);
   TORCH_CHECK(grad_values.device() == query.device(), "qaconv: grad_values on ", grad_values.device(),
               ", features on ", query.device());
   const c10::cuda::CUDAGuard guard(query.device());
-  const bool work = d.P > 0 && d.N > 0;
+  const bool need_q = output_mask[0], need_g = output_mask[1];
+  const bool work = d.P > 0 && d.N > 0 && (need_q || need_g);
   const auto f32 = query.options().dtype(at::kFloat);
-  at::Tensor gq = work ? at::empty({d.P, d.Lq, d.d}, f32) : at::zeros({d.P, d.Lq, d.d}, f32);
-  at::Tensor gg = work ? at::empty({d.N, d.Lg, d.d}, f32) : at::zeros({d.N, d.Lg, d.d}, f32);
+  const int64_t rows_q = need_q ? d.P : 0, rows_g = need_g ? d.N : 0;
+  at::Tensor gq = work ? at::empty({rows_q, d.Lq, d.d}, f32) : at::zeros({rows_q, d.Lq, d.d}, f32);
+  at::Tensor gg = work ? at::empty({rows_g, d.Lg, d.d}, f32) : at::zeros({rows_g, d.Lg, d.d}, f32);
   if (work) {
     const at::Tensor ix = indices.contiguous();
     // The kernels trust the indices; an index out of range would read outside the features.
@@ -147,13 +165,13 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cuda(const at::Tensor& grad_va
     const at::Tensor gv = grad_values.detach().to(at::kFloat).contiguous();
     const at::Tensor q = locations_major(query.detach()), g = locations_major(gallery.detach());
     check_launch(cuda::match_backward(kind, gv.data_ptr<float>(), ix.data_ptr<int64_t>(), q.data_ptr(), g.data_ptr(),
-                                      gq.data_ptr<float>(), gg.data_ptr<float>(), d.P, d.N, d.d, d.Lq, d.Lg,
+                                      need_q ? gq.data_ptr<float>() : nullptr,
+                                      need_g ? gg.data_ptr<float>() : nullptr, d.P, d.N, d.d, d.Lq, d.Lg,
                                       c10::cuda::getCurrentCUDAStream()),
                  "qaconv match_backward kernel launch");
   }
-  at::Tensor grad_query = gq.transpose(1, 2).reshape(query.sizes()).to(query.scalar_type()).contiguous();
-  at::Tensor grad_gallery = gg.transpose(1, 2).reshape(gallery.sizes()).to(gallery.scalar_type()).contiguous();
-  return {grad_query, grad_gallery};
+  return {need_q ? channels_first(gq, query) : query.new_empty({0}),
+          need_g ? channels_first(gg, gallery) : gallery.new_empty({0})};
 }
 
 }  // namespace

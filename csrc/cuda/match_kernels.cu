@@ -261,12 +261,15 @@ cudaError_t launch_backward(const float* gv, const int64_t* idx, const void* q, 
   if (P == 0 || N == 0) return cudaSuccess;
   const int64_t L = Lq + Lg;
   const int64_t cap = resident_blocks_hint() * 4;
-  const int64_t grid_q = std::min<int64_t>((P * Lq + kWarpsPerBlock - 1) / kWarpsPerBlock, cap);
-  match_backward_kernel<T><<<static_cast<unsigned>(grid_q), kWarpsPerBlock * 32, 0, stream>>>(
-      gv, idx, static_cast<const T*>(g), grad_q, P, N, N * L, L, 0, static_cast<int>(Lq), static_cast<int>(Lq),
-      static_cast<int>(Lg), d);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  if (grad_q != nullptr) {
+    const int64_t grid_q = std::min<int64_t>((P * Lq + kWarpsPerBlock - 1) / kWarpsPerBlock, cap);
+    match_backward_kernel<T><<<static_cast<unsigned>(grid_q), kWarpsPerBlock * 32, 0, stream>>>(
+        gv, idx, static_cast<const T*>(g), grad_q, P, N, N * L, L, 0, static_cast<int>(Lq), static_cast<int>(Lq),
+        static_cast<int>(Lg), d);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (grad_g == nullptr) return cudaSuccess;
   const int64_t grid_g = std::min<int64_t>((N * Lg + kWarpsPerBlock - 1) / kWarpsPerBlock, cap);
   match_backward_kernel<T><<<static_cast<unsigned>(grid_g), kWarpsPerBlock * 32, 0, stream>>>(
       gv, idx, static_cast<const T*>(q), grad_g, N, P, L, N * L, static_cast<int>(Lq), 0, static_cast<int>(Lg),

@@ -36,6 +36,7 @@ cudaError_t score_forward_mma(ScalarKind kind, const void* q, const void* g, con
 // Sparse backward through the argmax. grad_values float32 [P, N, Lq + Lg], indices int64 (same shape, in
 // range: the caller checks). grad_q [P, Lq, d] and grad_g [N, Lg, d] float32 are fully written (not
 // accumulated into), each element by exactly one thread in a fixed order: deterministic, no float atomics.
+// A null grad_q or grad_g skips that gradient.
 cudaError_t match_backward(ScalarKind kind, const float* grad_values, const int64_t* indices, const void* q,
                            const void* g, float* grad_q, float* grad_g, int64_t P, int64_t N, int64_t d,
                            int64_t Lq, int64_t Lg, cudaStream_t stream);

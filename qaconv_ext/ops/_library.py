@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -32,8 +32,8 @@ if not NATIVE:
     _LIB = torch.library.Library("qaconv_ext", "DEF")
     _LIB.define("match(Tensor query, Tensor gallery, bool with_indices) -> (Tensor, Tensor)")
     _LIB.define("score(Tensor query, Tensor gallery, Tensor weight, Tensor? bias) -> Tensor")
-    _LIB.define("match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery)"
-                " -> (Tensor, Tensor)")
+    _LIB.define("match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery,"
+                " bool[2] output_mask=[True, True]) -> (Tensor, Tensor)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,10 +67,10 @@ def _fallback_score(query: Tensor, gallery: Tensor, weight: Tensor, bias: Option
     return reference.qaconv_score(query, gallery, weight, bias).contiguous()
 
 
-def _fallback_backward(grad_values: Tensor, indices: Tensor, query: Tensor, gallery: Tensor
-                       ) -> Tuple[Tensor, Tensor]:
+def _fallback_backward(grad_values: Tensor, indices: Tensor, query: Tensor, gallery: Tensor,
+                       output_mask: Sequence[bool] = (True, True)) -> Tuple[Tensor, Tensor]:
     _warn_fallback(query.device.type)
-    return reference.match_backward(grad_values, indices, query, gallery)
+    return reference.match_backward(grad_values, indices, query, gallery, output_mask=output_mask)
 
 
 _fallback_keys = [] if NATIVE_CUDA else ["CUDA"]
@@ -104,9 +104,11 @@ def _score_fake(query: Tensor, gallery: Tensor, weight: Tensor, bias: Optional[T
 
 
 @torch.library.register_fake("qaconv_ext::match_backward")
-def _backward_fake(grad_values: Tensor, indices: Tensor, query: Tensor, gallery: Tensor
-                   ) -> Tuple[Tensor, Tensor]:
-    return query.new_empty(query.shape), gallery.new_empty(gallery.shape)
+def _backward_fake(grad_values: Tensor, indices: Tensor, query: Tensor, gallery: Tensor,
+                   output_mask: Sequence[bool] = (True, True)) -> Tuple[Tensor, Tensor]:
+    need_q, need_g = output_mask
+    return (query.new_empty(query.shape if need_q else (0,)),
+            gallery.new_empty(gallery.shape if need_g else (0,)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,9 +127,12 @@ def _match_backward(ctx, grad_values: Tensor, _grad_indices: Optional[Tensor]):
         raise RuntimeError("qaconv_ext::match was called with with_indices=False, so it cannot be "
                            "differentiated; use qaconv_ext.qaconv_match, which asks for indices when "
                            "a gradient is needed")
-    grad_query, grad_gallery = torch.ops.qaconv_ext.match_backward(grad_values, indices, query, gallery)
-    return (grad_query if ctx.needs_input_grad[0] else None,
-            grad_gallery if ctx.needs_input_grad[1] else None, None)
+    need_q, need_g = ctx.needs_input_grad[:2]
+    if not (need_q or need_g):
+        return None, None, None
+    grad_query, grad_gallery = torch.ops.qaconv_ext.match_backward(grad_values, indices, query, gallery,
+                                                                   [need_q, need_g])
+    return (grad_query if need_q else None, grad_gallery if need_g else None, None)
 
 
 torch.library.register_autograd("qaconv_ext::match", _match_backward, setup_context=_match_setup_context)
@@ -152,7 +157,8 @@ def _score_backward(ctx, grad: Tensor):
             grad_w = torch.einsum("pn,pnk->k", grad, values.to(grad.dtype)).to(weight.dtype)
         if need_q or need_g:
             grad_values = grad[:, :, None] * weight.to(grad.dtype)[None, None, :]
-            grad_q, grad_g = torch.ops.qaconv_ext.match_backward(grad_values, indices, query, gallery)
+            grad_q, grad_g = torch.ops.qaconv_ext.match_backward(grad_values, indices, query, gallery,
+                                                                 [need_q, need_g])
             grad_q = grad_q if need_q else None
             grad_g = grad_g if need_g else None
     return grad_q, grad_g, grad_w, grad_b

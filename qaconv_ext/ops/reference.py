@@ -6,7 +6,7 @@ tensor one chunk of ``[p, n, Lq, Lg]`` at a time, never the whole ``[P, N, Lq, L
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -94,12 +94,14 @@ def qaconv_score(query: Tensor, gallery: Tensor, weight: Tensor, bias: Optional[
 
 
 def match_backward(grad_values: Tensor, indices: Tensor, query: Tensor, gallery: Tensor,
-                   chunk: int = 16) -> Tuple[Tensor, Tensor]:
+                   chunk: int = 16, output_mask: Sequence[bool] = (True, True)) -> Tuple[Tensor, Tensor]:
     """Sparse gradient of :func:`qaconv_match` through the argmax indices (gather + scatter-add).
 
     ``grad_values`` and ``indices`` are ``[P, N, Lq + Lg]``. Returns gradients shaped like the inputs,
-    accumulated in float32 (float64 for float64 inputs).
+    accumulated in float32 (float64 for float64 inputs); a gradient switched off in ``output_mask``
+    (``(query, gallery)``) is not computed and comes back as an empty ``[0]`` tensor.
     """
+    need_q, need_g = (bool(m) for m in output_mask)
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
     P, d = query.shape[:2]
     N = gallery.shape[0]
@@ -107,28 +109,32 @@ def match_backward(grad_values: Tensor, indices: Tensor, query: Tensor, gallery:
     gt = _flat(gallery).to(acc).transpose(1, 2)  # [N, Lg, d]
     Lq, Lg = qt.shape[1], gt.shape[1]
     gv = grad_values.to(acc)
-    dq = torch.zeros((P, Lq, d), dtype=acc, device=query.device)
-    dg = torch.zeros((N, Lg, d), dtype=acc, device=query.device)
+    dq = torch.zeros((P if need_q else 0, Lq, d), dtype=acc, device=query.device)
+    dg = torch.zeros((N if need_g else 0, Lg, d), dtype=acc, device=query.device)
     n_idx = torch.arange(N, device=query.device)
     for p0 in range(0, P, chunk):
         p1 = min(P, p0 + chunk)
         g1, i1 = gv[p0:p1, :, :Lq], indices[p0:p1, :, :Lq]  # best gallery location per query location
         g2, i2 = gv[p0:p1, :, Lq:], indices[p0:p1, :, Lq:]  # best query location per gallery location
         # dQ[p, s] += g1 * G[n, i1];  dG[n, i1] += g1 * Q[p, s]
-        gathered = gt[n_idx[None, :, None], i1]  # [p, N, Lq, d]
-        dq[p0:p1] += (g1[..., None] * gathered).sum(dim=1)
-        src = g1[..., None] * qt[p0:p1, None, :, :]  # [p, N, Lq, d]
-        flat = (n_idx[None, :, None] * Lg + i1).reshape(-1)
-        dg.view(N * Lg, d).index_add_(0, flat, src.reshape(-1, d))
-        # dG[n, r] += g2 * Q[p, i2];  dQ[p, i2] += g2 * G[n, r]
         p_idx = torch.arange(p0, p1, device=query.device)
-        gathered_q = qt[p_idx[:, None, None], i2]  # [p, N, Lg, d]
-        dg += (g2[..., None] * gathered_q).sum(dim=0)
-        src = g2[..., None] * gt[None]  # [p, N, Lg, d]
-        flat = ((p_idx[:, None, None] - p0) * Lq + i2).reshape(-1)
-        part = torch.zeros(((p1 - p0) * Lq, d), dtype=acc, device=query.device)
-        part.index_add_(0, flat, src.reshape(-1, d))
-        dq[p0:p1] += part.view(p1 - p0, Lq, d)
-    dq = dq.transpose(1, 2).reshape(query.shape).to(query.dtype)
-    dg = dg.transpose(1, 2).reshape(gallery.shape).to(gallery.dtype)
-    return dq.contiguous(), dg.contiguous()
+        if need_q:
+            gathered = gt[n_idx[None, :, None], i1]  # [p, N, Lq, d]
+            dq[p0:p1] += (g1[..., None] * gathered).sum(dim=1)
+            # dQ[p, i2] += g2 * G[n, r]
+            src = g2[..., None] * gt[None]  # [p, N, Lg, d]
+            flat = ((p_idx[:, None, None] - p0) * Lq + i2).reshape(-1)
+            part = torch.zeros(((p1 - p0) * Lq, d), dtype=acc, device=query.device)
+            part.index_add_(0, flat, src.reshape(-1, d))
+            dq[p0:p1] += part.view(p1 - p0, Lq, d)
+        if need_g:
+            src = g1[..., None] * qt[p0:p1, None, :, :]  # [p, N, Lq, d]
+            flat = (n_idx[None, :, None] * Lg + i1).reshape(-1)
+            dg.view(N * Lg, d).index_add_(0, flat, src.reshape(-1, d))
+            # dG[n, r] += g2 * Q[p, i2]
+            gathered_q = qt[p_idx[:, None, None], i2]  # [p, N, Lg, d]
+            dg += (g2[..., None] * gathered_q).sum(dim=0)
+    dq = dq.transpose(1, 2).reshape(query.shape).to(query.dtype).contiguous() if need_q else query.new_empty((0,))
+    dg = (dg.transpose(1, 2).reshape(gallery.shape).to(gallery.dtype).contiguous() if need_g
+          else gallery.new_empty((0,)))
+    return dq, dg

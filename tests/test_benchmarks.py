@@ -1,0 +1,53 @@
+"""Smoke runs of the benchmark scripts on tiny problems, so a GPU session does not find their bugs.
+
+They check the scripts' plumbing and that the paths they compare agree; the timings mean nothing here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture
+def bench_path(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)  # the scripts import their shared helpers as `_machine`
+    yield
+    for name in ("bench_gallery", "bench_tlift", "_machine"):
+        sys.modules.pop(name, None)
+
+
+def test_gallery_benchmark_runs_and_its_paths_agree(bench_path, tmp_path):
+    import bench_gallery
+
+    out = tmp_path / "gallery.json"
+    rc = bench_gallery.main(["--device", "cpu", "--sizes", "tiny", "--height", "4", "--width", "3",
+                             "--channels", "16", "--repeats", "1", "--mm-size", "64", "--training-size", "4,20",
+                             "--max-queries-fused", "24", "--max-queries-simple", "8",
+                             "--max-queries-unfused", "16", "--max-gallery-unfused", "100", "--json", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    (row,) = rec["gallery"]
+    assert (row["queries"], row["gallery"], row["L"]) == (40, 300, 12)
+    assert row["fused_timed_queries"] == 24 and row["unfused_timed_pairs"] == 16 * 100
+    # the unfused path computes in float16: agreement to its rounding
+    assert row["fused_vs_unfused_max_abs_diff"] < 5e-3
+    assert row["tensor_core_vs_simple_max_abs_diff"] == 0.0  # one CPU kernel twice
+    assert rec["training"]["pairs"] == 80 and rec["training"]["grad_rel_err_vs_reference"] < 1e-5
+    assert row["fused_s"] > 0 and row["speedup_vs_unfused"] > 0
+
+
+def test_tlift_benchmark_runs_and_matches_the_loop(bench_path, tmp_path):
+    import bench_tlift
+
+    out = tmp_path / "tlift.json"
+    rec = bench_tlift.main(["--queries", "60", "--gallery", "200", "--cams", "3", "--spans", "600,3000",
+                            "--loop-probes", "20", "--repeats", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["benchmark"] == "tlift_cpu"
+    assert [c["time_span_s"] for c in rec["cases"]] == [600.0, 3000.0]
+    for case in rec["cases"]:
+        assert case["max_abs_diff_vs_loop"] < 1e-6 and case["loop"]["probes_timed"] == 20

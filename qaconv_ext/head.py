@@ -100,7 +100,7 @@ class QAConv(nn.Module):
             raise ValueError(f"QAConv: {name} must be [B, d, h, w], got shape {tuple(fea.shape)}")
         if fea.shape[1] != self.num_features:
             raise ValueError(f"QAConv: {name} has {fea.shape[1]} channels, the head expects {self.num_features}")
-        if fea.shape[2] * fea.shape[3] != self.num_locations:
+        if tuple(fea.shape[2:]) != (self.height, self.width):
             raise ValueError(f"QAConv: {name} is a {fea.shape[2]}x{fea.shape[3]} map, the head was built for "
                              f"{self.height}x{self.width}")
 

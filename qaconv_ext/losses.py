@@ -50,6 +50,10 @@ class ClassMemoryLoss(nn.Module):
         self.height = int(height)
         self.width = int(width)
         self.gamma = float(gamma)
+        expected = tuple(getattr(matcher, a, None) for a in ("num_features", "height", "width"))
+        if None not in expected and expected != (self.num_features, self.height, self.width):
+            raise ValueError(f"ClassMemoryLoss: the memory is {self.num_features}x{self.height}x{self.width} "
+                             f"(d x h x w), the matcher was built for {'x'.join(map(str, expected))}")
         self.register_buffer("class_memory", torch.zeros(self.num_classes, self.num_features,
                                                          self.height, self.width))
         self.register_buffer("valid_class", torch.zeros(self.num_classes))

@@ -147,6 +147,8 @@ def test_bad_inputs_name_the_problem():
         head(torch.randn(2, 8, 4, 2), ok)
     with pytest.raises(ValueError, match="4x2"):
         head(ok, torch.randn(2, 16, 4, 4))
+    with pytest.raises(ValueError, match="2x4 map, the head was built for 4x2"):  # same L, other shape
+        head(ok, torch.randn(2, 16, 2, 4))
     with pytest.raises(ValueError, match="4-D|\\[B, d, h, w\\]"):
         head(torch.randn(16, 4, 2), ok)
 

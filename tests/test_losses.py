@@ -105,6 +105,8 @@ def test_float32_and_bad_inputs(gen):
         crit(unit_maps(2, D, H, W, torch.float32, gen), torch.tensor([0, C]))
     with pytest.raises(ValueError, match="memory"):
         crit(unit_maps(2, D, H + 1, W, torch.float32, gen), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="matcher was built for"):  # caught when built, not at the first batch
+        ClassMemoryLoss(QAConv(D, H, W), C, D, H + 1, W)
 
 
 def test_state_dict_has_memory_and_head():

@@ -112,3 +112,6 @@ def test_errors():
         tlift(np.array([[np.inf] * 4] * 3), cams_g, t_g, cams_p, t_p)
     with pytest.raises(ValueError, match="prob_cam"):
         tlift(s, cams_g, t_g, np.array([0.5, 1, 2]), t_p)
+    for tau in (0, -1):
+        with pytest.raises(ValueError, match="tau: must be > 0"):
+            tlift(s, cams_g, t_g, cams_p, t_p, tau=tau)

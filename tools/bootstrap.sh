@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up the virtual environment and build the extension, on a fresh machine or one that already has torch.
-#  - An importable torch (system site-packages) is reused; otherwise torch==2.13.0 (the CPU wheel) is installed.
+#  - An importable torch (system site-packages) is reused; otherwise torch==2.13.0 is installed from pip's
+#    configured index, or from $TORCH_INDEX_URL when set (e.g. https://download.pytorch.org/whl/cpu: on PyPI
+#    the Linux torch wheel is the CUDA build, several GB).
 #  - Other dependencies are installed only when missing, so a machine without network works if they exist.
 set -euo pipefail
 VENV=${VENV:-.venv}
@@ -19,8 +21,8 @@ fi
 VPY="$VENV/bin/python"
 pip_install() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
 if ! "$VPY" -c "import torch" 2>/dev/null; then
-  echo "bootstrap: installing torch==2.13.0 (CPU)"
-  pip_install "torch==2.13.0"
+  echo "bootstrap: installing torch==2.13.0${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
+  pip_install "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 missing=()
 for spec in numpy:numpy scipy:scipy tqdm:tqdm PIL:pillow pytest:pytest setuptools:setuptools wheel:wheel; do

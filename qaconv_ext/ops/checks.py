@@ -46,7 +46,8 @@ def check_head(weight: Tensor, bias: Optional[Tensor], length: int, device: torc
     if not weight.is_floating_point():
         raise TypeError(f"qaconv_score: weight must be floating point, got {weight.dtype}")
     if weight.numel() != length or weight.dim() > 2 or (weight.dim() == 2 and weight.shape[0] != 1):
-        raise ValueError(f"qaconv_score: weight must hold Lq + Lg = {length} values, got shape {tuple(weight.shape)}")
+        raise ValueError(f"qaconv_score: weight must be a vector of Lq + Lg = {length} values (shape [{length}] "
+                         f"or [1, {length}]), got shape {tuple(weight.shape)}")
     if weight.device != device:
         raise ValueError(f"qaconv_score: weight is on {weight.device}, features on {device}")
     if bias is not None:

@@ -1,3 +1,5 @@
 """Post-processing of match scores: temporal lifting and k-reciprocal re-ranking."""
-from .rerank import k_reciprocal_rerank  # noqa: F401
-from .tlift import tlift  # noqa: F401
+from .rerank import k_reciprocal_rerank
+from .tlift import tlift
+
+__all__ = ["k_reciprocal_rerank", "tlift"]

@@ -161,8 +161,9 @@ def tlift(
     (``tau=100, sigma=200, K=10, alpha=0.2``); the paper states ``K = tau = sigma = 100, alpha = 0.1``.
     Scores should lie roughly in ``[0, 1]`` (sigmoid or ``1 - re-ranked distance``).
 
-    Accepts numpy arrays or torch tensors (CPU or CUDA) and returns the same kind and dtype as ``score``.
-    Weights are computed in float64 for float64 scores and float32 otherwise.
+    Accepts numpy arrays or torch tensors (CPU or CUDA) and returns the same kind as ``score``, in its
+    dtype when that is floating point (integer scores come back as float64). Weights are computed in
+    float64 for float64 (and integer) scores and float32 otherwise.
     """
     is_tensor = torch.is_tensor(score)
     device = score.device if is_tensor else torch.device("cpu")
@@ -186,6 +187,8 @@ def tlift(
             raise ValueError(f"{name}: must be finite, got {v}")
     if float(sigma) == 0:
         raise ValueError("sigma: must be non-zero")
+    if float(tau) <= 0:
+        raise ValueError(f"tau: must be > 0 (the co-occurrence window |t_j - t_i| < tau), got {tau}")
     if int(K) != K or K < 1:
         raise ValueError(f"K: must be a positive integer, got {K}")
     K = int(K)

@@ -55,8 +55,10 @@ __global__ void __launch_bounds__(kThreads)
                        int64_t* __restrict__ indices, const float* __restrict__ weight,
                        const float* __restrict__ bias, float* __restrict__ out, int64_t P, int64_t N, int64_t d,
                        int Lq, int Lg) {
-  __shared__ float a_s[kChunk][kTile];  // query chunk, [channel][location]
-  __shared__ float b_s[kChunk][kTile];  // gallery chunk
+  // [channel][location] chunks of the query and gallery; one padding column, so the fill (16 channels
+  // of a location from consecutive threads) hits 16 different banks.
+  __shared__ float a_s[kChunk][kTile + 1];
+  __shared__ float b_s[kChunk][kTile + 1];
   __shared__ float s_tile[kTile][kTile + 1];
   __shared__ float row_max[kMaxLocations];
   __shared__ float col_max[kMaxLocations];

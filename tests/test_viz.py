@@ -19,6 +19,7 @@ from qaconv_ext.viz import (  # noqa: E402
     draw_matches,
     draw_ranked_list,
     head_contributions,
+    relative_contributions,
     head_logit,
     infer_stride,
     rank_gallery,
@@ -262,7 +263,34 @@ def test_head_contributions(gen, layout):
     want = sorted([(("a_to_b", i), float(c[i])) for i in range(L)]
                   + [(("b_to_a", i), float(c[L + i])) for i in range(L)])
     assert [g[0] for g in got] == [x[0] for x in want]
-    assert np.allclose([g[1] for g in got], [x[1] for x in want])
+    # draw_correspondences re-normalises the (already unit) maps: float32 rounding differs slightly
+    assert np.allclose([g[1] for g in got], [x[1] for x in want], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["v2", "eccv"])
+def test_relative_contributions(gen, layout):
+    h, w, d, M = 4, 2, 8, 9
+    head = randomise_head(QAConv(d, h, w, layout=layout), gen)
+    fa = torch.nn.functional.normalize(torch.randn(1, d, h, w, generator=gen), dim=1)
+    gallery = torch.nn.functional.normalize(torch.randn(M, d, h, w, generator=gen), dim=1)
+    ref = qaconv_ext.qaconv_match(fa, gallery)[0]  # [M, 2L]: the query against the reference images
+    values = ref[3]
+    rel = relative_contributions(values, ref, head)
+    assert torch.allclose(rel, head_contributions(values, head) - head_contributions(ref, head).mean(0),
+                          atol=1e-12)
+    assert torch.allclose(rel, relative_contributions(values, ref.double().mean(0), head), atol=1e-12)
+    # They sum to the pair's logit minus the average match's, before the final BatchNorm's scale.
+    a2 = float(head.logit_bn.weight.detach()) / float(torch.sqrt(head.logit_bn.running_var + head.logit_bn.eps))
+    want = (float(head_logit(values, head)) - float(head_logit(ref.mean(0), head))) / a2
+    assert float(rel.sum()) == pytest.approx(want, rel=1e-6, abs=1e-6)  # a2 above is float32 arithmetic
+    # draw_correspondences ranks the lines by them and says so.
+    img, segs = draw_correspondences(plain(32, 64), plain(32, 64), fa, gallery[3], head=head, reference=ref,
+                                     max_lines=5, return_segments=True, font_size=8)
+    assert np.allclose([sg.strength for sg in segs], torch.sort(rel, descending=True).values[:5].numpy())
+    with pytest.raises(ValueError, match="need the QAConv head"):
+        draw_correspondences(plain(32, 64), plain(32, 64), fa, gallery[3], reference=ref)
+    with pytest.raises(ValueError, match="reference"):
+        relative_contributions(values, ref[:, :5], head)
 
 
 # ----------------------------------------------------------------------------------------------

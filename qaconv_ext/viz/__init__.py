@@ -10,6 +10,7 @@ from .correspondences import (
     load_image,
     location_centers,
     match_pair,
+    relative_contributions,
     strength_colormap,
 )
 from .ranklist import (
@@ -21,7 +22,7 @@ from .ranklist import (
 
 __all__ = [
     "draw_correspondences", "draw_matches", "correspondence_segments", "Segment",
-    "head_contributions", "head_logit", "match_pair", "infer_stride", "location_centers",
+    "head_contributions", "relative_contributions", "head_logit", "match_pair", "infer_stride", "location_centers",
     "load_image", "strength_colormap",
     "draw_ranked_list", "rank_gallery", "RankCell",
     "save_demo_pictures",

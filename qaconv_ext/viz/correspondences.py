@@ -9,6 +9,12 @@ score: the head's eval-mode first BatchNorm applied to the max similarity, times
 location's slot. Lines can be thresholded on that strength, capped to the strongest ``max_lines``
 and coloured by it.
 
+Absolute contributions are often largest where every pair matches well -- background, the image
+border. Given ``reference`` values (the query matched against a set of gallery images, e.g. the whole
+gallery), the strength is the contribution *above the reference average* instead:
+``fc_weight[slot] * (BN(v) - BN(mean v_ref))``. These sum to the pair's logit minus the logit of the
+average match (before the final BatchNorm's scale), so the lines show what sets this pair apart.
+
 Two levels:
 
 * :func:`draw_correspondences` takes two images and their feature maps (and optionally the head),
@@ -35,6 +41,7 @@ __all__ = [
     "infer_stride",
     "location_centers",
     "head_contributions",
+    "relative_contributions",
     "head_logit",
     "match_pair",
     "correspondence_segments",
@@ -262,6 +269,23 @@ def head_contributions(values: torch.Tensor, head: torch.nn.Module) -> torch.Ten
     v = torch.as_tensor(values).detach().double().cpu()
     slots, a1, b1, _, _, _ = _head_terms(head, v.shape[-1])
     return slots * (a1 * v + b1)
+
+
+def relative_contributions(values: torch.Tensor, reference: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    """:func:`head_contributions` of ``values [..., Lq + Lg]`` minus those of the mean of ``reference``.
+
+    ``reference`` is ``[Lq + Lg]`` or ``[M, Lq + Lg]`` (averaged over its rows): the max values of the
+    same query against reference gallery images. The result sums to the pair's pre-BatchNorm logit
+    minus that of the average reference match; positive entries are what this pair matches better.
+    """
+    ref = torch.as_tensor(reference).detach().double().cpu()
+    if ref.dim() == 2:
+        ref = ref.mean(dim=0)
+    v = torch.as_tensor(values).detach().double().cpu()
+    if ref.dim() != 1 or ref.shape[0] != v.shape[-1]:
+        raise ValueError(f"reference: expected [{v.shape[-1]}] or [M, {v.shape[-1]}] max values (the query against "
+                         f"reference gallery images), got shape {tuple(torch.as_tensor(reference).shape)}")
+    return head_contributions(v, head) - head_contributions(ref, head)
 
 
 def head_logit(values: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
@@ -544,8 +568,9 @@ def draw_matches(image_a: ImageInput, image_b: ImageInput, values: Any, indices:
 def draw_correspondences(image_a: ImageInput, image_b: ImageInput, fea_a: torch.Tensor, fea_b: torch.Tensor,
                          head: Optional[torch.nn.Module] = None, direction: str = "both",
                          threshold: Optional[float] = None, max_lines: Optional[int] = 50,
-                         stride: StrideArg = None, *, normalize: bool = True, caption: Union[bool, str] = True,
-                         return_segments: bool = False, **draw_kwargs: Any) -> "DrawResult":
+                         stride: StrideArg = None, *, reference: Any = None, normalize: bool = True,
+                         caption: Union[bool, str] = True, return_segments: bool = False,
+                         **draw_kwargs: Any) -> "DrawResult":
     """Draw QAConv's local correspondences between two person images.
 
     Args:
@@ -554,6 +579,9 @@ def draw_correspondences(image_a: ImageInput, image_b: ImageInput, fea_a: torch.
         head: optional QAConv head (``bn``, ``fc``, ``logit_bn``). When given, each line's strength is
             the location's contribution to the score, ``fc_weight[slot] * BN(max similarity)``
             (eval-mode BN), and the caption shows the pair's logit; without it, the max similarity.
+        reference: with ``head``, max values ``[La + Lb]`` or ``[M, La + Lb]`` of ``fea_a`` against
+            reference gallery maps (e.g. ``qaconv_match(fea_a[None], gallery)[0]``): strengths become
+            the contributions above the reference average (:func:`relative_contributions`).
         direction: ``"both"``, ``"a_to_b"`` or ``"b_to_a"``.
         threshold: keep lines whose strength is ``>= threshold``.
         max_lines: keep at most this many lines, strongest first (None: no cap).
@@ -577,12 +605,19 @@ def draw_correspondences(image_a: ImageInput, image_b: ImageInput, fea_a: torch.
     values, indices = match_pair(a, b, normalize=normalize)
     strengths = None
     text = caption if isinstance(caption, str) else None
+    if reference is not None and head is None:
+        raise ValueError("reference: contributions relative to a reference need the QAConv head (head=...)")
     if head is not None:
-        strengths = head_contributions(values, head)
+        if reference is None:
+            strengths = head_contributions(values, head)
+            what = "head contribution"
+        else:
+            strengths = relative_contributions(values, reference, head)
+            what = "head contribution above the gallery average"
         if caption is True:
             logit = float(head_logit(values, head))
             text = (f"QAConv logit {logit:.2f} (sigmoid {_sigmoid(logit):.3f}). "
-                    f"Colour: head contribution, blue (weak) to red (strong)")
+                    f"Colour: {what}, blue (weak) to red (strong)")
     elif caption is True:
         text = (f"Mean max similarity {float(values.mean()):.3f}. "
                 f"Colour: similarity, blue (weak) to red (strong)")

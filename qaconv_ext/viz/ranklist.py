@@ -10,15 +10,16 @@ import numpy as np
 import torch
 
 from ..evaluation import extract_features, qaconv_scores
+from ..ops import qaconv_match
 from .correspondences import (
     Color,
     ImageInput,
     _font,
     _wrap,
     draw_correspondences,
-    head_contributions,
     load_image,
     match_pair,
+    relative_contributions,
 )
 
 __all__ = [
@@ -212,8 +213,9 @@ def save_demo_pictures(model: torch.nn.Module, head: torch.nn.Module, dataset: A
     match (the first with a true match in another camera if none is).
     Writes ``ranked_list.png``, ``correspondences_match.png`` (the query and its best-scored true
     match), ``correspondences_nonmatch.png`` (its best-scored impostor) and ``overview.png`` (the
-    three in one picture) into ``out_dir``; returns their paths. The two correspondence pictures
-    share one colour scale.
+    three in one picture) into ``out_dir``; returns their paths. Lines show head contributions above
+    the query's average match over the gallery (:func:`relative_contributions`); the two
+    correspondence pictures share one colour scale.
     """
     query, gallery = list(dataset.query), list(dataset.gallery)
     if not query or not gallery:
@@ -266,17 +268,20 @@ def save_demo_pictures(model: torch.nn.Module, head: torch.nn.Module, dataset: A
         pick = next((int(i) for i in order if bool(matches[i]) == want), None)
         if pick is not None:
             picks[name] = pick
-    # One colour scale for both pictures, so their line colours compare.
+    # Contributions relative to the query's average match over the gallery; one colour scale for both
+    # pictures, so their line colours compare.
+    with torch.no_grad():
+        reference = qaconv_match(q_fea, g_fea.to(q_fea.device))[0].float().mean(dim=0).cpu()
     kept = []
     for pick in picks.values():
-        c = head_contributions(match_pair(q_fea[0], g_fea[pick])[0], head)
+        c = relative_contributions(match_pair(q_fea[0], g_fea[pick])[0], reference, head)
         kept.append(torch.sort(c, descending=True).values[:max(1, max_lines)])
     vmin = float(min(t.min() for t in kept)) if kept else None
     vmax = float(max(t.max() for t in kept)) if kept else None
     pictures = [img]
     for name, pick in picks.items():
-        img = draw_correspondences(q, gallery[pick], q_fea[0], g_fea[pick], head=head, max_lines=max_lines,
-                                   image_size=(height, width), vmin=vmin, vmax=vmax)
+        img = draw_correspondences(q, gallery[pick], q_fea[0], g_fea[pick], head=head, reference=reference,
+                                   max_lines=max_lines, image_size=(height, width), vmin=vmin, vmax=vmax)
         p = os.path.join(out_dir, name)
         img.save(p)
         paths.append(p)

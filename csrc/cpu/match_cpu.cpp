@@ -29,6 +29,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;                    // partial maxima per row: keeps the row loop vectorisable
 constexpr int64_t kScratchBytes = 512 * 1024;     // S tile budget (per thread)
+constexpr int64_t kBackwardBlock = 4;             // images per backward task (their gradients stay cached)
 
 // NaN-propagating "is v a new maximum": NaN beats numbers, the first NaN stays (torch.max semantics).
 template <typename T>
@@ -234,9 +235,13 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_val
       auto check_index = [](int64_t i, int64_t bound) {
         TORCH_CHECK(i >= 0 && i < bound, "qaconv: match index ", i, " out of range [0, ", bound, ")");
       };
-      at::parallel_for(0, need_q ? d.P : 0, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p)
-          for (int64_t n = 0; n < d.N; ++n) {
+      // Queries in blocks of kBackwardBlock, gallery images outer within a block: each gallery map is
+      // read once per block while the block's gradient rows stay in cache.
+      const int64_t q_blocks = need_q ? (d.P + kBackwardBlock - 1) / kBackwardBlock : 0;
+      at::parallel_for(0, q_blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t blk = begin; blk < end; ++blk)
+          for (int64_t n = 0; n < d.N; ++n)
+            for (int64_t p = blk * kBackwardBlock; p < std::min(d.P, (blk + 1) * kBackwardBlock); ++p) {
             const scalar_t* gvp = GV + (p * d.N + n) * L;
             const int64_t* ixp = IX + (p * d.N + n) * L;
             for (int64_t s = 0; s < d.Lq; ++s) {  // query location s matched gallery location ixp[s]
@@ -252,9 +257,11 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_val
             }
           }
       });
-      at::parallel_for(0, need_g ? d.N : 0, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n)
-          for (int64_t p = 0; p < d.P; ++p) {
+      const int64_t g_blocks = need_g ? (d.N + kBackwardBlock - 1) / kBackwardBlock : 0;
+      at::parallel_for(0, g_blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t blk = begin; blk < end; ++blk)
+          for (int64_t p = 0; p < d.P; ++p)
+            for (int64_t n = blk * kBackwardBlock; n < std::min(d.N, (blk + 1) * kBackwardBlock); ++n) {
             const scalar_t* gvp = GV + (p * d.N + n) * L;
             const int64_t* ixp = IX + (p * d.N + n) * L;
             for (int64_t s = 0; s < d.Lq; ++s) {

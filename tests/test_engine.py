@@ -145,6 +145,28 @@ def test_atomic_save_interrupted(tmp_path, monkeypatch):
     assert load_checkpoint(path)["epoch"] == 3 and os.listdir(tmp_path) == ["c.pt"]
 
 
+def test_unreadable_checkpoints_are_named(tmp_path):
+    """Not a checkpoint, a damaged one, one that safe loading refuses, a folder without checkpoint.pt."""
+    notes = tmp_path / "notes.md"
+    notes.write_text("# notes\n")
+    with pytest.raises(ckpt_mod.CheckpointError, match=r"notes.md is not a PyTorch checkpoint$"):
+        load_checkpoint(str(notes))
+    good = tmp_path / "good.pt"
+    save_checkpoint({"config": {"arch": "small"}, "w": torch.ones(3)}, str(good))
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ckpt_mod.CheckpointError, match="cut.pt is not a readable PyTorch checkpoint"):
+        load_checkpoint(str(tmp_path / "cut.pt"))
+    torch.save({"x": np.float64(1.0)}, tmp_path / "objects.pt")
+    with pytest.raises(ckpt_mod.CheckpointError, match="weights_only.*numpy") as err:
+        load_checkpoint(str(tmp_path / "objects.pt"))
+    assert "\n" not in str(err.value) and "will likely succeed" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"has no checkpoint.pt; it holds cut.pt, good.pt, objects.pt"):
+        load_checkpoint(str(tmp_path))
+    with pytest.raises(ckpt_mod.CheckpointError, match="has no checkpoint.pt"):
+        ckpt_mod.load_trained(str(tmp_path))
+    assert load_checkpoint(str(good), mmap=True)["config"] == {"arch": "small"}
+
+
 def test_optimizer_groups_and_schedule():
     cfg = _cfg(pretrained=None)
     model, crit = build_model(cfg, 6)

@@ -107,7 +107,10 @@ def run(args: argparse.Namespace) -> int:
         if args.json is not None:
             cmd.append(f"--json={args.json}")
         return subprocess.call(cmd)
-    r = quick_bench(args.queries, args.gallery, args.channels, args.height, args.width, args.dtype, args.device,
+    from .train import resolve_device
+
+    device = resolve_device(args.device, "qaconv bench")
+    r = quick_bench(args.queries, args.gallery, args.channels, args.height, args.width, args.dtype, device,
                     args.repeats, not args.no_reference)
     pb = r["problem"]
     print(f"{pb['queries']} x {pb['gallery']} pairs, L = {pb['height']}x{pb['width']}, d = {pb['channels']}, "

@@ -34,6 +34,8 @@ DEMO_DEFAULTS: Dict[str, Any] = dict(arch="small", height=128, width=64, neck=12
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``demo`` sub-command."""
+    from ..models import ARCHITECTURES
+
     d = DEMO_DEFAULTS
     p = subparsers.add_parser(
         "demo", help="QAConv vs the GAP + cosine baseline on the built-in synthetic camera network",
@@ -41,7 +43,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None,
                    help="synthetic data cache (default: $QACONV_DATA/synthetic or data_cache/synthetic)")
     p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default: %(default)s)")
-    p.add_argument("--arch", default=d["arch"], help="backbone (default: %(default)s)")
+    p.add_argument("--arch", choices=ARCHITECTURES, default=d["arch"], help="backbone (default: %(default)s)")
     p.add_argument("--height", type=int, default=d["height"])
     p.add_argument("--width", type=int, default=d["width"])
     p.add_argument("--neck", type=int, default=d["neck"])
@@ -75,7 +77,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     t_start = time.time()
     progress = not args.no_progress
     timings: Dict[str, float] = {}
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "qaconv demo")
     root = os.path.abspath(args.data_root or default_synthetic_root())
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -92,7 +94,8 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, step_size=args.step_size,
                       workers=args.workers, seed=args.seed, device=device, dataset="synthetic-a",
                       data_root=root)
-    extra = {"synthetic_root": root, "train_root": paths["domain_a"], "test_root": paths["domain_b"]}
+    extra = {"synthetic_root": root, "train_root": paths["domain_a"], "test_dataset": "synthetic-b",
+             "test_root": paths["domain_b"]}
     print("settings: " + ", ".join(cfg.summary()) + f", device={device}, threads={torch.get_num_threads()}")
 
     trained = {}

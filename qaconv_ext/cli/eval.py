@@ -44,6 +44,13 @@ def evaluate_trained(backbone: nn.Module, head: Optional[nn.Module], cfg: Dict[s
     return {name: {k: float(m[k]) for k in ROW_KEYS} for name, m in res.items()}
 
 
+def note_postprocessing(head: Optional[nn.Module], rerank: bool, tlift: bool, command: str = "qaconv eval") -> None:
+    """Say so when ``--rerank``/``--tlift`` are asked of a baseline model (they apply to QAConv scores)."""
+    if head is None and (rerank or tlift):
+        opts = "/".join(o for o, on in (("--rerank", rerank), ("--tlift", tlift)) if on)
+        print(f"{command}: note: {opts} apply to QAConv checkpoints; this is a baseline, so only its row is reported")
+
+
 def print_table(rows: Dict[str, Dict[str, float]], title: str = "") -> str:
     """Print (and return) a table of Rank-1/5/10, mAP, mINP in percent."""
     from ..evaluation import format_metrics
@@ -82,12 +89,13 @@ def run(args: argparse.Namespace) -> int:
     path = args.checkpoint or args.checkpoint_dir
     if not path:
         raise SystemExit("qaconv eval: give --checkpoint FILE or --checkpoint-dir DIR")
+    device = resolve_device(args.device, "qaconv eval")
     if args.pretrained:
         print("qaconv eval: --pretrained is ignored (the checkpoint holds the trained weights)")
     backbone, head, cfg = load_trained(path, args.arch, args.neck, args.height, args.width, args.layout)
+    note_postprocessing(head, args.rerank, args.tlift)
     ds = load_dataset(args.dataset, args.data_root, args.combine_all, verbose=True)
-    device = resolve_device(args.device)
-    rows = evaluate_trained(backbone, head, cfg, ds, device=device, batch_size=args.batch_size or 64,
+    rows = evaluate_trained(backbone, head, cfg, ds, device=device, batch_size=args.batch_size,
                             workers=args.workers, rerank=args.rerank, tlift=args.tlift,
                             progress=not args.no_progress)
     print_table(rows, f"{os.path.basename(cfg['checkpoint'])} on {args.dataset}")
@@ -96,4 +104,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["load_trained", "evaluate_trained", "print_table", "register", "run", "DATASET_CHOICES"]
+__all__ = ["load_trained", "evaluate_trained", "note_postprocessing", "print_table", "register", "run",
+           "DATASET_CHOICES"]

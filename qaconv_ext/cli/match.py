@@ -11,6 +11,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from .train import resolve_device
+
 DEFAULT_CHECKPOINT = os.path.join("runs", "demo", "qaconv.pt")
 
 
@@ -19,11 +21,15 @@ def load_qaconv(path: str, device: str = "cpu", command: str = "qaconv"
     """A trained QAConv model for the picture commands, or ``SystemExit`` with a message saying what to do.
 
     See :func:`qaconv_ext.engine.load_trained`; a missing default checkpoint asks the user to run
-    ``qaconv demo``, and a baseline checkpoint (no QAConv head) is refused.
+    ``qaconv demo``, a folder without ``checkpoint.pt`` names the ``*.pt`` files it holds, and a
+    baseline checkpoint (no QAConv head) is refused.
     """
     from ..engine import CheckpointError, find_checkpoint, load_trained
+    from ..engine.checkpoint import missing_checkpoint_message
 
     if find_checkpoint(path) is None:
+        if os.path.isdir(path):
+            raise SystemExit(f"{command}: {missing_checkpoint_message(path)}")
         hint = ("run `qaconv demo` first (it trains a model on the built-in synthetic data and saves it there)"
                 if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else
                 f"pass an existing file with --checkpoint, or run `qaconv demo` to create {DEFAULT_CHECKPOINT}")
@@ -71,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import extract_features
     from ..viz import draw_correspondences
 
-    model, head, cfg = load_qaconv(args.checkpoint, args.device, "qaconv match")
+    device = resolve_device(args.device, "qaconv match")
+    model, head, cfg = load_qaconv(args.checkpoint, device, "qaconv match")
     try:
-        fea = extract_features(model, [args.image_a, args.image_b], cfg["height"], cfg["width"], device=args.device,
+        fea = extract_features(model, [args.image_a, args.image_b], cfg["height"], cfg["width"], device=device,
                                progress=False)
     except OSError as exc:
         raise SystemExit(f"qaconv match: {exc}") from None

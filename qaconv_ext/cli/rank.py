@@ -8,26 +8,45 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from .match import add_checkpoint_args, load_qaconv
+from .train import positive_int, resolve_device
 
 DEFAULT_SYNTHETIC_ROOT = os.path.join("data_cache", "synthetic")
 _DATASET_KEYS = ("test_root", "target_root", "eval_root", "dataset_root", "data_dir")
+#: Readers for a dataset folder (the names ``train``/``eval`` use); ``duke`` is an alias.
+READER_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "folder")
+_READER_ALIASES = {"duke": "dukemtmcreid"}
 
 
-def resolve_dataset(spec: Any, config: Dict[str, Any], kind: str = "market1501",
+def dataset_type(text: str) -> str:
+    """``argparse`` type of ``--dataset-type``: the reader's name (old aliases accepted)."""
+    return _READER_ALIASES.get(text.lower(), text.lower())
+
+
+def recorded_reader(config: Dict[str, Any]) -> Optional[str]:
+    """The reader for the test set recorded in a checkpoint's config (``test_dataset``), if any."""
+    name = config.get("test_dataset")
+    if not name:
+        return None
+    return "market1501" if str(name).startswith("synthetic") else dataset_type(str(name))
+
+
+def resolve_dataset(spec: Any, config: Dict[str, Any], kind: Optional[str] = None,
                     synthetic_root: Optional[str] = None) -> "ReIDDataset":  # noqa: F821
     """The dataset to rank in.
 
     ``spec`` is a dataset folder (read with ``kind``, Market-1501 layout by default),
     ``"synthetic"`` or ``"synthetic:domain_a"`` / ``"synthetic:domain_b"`` for the built-in camera
     network under ``synthetic_root`` (generated if missing; ``domain_b`` by default, the domain the
-    demo evaluates on), or None for the folder recorded in the checkpoint's config, else the
-    synthetic ``domain_b``.
+    demo evaluates on), or None for the test set recorded in the checkpoint's config (its folder,
+    read with its type unless ``kind`` is given), else the synthetic ``domain_b``.
     """
     from ..data import build_dataset, make_synthetic_network
 
     if spec is None:
         spec = next((config[k] for k in _DATASET_KEYS if config.get(k)), None)
-        if spec is None:
+        if spec is not None:
+            kind = kind or recorded_reader(config)
+        else:
             spec = "synthetic"
             print("qaconv rank: no --dataset given; using the built-in synthetic data (domain_b)")
     spec = str(spec)
@@ -39,6 +58,7 @@ def resolve_dataset(spec: Any, config: Dict[str, Any], kind: str = "market1501",
         spec = make_synthetic_network(root)[domain]
     if not os.path.isdir(spec):
         raise SystemExit(f"qaconv rank: dataset folder not found: {spec}")
+    kind = kind or "market1501"
     try:
         return build_dataset(kind, spec)
     except (OSError, ValueError, KeyError) as exc:
@@ -54,18 +74,22 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     add_checkpoint_args(p)
     p.add_argument("--dataset", default=None,
                    help="dataset folder (Market-1501 layout unless --dataset-type), or 'synthetic[:domain_a|"
-                        "domain_b]' for the built-in camera network; default: the one in the checkpoint, "
-                        "else synthetic:domain_b")
-    p.add_argument("--dataset-type", default="market1501",
-                   help="reader for the folder: market1501, duke, msmt17, folder (default: %(default)s)")
+                        "domain_b]' for the built-in camera network; default: the test set recorded in the "
+                        "checkpoint, else synthetic:domain_b")
+    p.add_argument("--dataset-type", type=dataset_type, choices=READER_CHOICES, default=None,
+                   help="reader for the folder: market1501, dukemtmcreid (alias duke), msmt17, folder "
+                        "(default: the recorded test set's type, else market1501)")
     p.add_argument("--synthetic-root", default=None,
                    help="where the built-in synthetic network lives (default: the checkpoint's, else "
                         f"{DEFAULT_SYNTHETIC_ROOT})")
     p.add_argument("--query-index", type=int, default=0, help="which query to rank (default: %(default)s)")
-    p.add_argument("-k", "--top", type=int, default=10, dest="k", help="gallery images to show (default: %(default)s)")
-    p.add_argument("--max-gallery", type=int, default=None,
-                   help="rank only the first N gallery images (quick looks at large galleries on a CPU)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per feature batch (default: %(default)s)")
+    p.add_argument("-k", "--top", type=positive_int, default=10, dest="k",
+                   help="gallery images to show (default: %(default)s)")
+    p.add_argument("--max-gallery", type=positive_int, default=None, metavar="N",
+                   help="rank only the first N >= 1 gallery images (quick looks at large galleries on a CPU; "
+                        "default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=64,
+                   help="images per feature batch (default: %(default)s)")
     p.add_argument("--correspondences", action="store_true",
                    help="also draw the correspondences with the top-ranked image (next to the output, *_top1.png)")
     p.add_argument("-o", "--output", default="ranked_list.png", help="picture to write (default: %(default)s)")
@@ -78,18 +102,19 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import extract_features, qaconv_scores
     from ..viz import draw_correspondences, draw_ranked_list, rank_gallery
 
-    model, head, cfg = load_qaconv(args.checkpoint, args.device, "qaconv rank")
+    device = resolve_device(args.device, "qaconv rank")
+    model, head, cfg = load_qaconv(args.checkpoint, device, "qaconv rank")
     ds = resolve_dataset(args.dataset, cfg, args.dataset_type, args.synthetic_root)
     if not ds.query or not ds.gallery:
         raise SystemExit(f"qaconv rank: {ds.root} has no query or no gallery images")
     if not 0 <= args.query_index < len(ds.query):
         raise SystemExit(f"qaconv rank: --query-index {args.query_index} out of range: "
                          f"the dataset has {len(ds.query)} queries (0..{len(ds.query) - 1})")
-    gallery = ds.gallery[:args.max_gallery] if args.max_gallery else ds.gallery
+    gallery = ds.gallery if args.max_gallery is None else ds.gallery[:args.max_gallery]
     q = ds.query[args.query_index]
     h, w = cfg["height"], cfg["width"]
-    q_fea = extract_features(model, [q], h, w, device=args.device, progress=False)
-    g_fea = extract_features(model, gallery, h, w, batch_size=args.batch_size, device=args.device,
+    q_fea = extract_features(model, [q], h, w, device=device, progress=False)
+    g_fea = extract_features(model, gallery, h, w, batch_size=args.batch_size, device=device,
                              progress=len(gallery) > 2000, desc="gallery features")
     scores = qaconv_scores(head, q_fea, g_fea, progress=False)[0].numpy()
     g_pid = np.array([g.pid for g in gallery])

@@ -12,8 +12,10 @@ writes)::
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -29,6 +31,7 @@ __all__ = [
     "find_checkpoint",
     "load_trained",
     "CheckpointError",
+    "missing_checkpoint_message",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -72,18 +75,60 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing or cannot be turned into a model (the message says why)."""
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``; errors name the path."""
+def _is_torch_file(path: str) -> bool:
+    """A zip archive (``torch.save`` since PyTorch 1.6) or a pickle stream (the legacy format)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return head == b"PK" or head[:1] == b"\x80"  # a damaged zip, or pickle protocol 2+
+
+
+def _reason(exc: BaseException) -> str:
+    """The informative line of a ``torch.load`` error (not its advice to load with ``weights_only=False``)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("WeightsUnpickler error:"):
+            return ln[len("WeightsUnpickler error:"):].strip().split(". ")[0]
+    return lines[0].split(". ")[0] if lines else type(exc).__name__
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``.
+
+    ``mmap``: map the tensors instead of reading them (zip-format files; for a quick look at the
+    config). Raises ``FileNotFoundError`` for a missing file and :class:`CheckpointError` for a file
+    that is not a PyTorch checkpoint or cannot be read safely; the messages name the path.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(missing_checkpoint_message(path))
+    if not _is_torch_file(path):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - report any unpickling problem with the path
-        raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
+        ckpt = torch.load(path, map_location=map_location, weights_only=True,
+                          mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: holds objects that safe (weights_only) loading refuses: "
+                              f"{_reason(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - report any reading problem with the path
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): "
+                              f"{_reason(exc)}") from exc
     if not isinstance(ckpt, dict):
-        raise RuntimeError(f"checkpoint {path}: expected a dict, got {type(ckpt).__name__}")
+        raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(ckpt).__name__}")
     return ckpt
+
+
+def missing_checkpoint_message(path: str) -> str:
+    """Why ``path`` gives no checkpoint: a folder without ``checkpoint.pt`` (naming the ``*.pt`` files
+    it holds), or a missing file."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return f"checkpoint not found: {path}"
+    held = sorted(f for f in os.listdir(path) if f.endswith(".pt") and os.path.isfile(os.path.join(path, f)))
+    if not held:
+        return f"{path} has no {CHECKPOINT_NAME} (and no other *.pt file)"
+    return f"{path} has no {CHECKPOINT_NAME}; it holds {', '.join(held)} (give one of these files)"
 
 
 def find_checkpoint(path: str) -> Optional[str]:
@@ -172,7 +217,7 @@ def load_trained(path: str, *, arch: Optional[str] = None, neck: Optional[int] =
 
     found = find_checkpoint(path)
     if found is None:
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(missing_checkpoint_message(path))
     try:
         ckpt = load_checkpoint(found)
         cfg = dict(ckpt.get("config") or {})

@@ -286,7 +286,9 @@ def test_relative_contributions(gen, layout):
     # draw_correspondences ranks the lines by them and says so.
     img, segs = draw_correspondences(plain(32, 64), plain(32, 64), fa, gallery[3], head=head, reference=ref,
                                      max_lines=5, return_segments=True, font_size=8)
-    assert np.allclose([sg.strength for sg in segs], torch.sort(rel, descending=True).values[:5].numpy())
+    # (it re-normalises the unit maps: float32 rounding differs slightly)
+    assert np.allclose([sg.strength for sg in segs], torch.sort(rel, descending=True).values[:5].numpy(),
+                       rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="need the QAConv head"):
         draw_correspondences(plain(32, 64), plain(32, 64), fa, gallery[3], reference=ref)
     with pytest.raises(ValueError, match="reference"):

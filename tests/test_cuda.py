@@ -141,11 +141,12 @@ def test_every_output_is_written(gen, monkeypatch):
     assert torch.isfinite(values).all()
     assert int(indices[..., :Lq].min()) >= 0 and int(indices[..., :Lq].max()) < Lg
     assert int(indices[..., Lq:].min()) >= 0 and int(indices[..., Lq:].max()) < Lq
+    w = torch.ones(Lq + Lg, device="cuda")  # allocated before the poison: the output is the next block
     for kernel in ("auto", "simple"):  # the tensor-core kernel, then the CUDA-core one
         if kernel == "simple":
             monkeypatch.setenv("QACONV_EXT_CUDA_KERNEL", "simple")
         ptrs = _poison(((P, N), torch.float32))
-        score = qaconv_ext.qaconv_score(q, g, torch.ones(Lq + Lg, device="cuda"))
+        score = qaconv_ext.qaconv_score(q, g, w)
         assert score.data_ptr() == ptrs[0] and torch.isfinite(score).all(), kernel
     upstream = torch.randn(values.shape, device="cuda")
     _poison(((P, Lq, 40), torch.float32), ((N, Lg, 40), torch.float32))  # its float32 accumulators

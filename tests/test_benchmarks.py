@@ -17,7 +17,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def bench_path(monkeypatch):
     monkeypatch.syspath_prepend(BENCH)  # the scripts import their shared helpers as `_machine`
     yield
-    for name in ("bench_gallery", "bench_tlift", "_machine"):
+    for name in ("bench_gallery", "bench_tlift", "bench_backward", "_machine"):
         sys.modules.pop(name, None)
 
 
@@ -51,3 +51,16 @@ def test_tlift_benchmark_runs_and_matches_the_loop(bench_path, tmp_path):
     assert [c["time_span_s"] for c in rec["cases"]] == [600.0, 3000.0]
     for case in rec["cases"]:
         assert case["max_abs_diff_vs_loop"] < 1e-6 and case["loop"]["probes_timed"] == 20
+
+
+def test_backward_benchmark_runs_and_agrees(bench_path, tmp_path):
+    import bench_backward
+
+    out = tmp_path / "backward.json"
+    rec = bench_backward.main(["--batch", "3", "--classes", "7", "--channels", "16", "--maps", "4x2,3x3",
+                               "--repeats", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["benchmark"] == "cpu_backward"
+    assert [c["map"] for c in rec["cases"]] == ["4x2", "3x3"]
+    for case in rec["cases"]:
+        assert case["grad_rel_err_vs_reference"] < 1e-5
+        assert case["backward_query_only_s"] > 0 and case["backward_both_s"] > 0

@@ -60,8 +60,8 @@ def _trainer(cfg: TrainConfig, records, ckdir=None):
     loader = build_train_loader(records, cfg, gen)
     opt = build_optimizer(model, crit, cfg.lr, cfg.trunk_lr_mult, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     sched = build_scheduler(opt, cfg.step_size, cfg.gamma)
-    tr = Trainer(model, crit, opt, sched, loader_generator=gen, checkpoint_dir=ckdir, config=cfg,
-                 freeze_bn=cfg.freeze_bn, progress=False, log=lambda s: None)
+    tr = Trainer(model, crit, opt, sched, device=cfg.device, amp=cfg.amp, loader_generator=gen,
+                 checkpoint_dir=ckdir, config=cfg, freeze_bn=cfg.freeze_bn, progress=False, log=lambda s: None)
     return tr, loader
 
 
@@ -69,6 +69,34 @@ def _all_state(tr: Trainer) -> dict:
     out = {"model." + k: v for k, v in tr.model.state_dict().items()}
     out.update({"crit." + k: v for k, v in tr.criterion.state_dict().items()})
     return out
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_mixed_precision_training(tiny_records, device):
+    """amp: bfloat16 autocast on the CPU (no loss scaling), float16 with a GradScaler on CUDA."""
+    cfg = _cfg(amp=True, epochs=1, device=device)
+    tr, loader = _trainer(cfg, tiny_records)
+    assert tr.amp and tr.amp_dtype == (torch.bfloat16 if device == "cpu" else torch.float16)
+    assert (tr.scaler is None) == (device == "cpu")
+    seen = []
+    conv = next(m for m in tr.model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    before = {k: v.detach().clone() for k, v in tr.model.state_dict().items() if v.is_floating_point()}
+    (hist,) = tr.fit(loader, 1)
+    assert seen and all(d == tr.amp_dtype for d in seen)
+    assert np.isfinite(hist["loss"]) and hist["loss"] > 0
+    after = tr.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the step updated the weights
+    assert tr.criterion.class_memory.dtype == torch.float32 and bool(tr.criterion.valid_class.any())
+    # the trunk runs in low precision, the neck and the normalisation (the matched features) in float32
+    images = torch.randn(2, 3, H, W, device=device)
+    with torch.autocast(device_type=device, dtype=tr.amp_dtype):
+        fea = tr.model(images)
+    assert fea.dtype == torch.float32
+    assert torch.allclose(fea.norm(dim=1), torch.ones_like(fea[:, 0]), atol=1e-5)
+    off, _ = _trainer(_cfg(epochs=1), tiny_records)
+    assert not off.amp  # the CPU default stays float32
 
 
 @pytest.mark.parametrize("method", ["qaconv", "baseline"])

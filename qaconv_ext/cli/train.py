@@ -196,7 +196,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--freeze-bn", action="store_true", help="keep the backbone's BatchNorms frozen (eval mode)")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
     amp = p.add_mutually_exclusive_group()
-    amp.add_argument("--amp", dest="amp", action="store_true", default=None, help="mixed precision (CUDA)")
+    amp.add_argument("--amp", dest="amp", action="store_true", default=None, help="mixed precision: float16 on CUDA (default there), bfloat16 on the CPU")
     amp.add_argument("--no-amp", dest="amp", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", default=os.path.join("runs", "train"),

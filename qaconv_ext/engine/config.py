@@ -37,7 +37,7 @@ class TrainConfig:
     flip: bool = True
     freeze_bn: bool = False              # keep the backbone's BatchNorms in eval mode while training
     clip_grad: float = 0.0               # max gradient norm (0: off)
-    amp: Optional[bool] = None           # mixed precision; default: on for CUDA
+    amp: Optional[bool] = None           # mixed precision; default: on for CUDA (float16), off on the CPU (bfloat16)
     baseline_scale: float = 16.0         # cosine-softmax scale of the baseline
     workers: int = 2
     seed: int = 0

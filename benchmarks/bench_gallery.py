@@ -221,7 +221,8 @@ def main(argv: List[str] | None = None) -> int:
                     help="queries timed for the CUDA-core score kernel")
     ap.add_argument("--max-gallery-unfused", type=int, default=4096)
     ap.add_argument("--mm-size", type=int, default=8192, help="side of the dense bf16 GEMM timed as the peak")
-    ap.add_argument("--training-size", default="32,751", help="queries,classes of the training problem")
+    ap.add_argument("--training-size", default="32,751",
+                    help="queries,classes of the training problem ('0' skips it)")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only for smoke runs")
     ap.add_argument("--json", default=DEFAULT_JSON)
     args = ap.parse_args(argv)
@@ -236,7 +237,7 @@ def main(argv: List[str] | None = None) -> int:
         print(f"bench_gallery: qaconv_ext was built without native {DEVICE.type} kernels", file=sys.stderr)
         return 1
     rows = [measure_size(s, *SIZES[s], args) for s in args.sizes.split(",") if s]
-    training = measure_training(args)
+    training = measure_training(args) if args.training_size.strip() != "0" else None
     result = {
         "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
@@ -254,8 +255,10 @@ def main(argv: List[str] | None = None) -> int:
               f"{r['unfused_s']:.2f} | {r['speedup_vs_unfused']:.2f}x | {r['fused_tflops']:.1f} | "
               f"{100 * r['fused_fraction_of_mm']:.0f}% | {r['fused_peak_extra_bytes'] / 2**20:.0f} |")
     t = training
-    print(f"training {t['queries']} x {t['classes']} match+backward: fused {1e3 * t['fused_fwd_bwd_s']:.1f} ms, reference "
-          f"{1e3 * t['reference_fwd_bwd_s']:.1f} ms ({t['speedup']:.1f}x), grad rel err {t['grad_rel_err_vs_reference']:.1e}")
+    if t is not None:
+        print(f"training {t['queries']} x {t['classes']} match+backward: fused {1e3 * t['fused_fwd_bwd_s']:.1f} ms, "
+              f"reference {1e3 * t['reference_fwd_bwd_s']:.1f} ms ({t['speedup']:.1f}x), grad rel err "
+              f"{t['grad_rel_err_vs_reference']:.1e}")
     print(f"wrote {args.json}")
     return 0
 

@@ -39,6 +39,9 @@ def test_gallery_benchmark_runs_and_its_paths_agree(bench_path, tmp_path):
     assert row["tensor_core_vs_simple_max_abs_diff"] == 0.0  # one CPU kernel twice
     assert rec["training"]["pairs"] == 80 and rec["training"]["grad_rel_err_vs_reference"] < 1e-5
     assert row["fused_s"] > 0 and row["speedup_vs_unfused"] > 0
+    rc = bench_gallery.main(["--device", "cpu", "--sizes", "tiny", "--height", "2", "--width", "2", "--channels", "8",
+                             "--repeats", "1", "--mm-size", "32", "--training-size", "0", "--json", str(out)])
+    assert rc == 0 and json.loads(out.read_text())["training"] is None  # '0' skips the training problem
 
 
 def test_tlift_benchmark_runs_and_matches_the_loop(bench_path, tmp_path):

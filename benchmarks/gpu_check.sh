@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (torch with CUDA, nvcc, ninja, no network): build the CUDA extension,
 # run the op tests on CPU and GPU, run the GPU benchmarks (TLift, gallery scoring), print the table last.
-#   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and JSON go to OUT_DIR, default benchmarks/results)
+#   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and JSON go to OUT_DIR, default benchmarks/results;
+#                                                on a lent machine pass the folder that comes back)
+#   STEPS=build,tests bash benchmarks/gpu_check.sh   then   STEPS=bench ...   (two calls; the steps' time
+#   limits add up to more than one 10-minute call: build ~2-3 min, tests <= 7, benchmarks <= 8)
 set -uo pipefail
+STEPS="${STEPS:-build,tests,bench}"
+step() { [[ ",$STEPS," == *",$1,"* ]]; }
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results}"
 mkdir -p "$OUT"
@@ -15,25 +20,33 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 TORCH_CUDA_ARCH_LIST="$(python3 -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}' + ('a' if c[0] == 9 else ''))")"
 export TORCH_CUDA_ARCH_LIST
 echo "gpu_check: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
-rm -f .venv/.qaconv-built qaconv_ext/_C*.so
-if ! make setup > "$OUT/gpu_build.log" 2>&1; then
-  tail -60 "$OUT/gpu_build.log"; echo "gpu_check: build failed"; exit 1
-fi
-tail -3 "$OUT/gpu_build.log"
 PY=.venv/bin/python
+if step build; then
+  rm -f .venv/.qaconv-built qaconv_ext/_C*.so
+  if ! make setup > "$OUT/gpu_build.log" 2>&1; then
+    tail -60 "$OUT/gpu_build.log"; echo "gpu_check: build failed"; exit 1
+  fi
+  tail -3 "$OUT/gpu_build.log"
+fi
+$PY -c "import qaconv_ext.ops as o; assert o.native_available('cuda'), 'not built with CUDA: run the build step'" || exit 1
+tests=0
+bench=0
 
 # Every step has its own time limit, so one slow step cannot take the others' results with it; each
 # benchmark writes its own JSON.
-timeout 300 $PY -m pytest -q --maxfail=25 tests/test_cuda.py tests/test_tlift.py tests/test_engine.py 2>&1 \
-  | tee "$OUT/gpu_tests.log" | tail -25
-tests=${PIPESTATUS[0]}
-timeout 120 $PY -m pytest -q tests/test_ops.py 2>&1 | tail -3
-
-timeout 120 $PY benchmarks/bench_tlift.py --device cuda --json "$OUT/tlift_gpu.json" 2>&1 | tail -5
-timeout 180 $PY benchmarks/bench_gallery.py --sizes market --json "$OUT/gpu_gallery.json" 2>&1 \
-  | tee "$OUT/gpu_bench.log" | tail -8
-bench=${PIPESTATUS[0]}
-timeout 180 $PY benchmarks/bench_gallery.py --sizes msmt --max-queries-fused 1024 --training-size 0 \
-  --json "$OUT/gpu_gallery_msmt.json" 2>&1 | tee -a "$OUT/gpu_bench.log" | tail -6
+if step tests; then
+  timeout 300 $PY -m pytest -q --maxfail=25 tests/test_cuda.py tests/test_tlift.py tests/test_engine.py 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -25
+  tests=${PIPESTATUS[0]}
+  timeout 120 $PY -m pytest -q tests/test_ops.py 2>&1 | tail -3
+fi
+if step bench; then
+  timeout 120 $PY benchmarks/bench_tlift.py --device cuda --json "$OUT/tlift_gpu.json" 2>&1 | tail -5
+  timeout 180 $PY benchmarks/bench_gallery.py --sizes market --json "$OUT/gpu_gallery.json" 2>&1 \
+    | tee "$OUT/gpu_bench.log" | tail -8
+  bench=${PIPESTATUS[0]}
+  timeout 180 $PY benchmarks/bench_gallery.py --sizes msmt --max-queries-fused 1024 --training-size 0 \
+    --json "$OUT/gpu_gallery_msmt.json" 2>&1 | tee -a "$OUT/gpu_bench.log" | tail -6
+fi
 echo "gpu_check: tests rc=$tests bench rc=$bench"
 [[ $tests -eq 0 && $bench -eq 0 ]]

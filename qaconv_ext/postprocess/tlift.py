@@ -13,7 +13,7 @@ The output is ``(w + alpha) * score``. Same-camera probe/gallery pairs are lifte
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -83,18 +83,18 @@ def _windows(t_sorted: torch.Tensor, tau: float):
     return lo, hi
 
 
-def _pivot_weights(top_vals: torch.Tensor, top_cols: torch.Tensor, n_g: int, lo: torch.Tensor,
-                   hi: torch.Tensor, K: int, block_rows: Callable[[int, int], torch.Tensor]):
+def _pivot_weights(top_vals: torch.Tensor, top_cols: torch.Tensor, next_vals: Optional[torch.Tensor], n_g: int,
+                   lo: torch.Tensor, hi: torch.Tensor, K: int, block_rows: Callable[[int, int], torch.Tensor]):
     """Pivots of every probe of one camera against one gallery camera, as a sparse matrix in COO form.
 
     ``top_vals``/``top_cols``: the ``min(K, n_g)`` largest scores of each probe row (time-sorted probes)
-    and their gallery columns; ``[lo, hi)``: each probe's co-occurrence range; ``block_rows(a, b)``: the
-    full score rows ``a..b`` (only read when ties at the threshold reach past a row's top-K list).
+    and their gallery columns; ``next_vals``: each row's (K+1)-th largest score (None when
+    ``n_g <= K``); ``[lo, hi)``: each probe's co-occurrence range; ``block_rows(a, b)``: the full score
+    rows ``a..b`` (only read when a row holds a tie at the threshold past its top-K list).
     Returns ``(rows, cols, vals)`` with ``vals = 1 / (number of pivots of the row)``; repeated
     ``(row, col)`` entries stand for repeated pivots.
     """
     n_p, kc = top_vals.shape
-    kth_of_row = top_vals[:, -1]
     lens = hi - lo
     rows_out, cols_out = [], []
     fallback = []
@@ -120,10 +120,11 @@ def _pivot_weights(top_vals: torch.Tensor, top_cols: torch.Tensor, n_g: int, lo:
         # more than K entries in the block: the K-th largest; otherwise the smallest (whole rows are
         # candidates then, since n_g <= K)
         thr = torch.where(block_size > K, kth, smallest)
-        # a member row whose own K-th entry equals thr may hold further entries equal to thr beyond its
-        # top-K list: count those probes from the full block instead
-        if n_g > K:
-            row_tied = torch.where(valid, kth_of_row[member] == thr[:, None], False).any(dim=1)
+        # entries past a row's top-K list are <= its (K+1)-th, which is <= thr (thr is the K-th largest
+        # of a block containing the row): only a (K+1)-th equal to thr means more pivots there; count
+        # such probes from the full block instead
+        if next_vals is not None:
+            row_tied = torch.where(valid, next_vals[member] == thr[:, None], False).any(dim=1)
         else:
             row_tied = torch.zeros(e - s, dtype=torch.bool, device=top_vals.device)
         pick = (cand >= thr[:, None, None]) & valid[..., None] & ~row_tied[:, None, None]
@@ -214,10 +215,13 @@ def tlift(
         n_g = gidx.numel()
         cols_index = gidx.expand(n_prob, n_g)
         block = torch.gather(S, 1, cols_index, out=block_buf[: n_prob * n_g].view(n_prob, n_g))
-        top_vals, top_cols = torch.topk(block, min(K, n_g), dim=1, largest=True, sorted=True)
+        top_vals, top_cols = torch.topk(block, min(K + 1, n_g), dim=1, largest=True, sorted=True)
+        next_vals = top_vals[:, K] if n_g > K else None
+        top_vals, top_cols = top_vals[:, :K], top_cols[:, :K]
         rows_all, cols_all, vals_all = [], [], []
         for pidx, lo, hi in probe_groups:
-            rows, cols, vals = _pivot_weights(top_vals[pidx], top_cols[pidx], n_g, lo, hi, K,
+            rows, cols, vals = _pivot_weights(top_vals[pidx], top_cols[pidx],
+                                              None if next_vals is None else next_vals[pidx], n_g, lo, hi, K,
                                               lambda a, b, p=pidx: block[p[a:b]])
             rows_all.append(pidx[rows])
             cols_all.append(cols)

@@ -123,6 +123,29 @@ def test_nan_propagates_like_torch_max(gen):
     assert torch.isnan(qaconv_ext.qaconv_score(q, g, torch.ones(10))[1]).all()
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 2, 2), (7, 5, 4, 5)])  # Lg = 4 and 20: below / across 16 lanes
+def test_values_only_path_with_nan_and_inf(shape, gen):
+    # score and values-only match take a fast path for finite blocks; blocks with NaN or inf fall back
+    hq, wq, hg, wg = shape
+    q = unit_maps(3, 8, hq, wq, torch.float32, gen)
+    g = unit_maps(5, 8, hg, wg, torch.float32, gen)
+    q[1, :, 0, 1] = float("nan")
+    g[2, 0, 1, 0] = float("inf")
+    g[3, 1, 0, 0] = -float("inf")
+    ref = reference.qaconv_match(q.double(), g.double())
+    for values in (qaconv_ext.qaconv_match(q, g), qaconv_ext.qaconv_match(q, g, return_indices=True)[0]):
+        assert torch.equal(torch.isnan(values), torch.isnan(ref)) and torch.equal(torch.isinf(values), torch.isinf(ref))
+        finite = torch.isfinite(ref)
+        assert torch.allclose(values[finite].double(), ref[finite], atol=1e-6)
+        assert torch.equal(values[~finite & ~torch.isnan(ref)], ref[~finite & ~torch.isnan(ref)].float())
+    w = torch.rand(hq * wq + hg * wg, generator=gen)
+    score, ref_score = qaconv_ext.qaconv_score(q, g, w), reference.qaconv_score(q.double(), g.double(), w.double())
+    assert torch.equal(torch.isnan(score), torch.isnan(ref_score))
+    assert torch.equal(score[torch.isinf(ref_score)], ref_score[torch.isinf(ref_score)].float())
+    ok = torch.isfinite(ref_score)
+    assert torch.allclose(score[ok].double(), ref_score[ok], atol=1e-5)
+
+
 def test_infinities_are_ordinary_values():
     q = torch.zeros(1, 1, 1, 3)
     g = torch.zeros(1, 1, 1, 2)

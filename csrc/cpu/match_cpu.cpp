@@ -100,12 +100,54 @@ QACONV_ALWAYS_INLINE inline void pool_pair(const T* S, int64_t ld, int64_t Lq, i
   }
 }
 
+// Values-only pooling for a block of finite values: max instructions, no NaN bookkeeping. Alongside,
+// every value is folded into `check` as v * 0, which stays 0 for finite values and becomes NaN for a
+// NaN or an infinity. Returns false when the block holds one; the caller then runs pool_pair, whose
+// NaN and infinity semantics are exact.
+template <typename T>
+QACONV_ALWAYS_INLINE inline bool pool_pair_finite(const T* S, int64_t ld, int64_t Lq, int64_t Lg, T* row_max,
+                                                  T* col_max) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < Lg; ++r) col_max[r] = neg_inf;
+  const int64_t body = Lg - Lg % kLanes;
+  T check[kLanes];
+  for (int64_t k = 0; k < kLanes; ++k) check[k] = T(0);
+  for (int64_t s = 0; s < Lq; ++s) {
+    const T* row = S + s * ld;
+    T part[kLanes];
+    for (int64_t k = 0; k < kLanes; ++k) part[k] = neg_inf;
+    for (int64_t r0 = 0; r0 < body; r0 += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) {
+        const T v = row[r0 + k];
+        check[k] += v * T(0);
+        part[k] = std::max(part[k], v);
+        col_max[r0 + k] = std::max(col_max[r0 + k], v);
+      }
+    }
+    T best = neg_inf;
+    if (body > 0)
+      for (int64_t k = 0; k < kLanes; ++k) best = std::max(best, part[k]);
+    for (int64_t r = body; r < Lg; ++r) {
+      const T v = row[r];
+      check[0] += v * T(0);
+      best = std::max(best, v);
+      col_max[r] = std::max(col_max[r], v);
+    }
+    row_max[s] = best;
+  }
+  T sum = T(0);
+  for (int64_t k = 0; k < kLanes; ++k) sum += check[k];
+  return sum == sum;
+}
+
 // The epilogue is compiled for several instruction sets and picked at load time, so a portable build
-// still runs it with AVX-512 or AVX2 where the processor has them.
+// still runs it with AVX-512 or AVX2 where the processor has them. Values only: the finite fast path
+// first (1.2x the op's throughput); with indices the exact version is as fast (its selects vectorise).
 #define QACONV_POOL_VARIANT(NAME, T, IDX)                                                                  \
   QACONV_MULTIVERSION void NAME(const T* S, int64_t ld, int64_t Lq, int64_t Lg, T* row_max, T* col_max,    \
                                 int64_t* row_idx, int64_t* col_idx) {                                      \
-    pool_pair<T, IDX>(S, ld, Lq, Lg, row_max, col_max, row_idx, col_idx);                                 \
+    if (IDX || !pool_pair_finite<T>(S, ld, Lq, Lg, row_max, col_max))                                   \
+      pool_pair<T, IDX>(S, ld, Lq, Lg, row_max, col_max, row_idx, col_idx);                               \
   }
 QACONV_POOL_VARIANT(pool_f32, float, false)
 QACONV_POOL_VARIANT(pool_f32_idx, float, true)

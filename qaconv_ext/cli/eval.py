@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 from torch import nn
 
 from .output import write_json
-from .train import DATASET_CHOICES, add_data_args, add_model_args, load_dataset, resolve_device
+from .train import DATASET_CHOICES, add_data_args, add_model_args, add_postprocess_args, load_dataset, resolve_device
 
 ROW_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
@@ -77,8 +77,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     add_model_args(p, defaults=False)
     p.add_argument("--checkpoint", default=None, help="checkpoint file (or a folder holding checkpoint.pt)")
     p.add_argument("--checkpoint-dir", default=None, help="folder holding checkpoint.pt (alternative to --checkpoint)")
-    p.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
-    p.add_argument("--tlift", action="store_true", help="also report re-ranking + TLift (needs time stamps)")
+    add_postprocess_args(p)
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.set_defaults(func=run)
     return p

@@ -99,11 +99,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``qaconv rank``."""
-    import torch
-
     from ..evaluation import extract_features, qaconv_scores
-    from ..ops import qaconv_match
-    from ..viz import draw_correspondences, draw_ranked_list, rank_gallery
+    from ..viz import average_match, draw_correspondences, draw_ranked_list, rank_gallery
 
     device = resolve_device(args.device, "qaconv rank")
     model, head, cfg = load_qaconv(args.checkpoint, device, "qaconv rank")
@@ -138,9 +135,8 @@ def run(args: argparse.Namespace) -> int:
         top = int(order[0])
         stem, ext = os.path.splitext(args.output)
         out2 = f"{stem}_top1{ext or '.png'}"
-        with torch.no_grad():  # colour by contributions above the query's average match over the gallery
-            reference = qaconv_match(q_fea, g_fea)[0].float().mean(dim=0).cpu()
-        draw_correspondences(q, gallery[top], q_fea[0], g_fea[top], head=head, reference=reference,
-                             image_size=(h, w)).save(out2)
+        # coloured by the contributions above the query's average match over the gallery
+        draw_correspondences(q, gallery[top], q_fea[0], g_fea[top], head=head,
+                             reference=average_match(q_fea, g_fea), image_size=(h, w)).save(out2)
         print(f"correspondences with rank 1 -> {out2}")
     return 0

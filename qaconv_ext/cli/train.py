@@ -68,6 +68,12 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--combine-all", action="store_true", help="MSMT17: train on all 4,101 identities")
 
 
+def add_postprocess_args(p: argparse.ArgumentParser) -> None:
+    """``--rerank``, ``--tlift``."""
+    p.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
+    p.add_argument("--tlift", action="store_true", help="also report re-ranking + TLift (needs time stamps)")
+
+
 def model_defaults() -> Dict[str, Any]:
     """The :data:`MODEL_OPTIONS` of a fresh :class:`~qaconv_ext.engine.TrainConfig`."""
     from ..engine.config import TrainConfig
@@ -209,8 +215,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--test-root", default=None,
                    help="its folder (default: --data-root when both datasets are synthetic or both real, "
                         "else as --data-root's default)")
-    p.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
-    p.add_argument("--tlift", action="store_true", help="also report re-ranking + TLift (needs time stamps)")
+    add_postprocess_args(p)
     p.set_defaults(func=run)
     return p
 

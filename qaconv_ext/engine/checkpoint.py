@@ -75,13 +75,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing or cannot be turned into a model (the message says why)."""
 
 
-def _is_torch_file(path: str) -> bool:
-    """A zip archive (``torch.save`` since PyTorch 1.6) or a pickle stream (the legacy format)."""
-    if zipfile.is_zipfile(path):
-        return True
+def _looks_like_torch_file(path: str) -> bool:
+    """Starts like a zip archive (``torch.save`` since PyTorch 1.6, also when damaged) or a pickle
+    stream of protocol 2+ (the legacy format)."""
     with open(path, "rb") as fh:
         head = fh.read(2)
-    return head == b"PK" or head[:1] == b"\x80"  # a damaged zip, or pickle protocol 2+
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 def _reason(exc: BaseException) -> str:
@@ -103,7 +102,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) ->
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(missing_checkpoint_message(path))
-    if not _is_torch_file(path):
+    if not _looks_like_torch_file(path):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True,

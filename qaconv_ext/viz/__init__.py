@@ -1,6 +1,7 @@
 """Interpretability pictures: QAConv's local correspondences and ranked lists (Pillow only)."""
 from .correspondences import (
     Segment,
+    average_match,
     correspondence_segments,
     draw_correspondences,
     draw_matches,
@@ -22,7 +23,7 @@ from .ranklist import (
 
 __all__ = [
     "draw_correspondences", "draw_matches", "correspondence_segments", "Segment",
-    "head_contributions", "relative_contributions", "head_logit", "match_pair", "infer_stride", "location_centers",
+    "head_contributions", "relative_contributions", "average_match", "head_logit", "match_pair", "infer_stride", "location_centers",
     "load_image", "strength_colormap",
     "draw_ranked_list", "rank_gallery", "RankCell",
     "save_demo_pictures",

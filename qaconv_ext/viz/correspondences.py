@@ -44,6 +44,7 @@ __all__ = [
     "relative_contributions",
     "head_logit",
     "match_pair",
+    "average_match",
     "correspondence_segments",
     "draw_matches",
     "draw_correspondences",
@@ -318,6 +319,16 @@ def match_pair(fea_a: torch.Tensor, fea_b: torch.Tensor, normalize: bool = True
     with torch.no_grad():
         values, indices = qaconv_match(a[None].contiguous(), b[None].contiguous(), return_indices=True)
     return values[0, 0].float().cpu(), indices[0, 0].cpu()
+
+
+def average_match(query_fea: torch.Tensor, gallery_fea: torch.Tensor) -> torch.Tensor:
+    """The mean over ``gallery_fea [N, d, h, w]`` of one query's max values ``[Lq + Lg]`` (CPU, float32):
+    the ``reference`` of :func:`relative_contributions` and :func:`draw_correspondences`."""
+    from ..ops import qaconv_match
+
+    q = _feature_map(query_fea, "query_fea")[None]
+    with torch.no_grad():
+        return qaconv_match(q, gallery_fea.to(q.device))[0].float().mean(dim=0).cpu()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from ..evaluation import extract_features, qaconv_scores
-from ..ops import qaconv_match
 from .correspondences import (
     Color,
     ImageInput,
     _font,
     _wrap,
+    average_match,
     draw_correspondences,
     load_image,
     match_pair,
@@ -270,8 +270,7 @@ def save_demo_pictures(model: torch.nn.Module, head: torch.nn.Module, dataset: A
             picks[name] = pick
     # Contributions relative to the query's average match over the gallery; one colour scale for both
     # pictures, so their line colours compare.
-    with torch.no_grad():
-        reference = qaconv_match(q_fea, g_fea.to(q_fea.device))[0].float().mean(dim=0).cpu()
+    reference = average_match(q_fea, g_fea)
     kept = []
     for pick in picks.values():
         c = relative_contributions(match_pair(q_fea[0], g_fea[pick])[0], reference, head)

@@ -82,13 +82,13 @@ def test_train_resume_eval(market, tmp_path, capsys):
 
 def test_checkpoint_opens_in_the_picture_commands(market, tmp_path):
     """The checkpoint layout is what ``qaconv match``/``rank`` load; a baseline checkpoint is refused."""
-    from qaconv_ext.cli import match
+    from qaconv_ext.cli import common
 
     ck = tmp_path / "ck"
     assert _run(["train", "--dataset", "market1501", "--data-root", market, "--arch", "small", "--neck", 16,
                  "--height", H, "--width", W, "--batch-size", 8, "--workers", 0, "--device", "cpu",
                  "--no-progress", "--epochs", 1, "--checkpoint-dir", ck]) == 0
-    backbone, head, cfg = match.load_qaconv(str(ck / "checkpoint.pt"))
+    backbone, head, cfg = common.load_qaconv(str(ck / "checkpoint.pt"))
     assert cfg["height"] == H and head.layout == "v2" and not head.training
     assert (cfg["feature_height"], cfg["feature_width"]) == (H // 8, W // 8)
     bl = tmp_path / "bl"
@@ -96,7 +96,7 @@ def test_checkpoint_opens_in_the_picture_commands(market, tmp_path):
                  "--height", H, "--width", W, "--batch-size", 8, "--workers", 0, "--device", "cpu",
                  "--no-progress", "--epochs", 1, "--method", "baseline", "--checkpoint-dir", bl]) == 0
     with pytest.raises(SystemExit, match="baseline checkpoint"):
-        match.load_qaconv(str(bl / "checkpoint.pt"))
+        common.load_qaconv(str(bl / "checkpoint.pt"))
 
 
 def test_baseline_train_and_eval(market, tmp_path, capsys):
@@ -245,7 +245,7 @@ def test_unavailable_device_is_one_line_up_front(argv, tmp_path, monkeypatch):
 
 
 def test_folder_without_checkpoint_pt_lists_its_files(tmp_path):
-    from qaconv_ext.cli import match
+    from qaconv_ext.cli import common
 
     folder = tmp_path / "demo"
     folder.mkdir()
@@ -255,7 +255,7 @@ def test_folder_without_checkpoint_pt_lists_its_files(tmp_path):
     with pytest.raises(SystemExit, match=expected):
         _run(["eval", "--checkpoint-dir", folder, "--dataset", "market1501", "--data-root", tmp_path])
     with pytest.raises(SystemExit, match=expected):
-        match.load_qaconv(str(folder))
+        common.load_qaconv(str(folder))
     with pytest.raises(SystemExit, match=expected):
         _run(["train", "--dataset", "market1501", "--data-root", tmp_path, "--checkpoint-dir", folder, "--resume"])
 
@@ -297,3 +297,32 @@ def test_eval_help_says_model_options_come_from_the_checkpoint():
     assert "backbone (default: from the checkpoint)" in text and "None" not in text
     train = " ".join(sub.choices["train"].format_help().split())
     assert "(default: resnet50)" in train and "(default: 384)" in train and "None" not in train
+
+
+def test_train_settles_device_and_model_options_once(market, tmp_path, monkeypatch):
+    """``qaconv train`` resolves the device and settles the model options once, before training."""
+    import qaconv_ext.engine
+    from qaconv_ext.cli import train
+
+    calls = {"device": 0, "settle": 0}
+    resolve, settle = train.resolve_device, train.settle_model_options
+
+    def count(key, fn):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    class Started(Exception):
+        pass
+
+    def no_training(cfg, *a, **k):
+        assert (cfg.device, cfg.arch, cfg.height) == ("cpu", "small", H)
+        raise Started
+
+    monkeypatch.setattr(train, "resolve_device", count("device", resolve))
+    monkeypatch.setattr(train, "settle_model_options", count("settle", settle))
+    monkeypatch.setattr(qaconv_ext.engine, "run_training", no_training)
+    with pytest.raises(Started):
+        _run(_tiny(market, tmp_path / "ck", *SMALL))
+    assert calls == {"device": 1, "settle": 1}

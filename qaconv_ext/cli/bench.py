@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, Optional
 
-from .output import write_json
+from .common import resolve_device, write_json
 
 
 def _time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
@@ -107,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
         if args.json is not None:
             cmd.append(f"--json={args.json}")
         return subprocess.call(cmd)
-    from .train import resolve_device
-
     device = resolve_device(args.device, "qaconv bench")
     r = quick_bench(args.queries, args.gallery, args.channels, args.height, args.width, args.dtype, device,
                     args.repeats, not args.no_reference)

@@ -23,13 +23,11 @@ from typing import Any, Dict
 
 import torch
 
-from .output import write_json
-from .train import default_synthetic_root, resolve_device
+from .common import default_synthetic_root, print_table, resolve_device, write_json
 
 #: Demo settings, sized for a two-core CPU (the README's demo section gives the measured table).
 DEMO_DEFAULTS: Dict[str, Any] = dict(arch="small", height=128, width=64, neck=128, epochs=15, batch_size=32,
                                      lr=0.05, step_size=11, workers=1, seed=0)
-
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -70,9 +68,8 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the demo; returns the JSON record also written to ``--out/results.json``."""
     from ..data import Market1501, make_synthetic_network
     from ..engine import TrainConfig, run_training
-    from ..evaluation import BASELINE_ROW, evaluate_baseline, evaluate_qaconv
+    from ..evaluation import evaluate_trained
     from ..viz import save_demo_pictures
-    from .eval import ROW_KEYS, print_table
 
     t_start = time.time()
     progress = not args.no_progress
@@ -112,18 +109,15 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     qa = trained["qaconv"]
     backbone, head = qa.model.eval(), qa.criterion.matcher.eval()
     post = not args.no_postprocess
-    rows: Dict[str, Dict[str, Any]] = evaluate_qaconv(backbone, head, test_ds.query, test_ds.gallery, cfg.height,
-                                                      cfg.width, device=device, rerank=post, tlift=post,
-                                                      progress=progress)
-    rows.pop("_scores")
+    table_rows = evaluate_trained(backbone, head, test_ds, cfg.height, cfg.width, device=device, rerank=post,
+                                  tlift=post, progress=progress)
     timings["eval_qaconv"] = time.time() - t0
     t0 = time.time()
-    rows[BASELINE_ROW] = evaluate_baseline(trained["baseline"].model, test_ds.query, test_ds.gallery, cfg.height,
-                                           cfg.width, device=device, progress=progress)
+    table_rows.update(evaluate_trained(trained["baseline"].model, None, test_ds, cfg.height, cfg.width,
+                                       device=device, progress=progress))
     timings["eval_baseline"] = time.time() - t0
     timings["total"] = time.time() - t_start
 
-    table_rows = {k: {m: float(v[m]) for m in ROW_KEYS} for k, v in rows.items()}
     print()
     table = print_table(table_rows, "synthetic domain_a -> domain_b (direct transfer)")
     print(f"\nwall time {timings['total']:.0f} s (data {timings['data']:.0f} s, QAConv training "

@@ -1,53 +1,13 @@
-"""``qaconv match IMAGE_A IMAGE_B``: draw QAConv's local correspondences between two images.
-
-Also home of :func:`load_qaconv`, which the picture commands (``match`` and ``rank``) use to turn a
-checkpoint into ``(backbone, head, config)``.
-"""
+"""``qaconv match IMAGE_A IMAGE_B``: draw QAConv's local correspondences between two images."""
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 
-from .train import resolve_device
-
-DEFAULT_CHECKPOINT = os.path.join("runs", "demo", "qaconv.pt")
-
-
-def load_qaconv(path: str, device: str = "cpu", command: str = "qaconv"
-                ) -> Tuple[torch.nn.Module, torch.nn.Module, Dict[str, Any]]:
-    """A trained QAConv model for the picture commands, or ``SystemExit`` with a message saying what to do.
-
-    See :func:`qaconv_ext.engine.load_trained`; a missing default checkpoint asks the user to run
-    ``qaconv demo``, a folder without ``checkpoint.pt`` names the ``*.pt`` files it holds, and a
-    baseline checkpoint (no QAConv head) is refused.
-    """
-    from ..engine import CheckpointError, find_checkpoint, load_trained
-    from ..engine.checkpoint import missing_checkpoint_message
-
-    if find_checkpoint(path) is None:
-        if os.path.isdir(path):
-            raise SystemExit(f"{command}: {missing_checkpoint_message(path)}")
-        hint = ("run `qaconv demo` first (it trains a model on the built-in synthetic data and saves it there)"
-                if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else
-                f"pass an existing file with --checkpoint, or run `qaconv demo` to create {DEFAULT_CHECKPOINT}")
-        raise SystemExit(f"{command}: checkpoint not found: {path}; {hint}")
-    try:
-        backbone, head, cfg = load_trained(path, device=device)
-    except CheckpointError as exc:
-        raise SystemExit(f"{command}: {exc}") from None
-    if head is None:
-        raise SystemExit(f"{command}: {path} is a baseline checkpoint (no QAConv head); give a QAConv model")
-    return backbone, head, cfg
-
-
-def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    """``--checkpoint`` and ``--device``, shared by the picture commands."""
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                        help=f"trained model (default: {DEFAULT_CHECKPOINT}, written by `qaconv demo`)")
-    parser.add_argument("--device", default="cpu", help="torch device for the features (default: cpu)")
+from .common import add_checkpoint_args, load_qaconv, resolve_device
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

@@ -7,8 +7,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from .match import add_checkpoint_args, load_qaconv
-from .train import positive_int, resolve_device
+from .common import add_checkpoint_args, load_qaconv, positive_int, resolve_device
 
 DEFAULT_SYNTHETIC_ROOT = os.path.join("data_cache", "synthetic")
 _DATASET_KEYS = ("test_root", "target_root", "eval_root", "dataset_root", "data_dir")

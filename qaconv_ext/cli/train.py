@@ -1,7 +1,4 @@
-"""``qaconv train``: train QAConv (or the GAP baseline) on a re-id dataset, checkpointing every epoch.
-
-Also home of the data/model options and the dataset loader shared with ``qaconv eval``.
-"""
+"""``qaconv train``: train QAConv (or the GAP baseline) on a re-id dataset, checkpointing every epoch."""
 from __future__ import annotations
 
 import argparse
@@ -9,137 +6,25 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-from .output import write_json
+from .common import (
+    DATASET_CHOICES,
+    MODEL_OPTIONS,
+    add_dataset_command,
+    add_postprocess_args,
+    load_dataset,
+    model_defaults,
+    note_postprocessing,
+    print_table,
+    resolve_device,
+    write_json,
+)
 
-DATASET_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "synthetic-a", "synthetic-b", "folder")
+__all__ = ["register", "run", "config_from_args", "settle_model_options", "resolve_test_root"]
 
-#: The options that define the model's shapes; a resumed run takes them from the checkpoint.
-MODEL_OPTIONS = ("method", "arch", "neck", "layout", "height", "width")
-
-
-def default_data_root() -> Optional[str]:
-    """``$QACONV_DATA`` when set, else None."""
-    return os.environ.get("QACONV_DATA") or None
-
-
-def default_synthetic_root() -> str:
-    """Where the built-in synthetic network is cached: ``$QACONV_DATA/synthetic`` or ``data_cache/synthetic``."""
-    root = default_data_root()
-    return os.path.join(root, "synthetic") if root else os.path.join("data_cache", "synthetic")
-
-
-def load_dataset(name: str, root: Optional[str] = None, combine_all: bool = False, verbose: bool = True,
-                 option: str = "--data-root") -> Any:
-    """Load ``name`` (one of :data:`DATASET_CHOICES`) from ``root``.
-
-    ``synthetic-a``/``synthetic-b`` are the two domains of the built-in camera network under ``root``
-    (default :func:`default_synthetic_root`), generated on first use. Real datasets read ``root``
-    (default ``$QACONV_DATA``), which may be the dataset folder or the folder that contains it.
-    ``option`` is the command-line option that gives ``root`` (for the error messages).
-    """
-    from ..data import Market1501, build_dataset, make_synthetic_network
-
-    name = name.lower()
-    if name in ("synthetic-a", "synthetic-b"):
-        root = root or default_synthetic_root()
-        paths = make_synthetic_network(root, progress=verbose)
-        ds = Market1501(paths["domain_a" if name.endswith("a") else "domain_b"])
-    else:
-        root = root or default_data_root()
-        if not root:
-            raise SystemExit(f"qaconv: {option} is required for {name} (or set $QACONV_DATA)")
-        kwargs: Dict[str, Any] = {"combine_all": True} if (name == "msmt17" and combine_all) else {}
-        try:
-            ds = build_dataset(name, root, **kwargs)
-        except (OSError, ValueError, KeyError) as exc:
-            raise SystemExit(f"qaconv: cannot read {name} from {root}: {exc}") from None
-    if verbose:
-        print(ds.summary())
-    return ds
-
-
-def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """``--dataset``, ``--data-root``, ``--combine-all``."""
-    p.add_argument("--dataset", choices=DATASET_CHOICES, required=required,
-                   help="dataset to use (synthetic-a/-b: the built-in camera network, generated on first use)")
-    p.add_argument("--data-root", default=None,
-                   help="dataset folder or the folder containing it (default: $QACONV_DATA; synthetic: "
-                        "$QACONV_DATA/synthetic or data_cache/synthetic)")
-    p.add_argument("--combine-all", action="store_true", help="MSMT17: train on all 4,101 identities")
-
-
-def add_postprocess_args(p: argparse.ArgumentParser) -> None:
-    """``--rerank``, ``--tlift``."""
-    p.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
-    p.add_argument("--tlift", action="store_true", help="also report re-ranking + TLift (needs time stamps)")
-
-
-def model_defaults() -> Dict[str, Any]:
-    """The :data:`MODEL_OPTIONS` of a fresh :class:`~qaconv_ext.engine.TrainConfig`."""
-    from ..engine.config import TrainConfig
-
-    cfg = TrainConfig()
-    return {k: getattr(cfg, k) for k in MODEL_OPTIONS}
-
-
-def positive_int(text: str) -> int:
-    """``argparse`` type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """``--arch``, ``--pretrained``, ``--neck``, ``--layout``, ``--height``, ``--width``, ``--batch-size``, ``--device``.
-
-    The model options parse to None when not given (so that ``train --resume`` can take them from the
-    checkpoint); their help names the training default, or with ``defaults=False`` the checkpoint.
-    """
-    from ..models import ARCHITECTURES
-
-    md = model_defaults()
-    d = (lambda k: f"(default: {md[k]})") if defaults else (lambda k: "(default: from the checkpoint)")  # noqa: E731
-    p.add_argument("--arch", choices=ARCHITECTURES, default=None, help=f"backbone {d('arch')}")
-    p.add_argument("--pretrained", default=None, metavar="PATH",
-                   help="local file with ImageNet weights in torchvision naming (nothing is downloaded)")
-    p.add_argument("--neck", type=positive_int, default=None, help=f"neck channels {d('neck')}")
-    p.add_argument("--layout", choices=("v2", "eccv"), default=None, help=f"QAConv head layout {d('layout')}")
-    p.add_argument("--height", type=positive_int, default=None, help=f"input height {d('height')}")
-    p.add_argument("--width", type=positive_int, default=None, help=f"input width {d('width')}")
-    p.add_argument("--batch-size", type=positive_int, default=32 if defaults else 64,
-                   help="images per batch (default: %(default)s)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def resolve_device(device: Optional[str], command: str = "qaconv") -> str:
-    """The requested device, or ``cuda`` when available, else ``cpu``.
-
-    A requested device this machine does not have ends the command (``SystemExit`` with one line).
-    """
-    import torch
-
-    if not device:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SystemExit(f"{command}: --device {device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"{command}: --device {device}: CUDA is not available here "
-                             f"(torch {torch.__version__}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SystemExit(f"{command}: --device {device}: this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"{command}: --device {device}: MPS is not available here; use --device cpu")
-    return device
+COMMAND = "qaconv train"
+DESCRIPTION = ("Train a QAConv model with the class-memory loss (paper recipe by default: SGD, lr 0.01 for new layers "
+               "and 0.001 for a pretrained trunk, x0.1 after 40 epochs, 60 epochs, Random Block). A checkpoint is "
+               "written atomically after every epoch; --resume continues exactly.")
 
 
 def _synthetic(name: str) -> bool:
@@ -157,7 +42,7 @@ def resolve_test_root(args: argparse.Namespace) -> Optional[str]:
 
 
 def settle_model_options(args: argparse.Namespace, saved: Optional[Dict[str, Any]] = None,
-                         command: str = "qaconv train") -> List[str]:
+                         command: str = COMMAND) -> List[str]:
     """Fill the :data:`MODEL_OPTIONS` not given on the command line: from ``saved`` (the config of the
     checkpoint to resume), else the defaults; returns the options taken from ``saved``.
 
@@ -182,13 +67,7 @@ def settle_model_options(args: argparse.Namespace, saved: Optional[Dict[str, Any
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``train`` sub-command."""
-    p = subparsers.add_parser(
-        "train", help="train QAConv (or the GAP baseline) on a dataset",
-        description="Train a QAConv model with the class-memory loss (paper recipe by default: SGD, lr 0.01 for "
-                    "new layers and 0.001 for a pretrained trunk, x0.1 after 40 epochs, 60 epochs, Random Block). "
-                    "A checkpoint is written atomically after every epoch; --resume continues exactly.")
-    add_data_args(p)
-    add_model_args(p)
+    p = add_dataset_command(subparsers, "train", "train QAConv (or the GAP baseline) on a dataset", DESCRIPTION)
     p.add_argument("--method", choices=("qaconv", "baseline"), default=None,
                    help="qaconv: class-memory loss; baseline: GAP + cosine softmax (default: qaconv)")
     p.add_argument("--epochs", type=int, default=60, help="(default: %(default)s)")
@@ -220,19 +99,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
-    """A :class:`~qaconv_ext.engine.TrainConfig` from parsed ``train`` arguments (model options not
-    given: the defaults, see :func:`settle_model_options`)."""
+def config_from_args(args: argparse.Namespace, device: str) -> "TrainConfig":  # noqa: F821
+    """A :class:`~qaconv_ext.engine.TrainConfig` from parsed ``train`` arguments whose model options
+    are settled (:func:`settle_model_options`), for ``device`` (:func:`resolve_device`)."""
     from ..engine import TrainConfig
 
-    settle_model_options(args)
     return TrainConfig(
         method=args.method, arch=args.arch, pretrained=args.pretrained, neck=args.neck, layout=args.layout,
         height=args.height, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         base_lr_mult=args.base_lr_mult, step_size=args.step_size, weight_decay=args.weight_decay,
         random_block=not args.no_random_block, flip=not args.no_flip, freeze_bn=args.freeze_bn,
         clip_grad=args.clip_grad, amp=args.amp, workers=args.workers, seed=args.seed,
-        device=resolve_device(args.device, "qaconv train"), dataset=args.dataset, data_root=args.data_root or "")
+        device=device, dataset=args.dataset, data_root=args.data_root or "")
 
 
 def _resume_config(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
@@ -246,11 +124,11 @@ def _resume_config(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     target = args.checkpoint_dir if args.resume == "auto" else args.resume
     path = find_checkpoint(target)
     if path is None:
-        raise SystemExit(f"qaconv train: --resume: {missing_checkpoint_message(target)}")
+        raise SystemExit(f"{COMMAND}: --resume: {missing_checkpoint_message(target)}")
     try:
         saved = load_checkpoint(path, mmap=True).get("config") or {}
     except CheckpointError as exc:
-        raise SystemExit(f"qaconv train: --resume: {exc}") from None
+        raise SystemExit(f"{COMMAND}: --resume: {exc}") from None
     return {"path": path, "config": dict(saved)}
 
 
@@ -262,16 +140,16 @@ def run(args: argparse.Namespace) -> int:
     """
     from ..engine import run_training
 
-    resolve_device(args.device, "qaconv train")
+    device = resolve_device(args.device, COMMAND)
     resume = _resume_config(args)
     adopted = settle_model_options(args, resume["config"] if resume else None)
     if adopted:
         print("from the checkpoint: " + " ".join(adopted))
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, device)
     ds = load_dataset(args.dataset, args.data_root, args.combine_all, verbose=True)
     saved_ids = (resume or {}).get("config", {}).get("num_classes")
     if saved_ids is not None and int(saved_ids) != ds.num_train_pids:
-        raise SystemExit(f"qaconv train: --resume: the checkpoint was trained on {saved_ids} identities, "
+        raise SystemExit(f"{COMMAND}: --resume: the checkpoint was trained on {saved_ids} identities, "
                          f"--dataset {args.dataset} has {ds.num_train_pids}")
     extra: Dict[str, Any] = {"train_root": ds.root}
     test = None
@@ -286,13 +164,13 @@ def run(args: argparse.Namespace) -> int:
                            progress=not args.no_progress)
     print(f"trained in {time.time() - t0:.0f} s; checkpoint: {trainer.checkpoint_path}")
     if test is not None:
-        from .eval import evaluate_trained, note_postprocessing, print_table
+        from ..evaluation import evaluate_trained
 
         head = getattr(trainer.criterion, "matcher", None)
-        note_postprocessing(head, args.rerank, args.tlift, "qaconv train")
-        rows = evaluate_trained(trainer.model, head, cfg.to_dict(), test,
-                                device=cfg.device, batch_size=max(64, cfg.batch_size), workers=cfg.workers,
-                                rerank=args.rerank, tlift=args.tlift, progress=not args.no_progress)
+        note_postprocessing(head, args.rerank, args.tlift, COMMAND)
+        rows = evaluate_trained(trainer.model, head, test, cfg.height, cfg.width, device=cfg.device,
+                                batch_size=max(64, cfg.batch_size), workers=cfg.workers, rerank=args.rerank,
+                                tlift=args.tlift, progress=not args.no_progress)
         print_table(rows, f"{args.dataset} -> {args.test_dataset}")
         out = write_json(os.path.join(args.checkpoint_dir, f"results_{args.test_dataset}.json"), rows)
         print(f"results: {out}")

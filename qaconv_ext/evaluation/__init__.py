@@ -1,4 +1,4 @@
-"""Evaluation: ranking metrics (and scoring helpers)."""
+"""Evaluation: ranking metrics, gallery-scale scoring and the evaluation of a trained model."""
 from .metrics import evaluate_rank
 from .scoring import (
     BASELINE_ROW,
@@ -16,9 +16,11 @@ from .scoring import (
     score_to_distance,
     tlift_distance,
 )
+from .trained import ROW_KEYS, evaluate_trained, metric_rows
 
 __all__ = [
-    "BASELINE_ROW", "QACONV_ROW", "RR_ROW", "TLIFT_ROW", "evaluate_baseline", "evaluate_qaconv", "evaluate_rank",
+    "BASELINE_ROW", "QACONV_ROW", "RR_ROW", "TLIFT_ROW", "ROW_KEYS", "evaluate_baseline", "evaluate_qaconv",
+    "evaluate_rank", "evaluate_trained", "metric_rows",
     "extract_features", "format_metrics", "qaconv_scores", "qaconv_self_scores", "rank_metrics",
     "rerank_distance", "score_to_distance", "tlift_distance",
 ]

@@ -131,7 +131,7 @@ def test_bench_quick(tmp_path, capsys):
 def test_postprocessing_rows(market):
     """evaluate_qaconv adds the RR and RR + TLift rows (tiny random model); no time stamps, no TLift row."""
     from qaconv_ext import QAConv
-    from qaconv_ext.evaluation import QACONV_ROW, RR_ROW, TLIFT_ROW, evaluate_qaconv
+    from qaconv_ext.evaluation import QACONV_ROW, RR_ROW, TLIFT_ROW, evaluate_qaconv, rank_metrics
     from qaconv_ext.models import build_backbone
 
     ds = Market1501(market)
@@ -139,12 +139,17 @@ def test_postprocessing_rows(market):
     backbone = build_backbone("small", neck=8).eval()
     head = QAConv(8, H // 8, W // 8).eval()
     kw = dict(height=H, width=W, rerank=True, tlift=True, progress=False)
-    rows = evaluate_qaconv(backbone, head, ds.query, ds.gallery, **kw)
-    assert list(rows) == [QACONV_ROW, RR_ROW, TLIFT_ROW, "_scores"]
-    assert rows["_scores"]["qg"].shape == (len(ds.query), len(ds.gallery))
+    res = evaluate_qaconv(backbone, head, ds.query, ds.gallery, **kw)
+    assert list(res.rows) == [QACONV_ROW, RR_ROW, TLIFT_ROW]
+    P, N = len(ds.query), len(ds.gallery)
+    assert {k: tuple(v.shape) for k, v in res.scores.items()} == {"qg": (P, N), "qq": (P, P), "gg": (N, N)}
+    # The QAConv row is the ranking of the returned query-gallery scores.
+    assert res.rows[QACONV_ROW] == rank_metrics(-res.scores["qg"], ds.query, ds.gallery)
     no_time = [r._replace(time=None) for r in ds.query]
-    rows = evaluate_qaconv(backbone, head, no_time, ds.gallery, **kw)
-    assert list(rows) == [QACONV_ROW, RR_ROW, "_scores"]
+    res = evaluate_qaconv(backbone, head, no_time, ds.gallery, **kw)
+    assert list(res.rows) == [QACONV_ROW, RR_ROW]
+    res = evaluate_qaconv(backbone, head, ds.query, ds.gallery, height=H, width=W, progress=False)
+    assert list(res.rows) == [QACONV_ROW] and list(res.scores) == ["qg"]
 
 
 def test_module_entry_point():

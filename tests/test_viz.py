@@ -23,8 +23,9 @@ from qaconv_ext.viz import (  # noqa: E402
     head_logit,
     infer_stride,
     rank_gallery,
-    save_demo_pictures,
 )
+from qaconv_ext.cli.pictures import rank_query, save_demo_pictures  # noqa: E402
+from qaconv_ext.evaluation import extract_features  # noqa: E402
 
 RED, BLACK = (255, 0, 0), (0, 0, 0)
 
@@ -447,6 +448,28 @@ def test_save_demo_pictures(synthetic, tmp_path, gen):
     (mw, mh), (nw, nh), (rw, rh) = (sizes["correspondences_match.png"], sizes["correspondences_nonmatch.png"],
                                     sizes["ranked_list.png"])
     assert sizes["overview.png"] == (max(mw + nw + 16, rw), max(mh, nh) + 16 + rh)
+
+
+def test_rank_query(synthetic, gen):
+    """One query against the gallery: the head's scores, the same-identity-and-camera junk left out of
+    an order that is best first."""
+    model = TinyBackbone()
+    head = randomise_head(QAConv(16, 8, 4), gen)
+    gallery = synthetic.gallery
+    g_fea = extract_features(model, gallery, 128, 64, progress=False)
+    for qi in (0, len(synthetic.query) - 1):
+        q = synthetic.query[qi]
+        r = rank_query(model, head, q, gallery, g_fea, 128, 64)
+        assert r.features.shape == (1, 16, 8, 4)
+        with torch.no_grad():
+            want = head(r.features, g_fea).reshape(-1).numpy()
+        np.testing.assert_allclose(r.scores, want, rtol=1e-5, atol=1e-5)
+        pids, cams = np.array([g.pid for g in gallery]), np.array([g.camid for g in gallery])
+        assert np.array_equal(r.junk, (pids == q.pid) & (cams == q.camid))
+        assert np.array_equal(r.matches, pids == q.pid)
+        assert sorted(r.order.tolist()) == np.flatnonzero(~r.junk).tolist()
+        assert np.all(np.diff(r.scores[r.order]) <= 0)
+        assert r.top_is_match == bool(r.matches[r.order[0]])
 
 
 def test_cli_missing_checkpoint_says_run_demo(tmp_path, monkeypatch):

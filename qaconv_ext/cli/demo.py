@@ -69,7 +69,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     from ..data import Market1501, make_synthetic_network
     from ..engine import TrainConfig, run_training
     from ..evaluation import evaluate_trained
-    from ..viz import save_demo_pictures
+    from .pictures import save_demo_pictures
 
     t_start = time.time()
     progress = not args.no_progress

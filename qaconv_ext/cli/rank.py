@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from .common import add_checkpoint_args, load_qaconv, positive_int, resolve_device
+from .pictures import rank_query
 
 DEFAULT_SYNTHETIC_ROOT = os.path.join("data_cache", "synthetic")
 _DATASET_KEYS = ("test_root", "target_root", "eval_root", "dataset_root", "data_dir")
@@ -98,8 +99,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``qaconv rank``."""
-    from ..evaluation import extract_features, qaconv_scores
-    from ..viz import average_match, draw_correspondences, draw_ranked_list, rank_gallery
+    from ..evaluation import extract_features
+    from ..viz import average_match, draw_correspondences, draw_ranked_list
 
     device = resolve_device(args.device, "qaconv rank")
     model, head, cfg = load_qaconv(args.checkpoint, device, "qaconv rank")
@@ -112,14 +113,11 @@ def run(args: argparse.Namespace) -> int:
     gallery = ds.gallery if args.max_gallery is None else ds.gallery[:args.max_gallery]
     q = ds.query[args.query_index]
     h, w = cfg["height"], cfg["width"]
-    q_fea = extract_features(model, [q], h, w, device=device, progress=False)
     g_fea = extract_features(model, gallery, h, w, batch_size=args.batch_size, device=device,
                              progress=len(gallery) > 2000, desc="gallery features")
-    scores = qaconv_scores(head, q_fea, g_fea, progress=False)[0].numpy()
-    g_pid = np.array([g.pid for g in gallery])
-    g_cam = np.array([g.camid for g in gallery])
-    junk = (g_pid == q.pid) & (g_cam == q.camid)
-    matches = g_pid == q.pid
+    ranking = rank_query(model, head, q, gallery, g_fea, h, w, device)
+    q_fea, scores, junk, matches, order = (ranking.features, ranking.scores, ranking.junk, ranking.matches,
+                                           ranking.order)
     n_rel = int(np.sum(matches & ~junk))
     title = (f"query {args.query_index} (id {q.pid}, camera {q.camid + 1}) of {os.path.basename(ds.root)}: "
              f"top {min(args.k, int(np.sum(~junk)))} of {int(np.sum(~junk))}; "
@@ -127,7 +125,6 @@ def run(args: argparse.Namespace) -> int:
     img = draw_ranked_list(q, gallery, scores, matches, k=args.k, ignore=junk, title=title)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     img.save(args.output)
-    order = rank_gallery(scores, None, True, junk)
     first_hit = next((r for r, i in enumerate(order, start=1) if matches[i]), None)
     print(f"query {args.query_index}: first true match at rank {first_hit}; -> {args.output}")
     if args.correspondences and len(order):

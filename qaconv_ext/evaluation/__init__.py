@@ -5,6 +5,7 @@ from .scoring import (
     QACONV_ROW,
     RR_ROW,
     TLIFT_ROW,
+    QAConvEvaluation,
     evaluate_baseline,
     evaluate_qaconv,
     extract_features,
@@ -19,8 +20,7 @@ from .scoring import (
 from .trained import ROW_KEYS, evaluate_trained, metric_rows
 
 __all__ = [
-    "BASELINE_ROW", "QACONV_ROW", "RR_ROW", "TLIFT_ROW", "ROW_KEYS", "evaluate_baseline", "evaluate_qaconv",
-    "evaluate_rank", "evaluate_trained", "metric_rows",
-    "extract_features", "format_metrics", "qaconv_scores", "qaconv_self_scores", "rank_metrics",
-    "rerank_distance", "score_to_distance", "tlift_distance",
+    "BASELINE_ROW", "QACONV_ROW", "RR_ROW", "TLIFT_ROW", "ROW_KEYS", "QAConvEvaluation", "evaluate_baseline",
+    "evaluate_qaconv", "evaluate_rank", "evaluate_trained", "metric_rows", "extract_features", "format_metrics",
+    "qaconv_scores", "qaconv_self_scores", "rank_metrics", "rerank_distance", "score_to_distance", "tlift_distance",
 ]

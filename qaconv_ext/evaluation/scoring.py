@@ -9,6 +9,7 @@ distance ``-score`` (float32). Re-ranking and TLift work on bounded values: the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "rerank_distance",
     "tlift_distance",
     "evaluate_qaconv",
+    "QAConvEvaluation",
     "evaluate_baseline",
     "QACONV_ROW",
     "RR_ROW",
@@ -207,16 +209,29 @@ def tlift_distance(dist: Any, query: Records, gallery: Records, tau: float = 100
     return (1.0 - np.asarray(lifted, dtype=np.float32)).astype(np.float32)
 
 
+@dataclass
+class QAConvEvaluation:
+    """What :func:`evaluate_qaconv` returns.
+
+    ``rows``: ``{row name: metrics}`` (:func:`rank_metrics`), the ``"QAConv"`` row and, when asked, the
+    re-ranking and TLift rows, in that order. ``scores``: the QAConv logits as CPU float32 tensors,
+    ``"qg"`` ``[P, N]`` and, when re-ranking, ``"qq"`` ``[P, P]`` and ``"gg"`` ``[N, N]``.
+    """
+
+    rows: Dict[str, Dict[str, Any]]
+    scores: Dict[str, torch.Tensor]
+
+
 def evaluate_qaconv(backbone: nn.Module, head: nn.Module, query: Records, gallery: Records, height: int,
                     width: int, *, batch_size: int = 64, device: Union[str, torch.device] = "cpu",
                     workers: int = 0, rerank: bool = False, tlift: bool = False,
                     tlift_params: Optional[Dict[str, float]] = None, rerank_mode: str = "dense",
-                    progress: bool = True, gallery_chunk: int = 2048) -> Dict[str, Any]:
+                    progress: bool = True, gallery_chunk: int = 2048) -> QAConvEvaluation:
     """Extract features, score every query against the gallery with the fused op, compute metrics.
 
-    Returns ``{"QAConv": metrics, ["QAConv + RR": ..., "QAConv + RR + TLift": ...], "_scores": {...}}``
-    where ``_scores`` holds the ``qg`` logits (and ``qq``/``gg`` when re-ranking) as CPU tensors.
-    ``tlift`` implies ``rerank`` (the paper's pipeline) and is skipped without time stamps.
+    Returns a :class:`QAConvEvaluation`: the rows ``"QAConv"`` (and ``"QAConv + RR"``,
+    ``"QAConv + RR + TLift"``) and the scores they were computed from. ``tlift`` implies ``rerank``
+    (the paper's pipeline) and is skipped without time stamps.
     """
     device = torch.device(device)
     backbone = backbone.to(device)
@@ -238,8 +253,7 @@ def evaluate_qaconv(backbone: nn.Module, head: nn.Module, query: Records, galler
         if tlift and all(r.time is not None for r in list(query) + list(gallery)):
             d_tl = tlift_distance(d_rr, query, gallery, **(tlift_params or {}))
             results[TLIFT_ROW] = rank_metrics(d_tl, query, gallery)
-    results["_scores"] = scores
-    return results
+    return QAConvEvaluation(rows=results, scores=scores)
 
 
 def evaluate_baseline(backbone: nn.Module, query: Records, gallery: Records, height: int, width: int, *,

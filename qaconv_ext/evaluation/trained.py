@@ -35,6 +35,5 @@ def evaluate_trained(backbone: nn.Module, head: Optional[nn.Module], dataset: An
     else:
         results = evaluate_qaconv(backbone, head, dataset.query, dataset.gallery, height, width,
                                   batch_size=batch_size, device=device, workers=workers, rerank=rerank,
-                                  tlift=tlift, progress=progress)
-        results.pop("_scores", None)
+                                  tlift=tlift, progress=progress).rows
     return metric_rows(results)

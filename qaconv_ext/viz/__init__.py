@@ -18,13 +18,12 @@ from .ranklist import (
     RankCell,
     draw_ranked_list,
     rank_gallery,
-    save_demo_pictures,
+    stack_pictures,
 )
 
 __all__ = [
     "draw_correspondences", "draw_matches", "correspondence_segments", "Segment",
     "head_contributions", "relative_contributions", "average_match", "head_logit", "match_pair", "infer_stride", "location_centers",
     "load_image", "strength_colormap",
-    "draw_ranked_list", "rank_gallery", "RankCell",
-    "save_demo_pictures",
+    "draw_ranked_list", "rank_gallery", "RankCell", "stack_pictures",
 ]

@@ -1,32 +1,20 @@
-"""Ranked lists (a query and its top-k gallery images) and the pictures the demo saves."""
+"""Ranked lists (a query and its top-k gallery images), and pictures stacked into one."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from ..evaluation import extract_features, qaconv_scores
-from .correspondences import (
-    Color,
-    ImageInput,
-    _font,
-    _wrap,
-    average_match,
-    draw_correspondences,
-    load_image,
-    match_pair,
-    relative_contributions,
-)
+from .correspondences import Color, ImageInput, _font, _wrap, load_image
 
 __all__ = [
     "RankCell",
     "rank_gallery",
     "draw_ranked_list",
-    "save_demo_pictures",
+    "stack_pictures",
 ]
 
 
@@ -196,103 +184,9 @@ def draw_ranked_list(query: ImageInput, gallery: Sequence[ImageInput], scores: A
     return (canvas, cells) if return_cells else canvas
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def save_demo_pictures(model: torch.nn.Module, head: torch.nn.Module, dataset: Any, out_dir: str, *,
-                       height: Optional[int] = None, width: Optional[int] = None,
-                       query_index: Optional[int] = None, k: int = 10, max_lines: int = 40,
-                       batch_size: int = 64) -> List[str]:
-    """Save a ranked list and two correspondence pictures for one query of ``dataset``.
-
-    ``dataset`` has ``.query`` and ``.gallery`` record lists (e.g. ``Market1501`` on a synthetic
-    domain); ``model`` maps images to L2-normalised feature maps, ``head`` is the QAConv head.
-    ``height``/``width`` is the network input size (default: the query image's own size).
-    The query is ``query_index``, or else the first query whose best-scored gallery image is a true
-    match (the first with a true match in another camera if none is).
-    Writes ``ranked_list.png``, ``correspondences_match.png`` (the query and its best-scored true
-    match), ``correspondences_nonmatch.png`` (its best-scored impostor) and ``overview.png`` (the
-    three in one picture) into ``out_dir``; returns their paths. Lines show head contributions above
-    the query's average match over the gallery (:func:`relative_contributions`); the two
-    correspondence pictures share one colour scale.
-    """
-    query, gallery = list(dataset.query), list(dataset.gallery)
-    if not query or not gallery:
-        raise ValueError("save_demo_pictures: the dataset needs query and gallery images")
-    g_pid = np.array([g.pid for g in gallery])
-    g_cam = np.array([g.camid for g in gallery])
-    if query_index is not None and not 0 <= int(query_index) < len(query):
-        raise IndexError(f"query_index {query_index} out of range: the dataset has {len(query)} queries")
-    if height is None or width is None:
-        w0, h0 = load_image(query[int(query_index or 0)], "query").size
-        height, width = height or h0, width or w0
-    device = _model_device(model)
-    g_fea = extract_features(model, gallery, height, width, batch_size=batch_size, device=device, progress=False)
-
-    def ranked(i: int):
-        qi = query[i]
-        q_fea = extract_features(model, [qi], height, width, device=device, progress=False)
-        scores = qaconv_scores(head, q_fea, g_fea, progress=False)[0].numpy()
-        junk = (g_pid == qi.pid) & (g_cam == qi.camid)
-        return q_fea, scores, junk, g_pid == qi.pid, rank_gallery(scores, None, True, junk)
-
-    if query_index is None:  # a typical success: the first query whose rank-1 image is a true match
-        chosen = None
-        for i, qi in enumerate(query):
-            if not np.any((g_pid == qi.pid) & (g_cam != qi.camid)):
-                continue
-            r = ranked(i)
-            if chosen is None or (r[3][r[4][0]] and not chosen[1][3][chosen[1][4][0]]):
-                chosen = (i, r)
-            if r[3][r[4][0]]:
-                break
-        query_index, (q_fea, scores, junk, matches, order) = chosen if chosen else (0, ranked(0))
-    else:
-        q_fea, scores, junk, matches, order = ranked(int(query_index))
-    q = query[int(query_index)]
-
-    os.makedirs(out_dir, exist_ok=True)
-    paths: List[str] = []
-    n_rel = int(np.sum(matches & ~junk))
-    title = (f"query {int(query_index)} (id {q.pid}, camera {q.camid + 1}): top {min(k, len(order))} of "
-             f"{len(order)} gallery images by QAConv score; {n_rel} true match{'es' if n_rel != 1 else ''} "
-             f"in the gallery")
-    img = draw_ranked_list(q, gallery, scores, matches, k=k, ignore=junk, title=title)
-    p = os.path.join(out_dir, "ranked_list.png")
-    img.save(p)
-    paths.append(p)
-
-    picks = {}
-    for name, want in (("correspondences_match.png", True), ("correspondences_nonmatch.png", False)):
-        pick = next((int(i) for i in order if bool(matches[i]) == want), None)
-        if pick is not None:
-            picks[name] = pick
-    # Contributions relative to the query's average match over the gallery; one colour scale for both
-    # pictures, so their line colours compare.
-    reference = average_match(q_fea, g_fea)
-    kept = []
-    for pick in picks.values():
-        c = relative_contributions(match_pair(q_fea[0], g_fea[pick])[0], reference, head)
-        kept.append(torch.sort(c, descending=True).values[:max(1, max_lines)])
-    vmin = float(min(t.min() for t in kept)) if kept else None
-    vmax = float(max(t.max() for t in kept)) if kept else None
-    pictures = [img]
-    for name, pick in picks.items():
-        img = draw_correspondences(q, gallery[pick], q_fea[0], g_fea[pick], head=head, reference=reference,
-                                   max_lines=max_lines, image_size=(height, width), vmin=vmin, vmax=vmax)
-        p = os.path.join(out_dir, name)
-        img.save(p)
-        paths.append(p)
-        pictures.append(img)
-    p = os.path.join(out_dir, "overview.png")
-    _stack([pictures[1:], pictures[:1]]).save(p)
-    paths.append(p)
-    return paths
-
-
-def _stack(rows: Sequence[Sequence["PIL.Image.Image"]], gap: int = 16) -> "PIL.Image.Image":  # noqa: F821
-    """Paste pictures row by row (left to right, top to bottom) onto one white canvas."""
+def stack_pictures(rows: Sequence[Sequence["PIL.Image.Image"]], gap: int = 16) -> "PIL.Image.Image":  # noqa: F821
+    """Paste pictures row by row (left to right, top to bottom, ``gap`` pixels apart) onto one white
+    canvas; empty rows are skipped."""
     from PIL import Image
 
     rows = [r for r in rows if r]

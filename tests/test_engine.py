@@ -22,7 +22,7 @@ from qaconv_ext.engine import (
     seed_everything,
 )
 from qaconv_ext.engine import checkpoint as ckpt_mod
-from qaconv_ext.evaluation import qaconv_scores, qaconv_self_scores, rank_metrics
+from qaconv_ext.evaluation import rank_metrics, score_blocks, self_score_blocks
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -230,10 +230,10 @@ def test_chunked_scores_equal_head(gen):
     g = unit_maps(11, 8, 3, 2, generator=gen)
     with torch.no_grad():
         full = head(q, g)
-    chunked = qaconv_scores(head, q, g, query_chunk=2, gallery_chunk=4, progress=False)
+    chunked = score_blocks(head, q, g, query_chunk=2, gallery_chunk=4, progress=False)
     assert rel_err(chunked, full) < 1e-6
     self_full = head(g, g).detach()
-    sym = qaconv_self_scores(head, g, chunk=3, progress=False)
+    sym = self_score_blocks(head, g, chunk=3, progress=False)
     assert rel_err(sym, self_full) < 1e-6
 
 

@@ -42,14 +42,14 @@ def rank_query(model: torch.nn.Module, head: torch.nn.Module, query: Any, galler
                device: Union[str, torch.device] = "cpu") -> QueryRanking:
     """Rank ``gallery`` (records with ``pid``/``camid``, features ``gallery_features``) for the record
     ``query``: its features by ``model`` at ``height x width`` on ``device``, QAConv scores by ``head``."""
-    from ..evaluation import extract_features, qaconv_scores
+    from ..evaluation import extract_features, junk_mask, score_blocks
     from ..viz import rank_gallery
 
     g_pid = np.array([g.pid for g in gallery])
     g_cam = np.array([g.camid for g in gallery])
     q_fea = extract_features(model, [query], height, width, device=device, progress=False)
-    scores = qaconv_scores(head, q_fea, gallery_features, progress=False)[0].numpy()
-    junk = (g_pid == query.pid) & (g_cam == query.camid)
+    scores = score_blocks(head, q_fea, gallery_features, progress=False)[0].numpy()
+    junk = junk_mask(query.pid, query.camid, g_pid, g_cam)
     return QueryRanking(q_fea, scores, junk, g_pid == query.pid, rank_gallery(scores, None, True, junk))
 
 
@@ -74,7 +74,7 @@ def save_demo_pictures(model: torch.nn.Module, head: torch.nn.Module, dataset: A
     the query's average match over the gallery (:func:`qaconv_ext.viz.relative_contributions`); the two
     correspondence pictures share one colour scale.
     """
-    from ..evaluation import extract_features
+    from ..evaluation import extract_features, junk_mask
     from ..viz import (
         average_match,
         draw_correspondences,
@@ -104,7 +104,7 @@ def save_demo_pictures(model: torch.nn.Module, head: torch.nn.Module, dataset: A
     if query_index is None:  # a typical success: the first query whose rank-1 image is a true match
         chosen = None
         for i, qi in enumerate(query):
-            if not np.any((g_pid == qi.pid) & (g_cam != qi.camid)):
+            if not np.any((g_pid == qi.pid) & ~junk_mask(qi.pid, qi.camid, g_pid, g_cam)):
                 continue
             r = ranked(i)
             if chosen is None or (r.top_is_match and not chosen[1].top_is_match):

@@ -1,5 +1,6 @@
 """Evaluation: ranking metrics, gallery-scale scoring and the evaluation of a trained model."""
 from .metrics import evaluate_rank
+from .protocol import junk_mask
 from .scoring import (
     BASELINE_ROW,
     QACONV_ROW,
@@ -10,11 +11,11 @@ from .scoring import (
     evaluate_qaconv,
     extract_features,
     format_metrics,
-    qaconv_scores,
-    qaconv_self_scores,
     rank_metrics,
     rerank_distance,
+    score_blocks,
     score_to_distance,
+    self_score_blocks,
     tlift_distance,
 )
 from .trained import ROW_KEYS, evaluate_trained, metric_rows
@@ -22,5 +23,6 @@ from .trained import ROW_KEYS, evaluate_trained, metric_rows
 __all__ = [
     "BASELINE_ROW", "QACONV_ROW", "RR_ROW", "TLIFT_ROW", "ROW_KEYS", "QAConvEvaluation", "evaluate_baseline",
     "evaluate_qaconv", "evaluate_rank", "evaluate_trained", "metric_rows", "extract_features", "format_metrics",
-    "qaconv_scores", "qaconv_self_scores", "rank_metrics", "rerank_distance", "score_to_distance", "tlift_distance",
+    "junk_mask", "rank_metrics", "rerank_distance", "score_blocks", "score_to_distance", "self_score_blocks",
+    "tlift_distance",
 ]

@@ -6,6 +6,8 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .protocol import junk_mask
+
 __all__ = ["evaluate_rank"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Any]
@@ -75,9 +77,10 @@ def evaluate_rank(
     for start in range(0, num_q, block):
         stop = min(start + block, num_q)
         order = torch.sort(dist[start:stop], dim=1, stable=True).indices
-        same_pid = g_pids[order] == q_pids[start:stop, None]
-        junk = same_pid & (g_camids[order] == q_camids[start:stop, None])
-        del order
+        ranked_pids = g_pids[order]
+        same_pid = ranked_pids == q_pids[start:stop, None]
+        junk = junk_mask(q_pids[start:stop, None], q_camids[start:stop, None], ranked_pids, g_camids[order])
+        del order, ranked_pids
         good = same_pid & ~junk
         # 1-based position of every entry in the list that remains once junk is removed
         position = torch.cumsum(~junk, dim=1)

@@ -18,8 +18,8 @@ from torch import nn
 
 __all__ = [
     "extract_features",
-    "qaconv_scores",
-    "qaconv_self_scores",
+    "score_blocks",
+    "self_score_blocks",
     "score_to_distance",
     "rank_metrics",
     "format_metrics",
@@ -82,10 +82,11 @@ def _blocks(n: int, size: int) -> List[Tuple[int, int]]:
     return [(i, min(i + size, n)) for i in range(0, n, max(1, size))]
 
 
-def qaconv_scores(head: nn.Module, query_fea: torch.Tensor, gallery_fea: torch.Tensor,
-                  query_chunk: int = 512, gallery_chunk: int = 2048, progress: bool = True,
-                  desc: str = "QAConv scores", device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """QAConv logits ``[P, N]`` (float32, CPU) with the fused op and the folded head.
+def score_blocks(head: nn.Module, query_fea: torch.Tensor, gallery_fea: torch.Tensor,
+                 query_chunk: int = 512, gallery_chunk: int = 2048, progress: bool = True,
+                 desc: str = "QAConv scores", device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """QAConv logits ``[P, N]`` (float32, CPU) of every query against every gallery image: the op
+    :func:`qaconv_ext.qaconv_score` with the folded head, called block by block.
 
     Works in ``query_chunk x gallery_chunk`` blocks (on ``device``, default: the features' device)
     so that only the features and one block of scores are resident on the device.
@@ -111,10 +112,11 @@ def qaconv_scores(head: nn.Module, query_fea: torch.Tensor, gallery_fea: torch.T
     return out
 
 
-def qaconv_self_scores(head: nn.Module, fea: torch.Tensor, chunk: int = 1024, progress: bool = True,
-                       desc: str = "QAConv self scores", device: Union[str, torch.device, None] = None
-                       ) -> torch.Tensor:
-    """QAConv logits ``[N, N]`` among one set (e.g. gallery-gallery for re-ranking).
+def self_score_blocks(head: nn.Module, fea: torch.Tensor, chunk: int = 1024, progress: bool = True,
+                      desc: str = "QAConv self scores", device: Union[str, torch.device, None] = None
+                      ) -> torch.Tensor:
+    """QAConv logits ``[N, N]`` among one set (e.g. gallery-gallery for re-ranking), block by block
+    like :func:`score_blocks`.
 
     With the symmetric ``v2`` head only the blocks on and above the diagonal are computed and mirrored
     (about half the pairs); other heads compute every block.
@@ -124,7 +126,7 @@ def qaconv_self_scores(head: nn.Module, fea: torch.Tensor, chunk: int = 1024, pr
     from ..ops import qaconv_score
 
     if getattr(head, "layout", "eccv") != "v2":
-        return qaconv_scores(head, fea, fea, chunk, chunk, progress, desc, device)
+        return score_blocks(head, fea, fea, chunk, chunk, progress, desc, device)
     device = torch.device(device) if device is not None else fea.device
     weight, bias = _folded(head, device, fea.dtype)
     N = fea.shape[0]
@@ -241,12 +243,12 @@ def evaluate_qaconv(backbone: nn.Module, head: nn.Module, query: Records, galler
                              "query features", out_device=fea_dev)
     g_fea = extract_features(backbone, gallery, height, width, batch_size, device, workers, progress,
                              "gallery features", out_device=fea_dev)
-    s_qg = qaconv_scores(head, q_fea, g_fea, progress=progress, gallery_chunk=gallery_chunk)
+    s_qg = score_blocks(head, q_fea, g_fea, progress=progress, gallery_chunk=gallery_chunk)
     results: Dict[str, Any] = {QACONV_ROW: rank_metrics(-s_qg, query, gallery)}
     scores = {"qg": s_qg}
     if rerank or tlift:
-        s_qq = qaconv_self_scores(head, q_fea, progress=progress, desc="QAConv query-query")
-        s_gg = qaconv_self_scores(head, g_fea, progress=progress, desc="QAConv gallery-gallery")
+        s_qq = self_score_blocks(head, q_fea, progress=progress, desc="QAConv query-query")
+        s_gg = self_score_blocks(head, g_fea, progress=progress, desc="QAConv gallery-gallery")
         scores.update(qq=s_qq, gg=s_gg)
         d_rr = rerank_distance(s_qg, s_qq, s_gg, mode=rerank_mode)
         results[RR_ROW] = rank_metrics(d_rr, query, gallery)

@@ -166,3 +166,138 @@ def test_load_public_checkpoint_head(layout, prefix, gen):
         assert torch.equal(head.state_dict()[k], v)
     with pytest.raises(ValueError):
         head_from_state_dict(state, 16, 3, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The head's eval-mode algebra per max value, and building a head from a state dict
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["v2", "eccv"])
+def test_slot_weights_contributions_and_logit(layout):
+    gen = torch.Generator().manual_seed(11 if layout == "v2" else 12)
+    head = _randomise(QAConv(8, 3, 2, layout=layout).double(), gen).eval()
+    L = head.num_locations
+    q = unit_maps(3, 8, 3, 2, torch.float64, gen)
+    g = unit_maps(4, 8, 3, 2, torch.float64, gen)
+    values = qaconv_match(q, g)  # [3, 4, 2L]
+    slots, bias_total = head.slot_weights()
+    w, c = head.fc.weight.detach().reshape(-1), head.fc.bias.detach()[0]
+    if layout == "v2":  # the shared FC sees each direction: every weight twice, the bias twice
+        assert torch.equal(slots.detach(), torch.cat((w, w))) and float(bias_total.detach()) == 2 * float(c)
+    else:  # one FC over [gallery-location maxima ; query-location maxima]
+        assert torch.equal(slots.detach(), torch.cat((w[L:], w[:L]))) and float(bias_total.detach()) == float(c)
+    with torch.no_grad():
+        contrib = head.contributions(values)
+        logit = head.logit(values)
+        weight, bias = head.folded()
+        unfolded = head.head(values)
+        scores = head(q, g)
+        formula = slots.detach() * _bn(values, head.bn, training=False)
+    assert contrib.shape == values.shape and contrib.dtype == torch.float64
+    assert rel_err(contrib, formula) < 1e-14
+    assert rel_err(logit, unfolded) < 1e-13
+    assert rel_err(logit, values @ weight + bias) < 1e-13
+    assert rel_err(logit, scores) < 1e-13
+    # differentiable in the head's parameters, like folded()
+    head.contributions(values).sum().backward()
+    assert head.fc.weight.grad is not None and head.bn.weight.grad is not None
+    # float32 values on a float32 head stay float32
+    assert head.float().contributions(values.float()).dtype == torch.float32
+
+
+def test_contributions_want_the_head_size():
+    head = QAConv(8, 3, 2)
+    for bad in (torch.zeros(10), torch.zeros(2, 13), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"expected 12 max values per pair.*head's height x width \(3x2\)"):
+            head.contributions(bad)
+    with pytest.raises(ValueError, match="expected 12 max values per pair"):
+        head.head(torch.zeros(4, 10))
+
+
+@pytest.mark.parametrize("layout", ["v2", "eccv"])
+def test_from_state_dict_round_trip(layout):
+    gen = torch.Generator().manual_seed(21 if layout == "v2" else 22)
+    src = _randomise(QAConv(16, 4, 2, layout=layout), gen).eval()
+    q = unit_maps(3, 16, 4, 2, torch.float32, gen)
+    g = unit_maps(5, 16, 4, 2, torch.float32, gen)
+    with torch.no_grad():
+        want = src(q, g)
+    state = src.state_dict()
+    for kwargs in ({"height": 4, "width": 2},                    # layout from the FC size
+                   {"height": 4, "width": 2, "layout": layout},  # all given
+                   {"height": 4, "layout": layout},              # width from L = fc size (/ 2 for eccv)
+                   {"width": 2, "layout": layout.upper()}):      # height likewise; any accepted spelling
+        head = QAConv.from_state_dict(state, 16, **kwargs)
+        assert (head.num_features, head.height, head.width, head.layout) == (16, 4, 2, layout), kwargs
+        assert not head.training
+        assert head.state_dict().keys() == state.keys()
+        for k, v in state.items():
+            assert torch.equal(head.state_dict()[k], v), (kwargs, k)
+        with torch.no_grad():
+            assert torch.equal(head(q, g), want), kwargs
+    # the public code's criterion: under matcher., next to the class memory; keyword names as documented
+    crit = {"matcher." + k: v for k, v in state.items()}
+    crit.update(class_memory=torch.zeros(3, 16, 4, 2), valid_class=torch.zeros(3))
+    head = QAConv.from_state_dict(crit, num_features=16, height=4, width=2)
+    assert head.layout == layout and torch.equal(head.fc.weight, src.fc.weight)
+
+
+def _one_line_error(exc_type, fn, *args, **kwargs) -> str:
+    with pytest.raises(exc_type) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.strip(), msg
+    return msg
+
+
+@pytest.mark.parametrize("layout", ["v2", "eccv"])
+def test_from_state_dict_rejects_what_does_not_fit(layout):
+    state = QAConv(16, 4, 2, layout=layout).state_dict()
+    n = state["fc.weight"].numel()
+    build = QAConv.from_state_dict
+    # an FC of the wrong size: for the map size, and for an explicit layout
+    msg = _one_line_error(ValueError, build, state, 16, 3, 3)
+    assert f"fc.weight has {n} entries" in msg and "3x3" in msg
+    msg = _one_line_error(ValueError, build, state, 16, 3, 3, layout=layout)
+    assert "fc.weight has shape" in msg and "3x3" in msg
+    msg = _one_line_error(ValueError, build, state, 16, height=3, layout=layout)  # L = 8 is not 3 rows
+    assert "height 3" in msg
+    # entries of the wrong shape, missing or unexpected
+    for key, bad in (("bn.weight", torch.ones(2)), ("logit_bn.running_var", torch.ones(1, 1)),
+                     ("fc.weight", state["fc.weight"].reshape(2, -1)), ("fc.bias", torch.zeros(2))):
+        msg = _one_line_error(ValueError, build, {**state, key: bad}, 16, 4, 2)
+        assert key in msg, msg
+    msg = _one_line_error(KeyError, build, {k: v for k, v in state.items() if k != "logit_bn.weight"}, 16, 4, 2)
+    assert "logit_bn.weight" in msg
+    msg = _one_line_error(ValueError, build, {**state, "fc.scale": torch.ones(1)}, 16, 4, 2)
+    assert "fc.scale" in msg
+    _one_line_error(KeyError, build, {"model.conv.weight": torch.ones(1)}, 16, 4, 2)  # no head at all
+    # what a state dict cannot say
+    assert "num_features" in _one_line_error(ValueError, build, state, height=4, width=2)
+    assert "height and width" in _one_line_error(ValueError, build, state, 16, height=4)
+    assert "height or width" in _one_line_error(ValueError, build, state, 16, layout=layout)
+    # num_batches_tracked may be absent (older checkpoints)
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert QAConv.from_state_dict(old, 16, 4, 2).layout == layout
+
+
+def test_one_list_of_layout_names_and_one_error():
+    from qaconv_ext.head import _LAYOUTS
+
+    for name, layout in _LAYOUTS.items():
+        assert QAConv(8, 2, 2, layout=name).layout == layout
+        assert QAConv(8, 2, 2, layout=name.upper()).layout == layout
+    expected = _one_line_error(ValueError, normalize_layout, "symmetric")
+    assert "'symmetric'" in expected and "'v2' or 'eccv'" in expected
+    state = QAConv(8, 2, 2).state_dict()
+    assert _one_line_error(ValueError, QAConv, 8, 2, 2, layout="symmetric") == expected
+    assert _one_line_error(ValueError, QAConv.from_state_dict, state, 8, 2, 2, layout="symmetric") == expected
+    # a layout set on a built head is read through the same table
+    head = QAConv(8, 2, 2).eval()
+    head.layout = "shared"
+    assert torch.equal(head.slot_weights()[0], QAConv(8, 2, 2).slot_weights()[0])
+    head.layout = "symmetric"
+    maps = torch.ones(1, 8, 2, 2)
+    assert _one_line_error(ValueError, head.slot_weights) == expected
+    assert _one_line_error(ValueError, head, maps, maps) == expected
+    assert _one_line_error(ValueError, head.head, torch.zeros(8)) == expected

@@ -10,9 +10,8 @@ from qaconv_ext.head import head_from_state_dict
 from qaconv_ext.models import (
     FeatureMapAdapter,
     GAPCosine,
-    build_baseline,
-    cosine_scores,
     feature_map_size,
+    gap_features,
     load_pretrained,
     resnet,
 )
@@ -123,14 +122,17 @@ def test_any_module_as_backbone(gen):
 
 
 def test_baseline(gen):
-    backbone, crit = build_baseline("small", num_classes=5, neck=16)
+    from qaconv_ext.engine import TrainConfig, build_model
+
+    backbone, crit = build_model(TrainConfig(method="baseline", arch="small", neck=16, height=32, width=16), 5)
     x = torch.randn(3, 3, 32, 16, generator=gen)
     fea = backbone(x)
     loss, acc = crit(fea, torch.tensor([0, 1, 4]))
     assert loss.shape == (3,) and torch.isfinite(loss).all()
     vec = GAPCosine(backbone.eval())(x)
     assert vec.shape == (3, 16) and torch.allclose(vec.norm(dim=1), torch.ones(3), atol=1e-5)
-    s = cosine_scores(fea, fea)
+    pooled = gap_features(fea)
+    s = pooled @ pooled.t()  # cosine similarities of the pooled vectors
     assert s.shape == (3, 3) and torch.allclose(torch.diagonal(s), torch.ones(3), atol=1e-5)
 
 

@@ -524,3 +524,53 @@ def test_cli_round_trip(synthetic, tmp_path, monkeypatch, capsys):
     args = parser.parse_args(["rank", "--dataset", synthetic.root, "--query-index", "9999"])
     with pytest.raises(SystemExit, match="out of range"):
         args.func(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pictures' numbers are the head's
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["v2", "eccv"])
+def test_contributions_add_up_to_the_heads_score(layout):
+    gen = torch.Generator().manual_seed(31 if layout == "v2" else 32)
+    d, h, w = 8, 4, 2
+    head = randomise_head(QAConv(d, h, w, layout=layout).double(), gen)
+    q = torch.nn.functional.normalize(torch.randn(3, d, h, w, generator=gen, dtype=torch.float64), dim=1)
+    g = torch.nn.functional.normalize(torch.randn(5, d, h, w, generator=gen, dtype=torch.float64), dim=1)
+    values = qaconv_ext.qaconv_match(q, g)  # [3, 5, 2L]
+    c = head_contributions(values, head)
+    assert c.dtype == torch.float64 and not c.requires_grad
+    _, bias_total = head.slot_weights()
+    with torch.no_grad():
+        through_logit_bn = head.logit_bn((c.sum(-1) + bias_total).reshape(1, 1, -1)).reshape(3, 5)
+        score = head.eval()(q, g)  # the fused, folded eval-mode score
+        assert torch.equal(c, head.contributions(values))
+    err = (through_logit_bn - score).abs().max() / score.abs().max()
+    assert float(err) < 1e-13
+    assert float((head_logit(values, head) - score).abs().max() / score.abs().max()) < 1e-13
+    # relative contributions: this pair's minus the average reference match's
+    rel = relative_contributions(values[0, 2], values[0], head)
+    assert torch.equal(rel, c[0, 2] - head_contributions(values[0].mean(0), head))
+
+
+def test_pictures_take_the_heads_layout_names_and_errors():
+    from qaconv_ext.head import normalize_layout
+
+    with pytest.raises(ValueError) as info:
+        normalize_layout("symmetric")
+    expected = str(info.value)
+    fa = torch.nn.functional.normalize(torch.randn(8, 4, 2, generator=torch.Generator().manual_seed(5)), dim=0)
+    head = QAConv(8, 4, 2).eval()
+    values, _ = qaconv_ext.viz.match_pair(fa, fa)
+    head.layout = "symmetric"  # a name the head's table does not hold
+    for draw in (lambda: head_contributions(values, head), lambda: head_logit(values, head),
+                 lambda: relative_contributions(values, values, head),
+                 lambda: draw_correspondences(plain(32, 64), plain(32, 64), fa, fa, head=head)):
+        with pytest.raises(ValueError) as info:
+            draw()
+        assert str(info.value) == expected
+    # only a QAConv head (a state dict becomes one with QAConv.from_state_dict)
+    lookalike = torch.nn.Module()
+    lookalike.bn, lookalike.fc, lookalike.logit_bn = head.bn, head.fc, head.logit_bn
+    with pytest.raises(TypeError, match="expected a qaconv_ext.QAConv.*from_state_dict"):
+        head_contributions(values, lookalike)

@@ -181,8 +181,10 @@ def load_public_qaconv(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     Handles ``{"model": ..., "criterion": ...}`` with the head under ``criterion`` (``matcher.*``
     in v1.3+, top-level ``bn``/``fc``/``logit_bn`` in the ECCV-era ``QAConvLoss``) and this
     package's own checkpoints (``"model"``/``"head"``). Build the head with
-    :func:`qaconv_ext.head.head_from_state_dict` (it infers the layout from the FC size).
+    :meth:`qaconv_ext.QAConv.from_state_dict` (it infers the layout from the FC size).
     """
+    from ..head import extract_head_state
+
     ckpt = load_checkpoint(path)
     model = ckpt.get("model") or ckpt.get("state_dict")
     if model is None:
@@ -193,9 +195,11 @@ def load_public_qaconv(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         crit = ckpt.get("criterion")
         if crit is None:
             raise KeyError(f"{path}: no QAConv head ('head' or 'criterion'); keys: {sorted(ckpt)}")
-        prefix = "matcher." if any(k.startswith("matcher.") for k in crit) else ""
-        head = {k[len(prefix):]: v for k, v in crit.items()
-                if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0] in ("bn", "fc", "logit_bn")}
+        try:
+            head = extract_head_state(crit)
+        except KeyError:
+            raise KeyError(f"{path}: 'criterion' holds no QAConv head (no fc.weight); "
+                           f"keys: {sorted(crit)[:8]}") from None
     return model, head
 
 
@@ -211,7 +215,7 @@ def load_trained(path: str, *, arch: Optional[str] = None, neck: Optional[int] =
     ``height``, ``width``, ``checkpoint`` and, for QAConv, ``layout``, ``feature_height``,
     ``feature_width``. Raises :class:`CheckpointError` naming the problem.
     """
-    from ..head import head_from_state_dict
+    from ..head import QAConv
     from ..models import build_backbone, feature_map_size
 
     found = find_checkpoint(path)
@@ -245,7 +249,7 @@ def load_trained(path: str, *, arch: Optional[str] = None, neck: Optional[int] =
     if head_state is not None:
         d, h, w = feature_map_size(backbone, int(cfg["height"]), int(cfg["width"]))
         try:
-            head = head_from_state_dict(head_state, d, h, w, layout=layout)
+            head = QAConv.from_state_dict(head_state, d, h, w, layout=layout)
         except (ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{found}: cannot build the QAConv head for {h}x{w} maps "
                                   f"(check the input height and width): {exc}") from None

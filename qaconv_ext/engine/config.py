@@ -12,7 +12,7 @@ __all__ = ["TrainConfig"]
 class TrainConfig:
     """Everything that defines a training run.
 
-    Defaults follow the paper's recipe (DESIGN §6): batch 32, SGD (momentum 0.9, Nesterov, weight
+    Defaults follow the paper's training recipe: batch 32, SGD (momentum 0.9, Nesterov, weight
     decay 5e-4), learning rate 0.01 for new layers and 0.1x that for the pretrained trunk, x0.1 after
     40 of 60 epochs, 384x128 inputs, Random Block and flips.
     """
@@ -56,12 +56,6 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         """Plain dict (safe for ``torch.load(weights_only=True)``)."""
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        """Build from a dict, ignoring unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some fields changed."""

@@ -128,8 +128,7 @@ class Trainer:
             signature returning per-sample ``(loss [B], acc [B])``.
         optimizer, scheduler: see :func:`build_optimizer`, :func:`build_scheduler` (stepped per epoch).
         device: where to train. amp: mixed precision -- float16 autocast with gradient scaling on CUDA
-            (the default there), bfloat16 autocast on the CPU (off by default; about 1.3x faster steps
-            where the processor has bfloat16 instructions).
+            (the default there), bfloat16 autocast on the CPU (off by default).
         clip_grad: max gradient norm per module (0: off). freeze_bn: keep the model's BatchNorms in eval mode.
         loader_generator: the data loader's generator (its state is checkpointed).
         checkpoint_dir: where ``checkpoint_name`` is written after every epoch (None: not written).

@@ -7,11 +7,11 @@ from .backbone import (
     feature_map_size,
     load_pretrained,
 )
-from .baseline import GAPCosine, build_baseline, cosine_scores, gap_features
+from .baseline import GAPCosine, gap_features
 from .resnet import RESNET_SPECS, BasicBlock, Bottleneck, ResNet, resnet
 
 __all__ = [
     "ARCHITECTURES", "ReIDBackbone", "FeatureMapAdapter", "build_backbone", "feature_map_size", "load_pretrained",
-    "GAPCosine", "build_baseline", "cosine_scores", "gap_features",
+    "GAPCosine", "gap_features",
     "RESNET_SPECS", "BasicBlock", "Bottleneck", "ResNet", "resnet",
 ]

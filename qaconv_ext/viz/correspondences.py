@@ -6,8 +6,8 @@ best-matching location of ``b`` (and the reverse) with the similarity of that ma
 ``((col + 0.5) * stride_x, (row + 0.5) * stride_y)``. Each match becomes a line between the two
 centres. With the QAConv head, a line's strength is the location's *contribution* to the pair's
 score: the head's eval-mode first BatchNorm applied to the max similarity, times the FC weight of that
-location's slot. Lines can be thresholded on that strength, capped to the strongest ``max_lines``
-and coloured by it.
+location's slot (the head computes them: :meth:`qaconv_ext.QAConv.contributions`). Lines can be
+thresholded on that strength, capped to the strongest ``max_lines`` and coloured by it.
 
 Absolute contributions are often largest where every pair matches well -- background, the image
 border. Given ``reference`` values (the query matched against a set of gallery images, e.g. the whole
@@ -34,6 +34,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from ..head import QAConv
 
 __all__ = [
     "Segment",
@@ -217,59 +219,29 @@ def location_centers(indices: Union[torch.Tensor, np.ndarray, Sequence[int]], wi
 # Head contributions
 # ----------------------------------------------------------------------------------------------
 
-def _bn_affine(bn: torch.nn.Module) -> Tuple[float, float]:
-    """Eval-mode scalar affine map ``y = a x + b`` of a BatchNorm1d(1)."""
-    def scalar(name: str, default: float) -> float:
-        t = getattr(bn, name, None)
-        return float(t.detach().reshape(-1)[0]) if t is not None else default
-
-    mean, var = scalar("running_mean", 0.0), scalar("running_var", 1.0)
-    gamma, beta = scalar("weight", 1.0), scalar("bias", 0.0)
-    eps = float(getattr(bn, "eps", 1e-5))
-    a = gamma / math.sqrt(var + eps)
-    return a, beta - a * mean
+def _qaconv_head(head: Any) -> QAConv:
+    """``head`` itself when it is a :class:`qaconv_ext.QAConv`; ``TypeError`` otherwise."""
+    if not isinstance(head, QAConv):
+        raise TypeError(f"head: expected a qaconv_ext.QAConv, got {type(head).__name__} (build one from a state "
+                        f"dict with QAConv.from_state_dict)")
+    return head
 
 
-def _head_terms(head: torch.nn.Module, n: int) -> Tuple[torch.Tensor, float, float, float, float, float]:
-    """(slot weights [n] in the op's value order, a1, b1, fc bias total, a2, b2) of a QAConv head."""
-    for attr in ("bn", "fc", "logit_bn"):
-        if not hasattr(head, attr):
-            raise TypeError(f"head: expected a QAConv head with attributes bn, fc and logit_bn; missing {attr!r}")
-    w = head.fc.weight.detach().reshape(-1).double().cpu()
-    layout = getattr(head, "layout", None)
-    if layout is None:
-        layout = "v2" if 2 * w.numel() == n else "eccv"
-    layout = str(layout).lower()
-    fc_bias = float(head.fc.bias.detach().reshape(-1)[0]) if getattr(head.fc, "bias", None) is not None else 0.0
-    if layout in ("v2", "v2.1", "shared", "symmetric"):
-        if 2 * w.numel() != n:
-            raise ValueError(f"head: its FC has {w.numel()} weights (L = {w.numel()} locations per image) but the "
-                             f"pair has {n} max values; the feature maps must have the head's height x width")
-        slots, bias_total = torch.cat([w, w]), 2.0 * fc_bias
-    else:  # ECCV 2020 layout: Linear(2L, 1) over [per-gallery-location maxima ; per-query-location maxima]
-        if w.numel() != n:
-            raise ValueError(f"head: its FC has {w.numel()} weights but the pair has {n} max values; the feature "
-                             f"maps must have the head's height x width")
-        half = n // 2
-        slots, bias_total = torch.cat([w[half:], w[:half]]), fc_bias
-    a1, b1 = _bn_affine(head.bn)
-    a2, b2 = _bn_affine(head.logit_bn)
-    return slots, a1, b1, bias_total, a2, b2
+def _float64_cpu(values: Any) -> torch.Tensor:
+    return torch.as_tensor(values).detach().double().cpu()
 
 
 def head_contributions(values: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
     """Each max value's contribution to the pair's score: ``fc_weight[slot] * BN(value)``.
 
     ``values`` is ``[..., Lq + Lg]`` in :func:`qaconv_ext.qaconv_match`'s order; the result has the same
-    shape (float64). BN is the head's first BatchNorm in eval mode
-    (``(v - running_mean) / sqrt(running_var + eps) * weight + bias``), whatever the head's mode.
-    Summed, plus the FC bias (twice for the shared-FC "v2" layout), they give the head's output before
-    its final BatchNorm (see :func:`head_logit`). Works with both head layouts (``head.layout``;
-    inferred from the FC size when absent).
+    shape (float64, CPU, no gradient). BN is the head's first BatchNorm in eval mode, whatever the
+    head's mode. Summed, plus the FC bias (twice for the shared-FC "v2" layout), they give the head's
+    output before its final BatchNorm (see :func:`head_logit`). :meth:`qaconv_ext.QAConv.contributions`
+    computes them; ``head`` is a :class:`qaconv_ext.QAConv` of either layout.
     """
-    v = torch.as_tensor(values).detach().double().cpu()
-    slots, a1, b1, _, _, _ = _head_terms(head, v.shape[-1])
-    return slots * (a1 * v + b1)
+    with torch.no_grad():
+        return _qaconv_head(head).contributions(_float64_cpu(values))
 
 
 def relative_contributions(values: torch.Tensor, reference: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
@@ -279,10 +251,10 @@ def relative_contributions(values: torch.Tensor, reference: torch.Tensor, head: 
     same query against reference gallery images. The result sums to the pair's pre-BatchNorm logit
     minus that of the average reference match; positive entries are what this pair matches better.
     """
-    ref = torch.as_tensor(reference).detach().double().cpu()
+    ref = _float64_cpu(reference)
     if ref.dim() == 2:
         ref = ref.mean(dim=0)
-    v = torch.as_tensor(values).detach().double().cpu()
+    v = _float64_cpu(values)
     if ref.dim() != 1 or ref.shape[0] != v.shape[-1]:
         raise ValueError(f"reference: expected [{v.shape[-1]}] or [M, {v.shape[-1]}] max values (the query against "
                          f"reference gallery images), got shape {tuple(torch.as_tensor(reference).shape)}")
@@ -290,10 +262,10 @@ def relative_contributions(values: torch.Tensor, reference: torch.Tensor, head: 
 
 
 def head_logit(values: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    """The head's eval-mode output (logit) from the max values ``[..., Lq + Lg]`` -> ``[...]``."""
-    v = torch.as_tensor(values).detach().double().cpu()
-    slots, a1, b1, bias_total, a2, b2 = _head_terms(head, v.shape[-1])
-    return a2 * ((slots * (a1 * v + b1)).sum(-1) + bias_total) + b2
+    """The head's eval-mode output (logit) from the max values ``[..., Lq + Lg]`` -> ``[...]`` (float64):
+    :meth:`qaconv_ext.QAConv.logit`."""
+    with torch.no_grad():
+        return _qaconv_head(head).logit(_float64_cpu(values))
 
 
 def match_pair(fea_a: torch.Tensor, fea_b: torch.Tensor, normalize: bool = True
@@ -335,7 +307,8 @@ def average_match(query_fea: torch.Tensor, gallery_fea: torch.Tensor) -> torch.T
 # Geometry
 # ----------------------------------------------------------------------------------------------
 
-def _flat(x: Any, name: str) -> np.ndarray:
+def _one_pair_array(x: Any, name: str) -> np.ndarray:
+    """``x`` (one pair's ``[La + Lb]`` or ``[1, 1, La + Lb]`` entries) as a 1-D NumPy array."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
         if x.dtype in (torch.float16, torch.bfloat16):
@@ -386,8 +359,8 @@ def correspondence_segments(values: Any, indices: Any, feature_size_a: Tuple[int
     ha, wa = _size_hw(feature_size_a, "feature_size_a")
     hb, wb = _size_hw(feature_size_b, "feature_size_b")
     la, lb = ha * wa, hb * wb
-    vals = _flat(values, "values").astype(np.float64)
-    idx = _flat(indices, "indices")
+    vals = _one_pair_array(values, "values").astype(np.float64)
+    idx = _one_pair_array(indices, "indices")
     if vals.shape != (la + lb,):
         raise ValueError(f"values: expected La + Lb = {la} + {lb} = {la + lb} entries for feature maps "
                          f"{ha}x{wa} and {hb}x{wb}, got {vals.shape[0] if vals.ndim else 'a scalar'}")
@@ -408,7 +381,7 @@ def correspondence_segments(values: Any, indices: Any, feature_size_a: Tuple[int
     if strengths is None:
         strg = vals
     else:
-        strg = _flat(strengths, "strengths").astype(np.float64)
+        strg = _one_pair_array(strengths, "strengths").astype(np.float64)
         if strg.shape != vals.shape:
             raise ValueError(f"strengths: expected {vals.shape[0]} entries like values, got {strg.shape}")
 
@@ -587,7 +560,7 @@ def draw_correspondences(image_a: ImageInput, image_b: ImageInput, fea_a: torch.
     Args:
         image_a, image_b: paths, PIL images or arrays; ``image_a`` plays the query (left).
         fea_a, fea_b: their feature maps ``[d, h, w]`` or ``[1, d, h, w]`` (e.g. the backbone's output).
-        head: optional QAConv head (``bn``, ``fc``, ``logit_bn``). When given, each line's strength is
+        head: optional :class:`qaconv_ext.QAConv` head. When given, each line's strength is
             the location's contribution to the score, ``fc_weight[slot] * BN(max similarity)``
             (eval-mode BN), and the caption shows the pair's logit; without it, the max similarity.
         reference: with ``head``, max values ``[La + Lb]`` or ``[M, La + Lb]`` of ``fea_a`` against

@@ -260,7 +260,7 @@ class Trainer:
                 bad_run += 1
                 if bad_run >= self.max_bad_steps:
                     bar.close()
-                    self._diverged_loss(epoch, step, _length(loader), bad_run)
+                    self._raise_loss_diverged(epoch, step, _length(loader), bad_run)
                 if n == 0:
                     skipped += 1
                     continue
@@ -305,7 +305,7 @@ class Trainer:
         more = ", ..." if count > len(names) else ""
         return f"{count} weight/memory tensors are not finite (NaN or Inf): {', '.join(names)}{more}"
 
-    def _diverged_loss(self, epoch: int, step: int, total: Optional[int], bad_run: int) -> None:
+    def _raise_loss_diverged(self, epoch: int, step: int, total: Optional[int], bad_run: int) -> None:
         of = f" of {total}" if total else ""
         note = self._state_note()
         raise TrainingDiverged(

@@ -7,7 +7,10 @@ What a torchreid / fast-reid / own-code user does:
 2. score every query/gallery pair with the fused op, ``qaconv_ext.qaconv_score`` (one float per pair,
    the ``[P, N, L, L]`` similarities are never stored), using a trained QAConv head folded into a
    weight vector and a bias, or a plain average of the maxima when there is no head yet;
-3. hand ``-score`` to a torchreid-style ``evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids)``.
+3. hand ``-score`` to a torchreid-style ``evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids)``;
+4. for k-reciprocal re-ranking, turn the scores into distances that are >= 0 first,
+   ``1 - sigmoid(score / 10)`` (``-score`` is negative, and the re-ranking's column-max normalisation
+   would turn its order around, so ``k_reciprocal_rerank`` refuses it).
 
 Here the backbone is a randomly initialised tiny ResNet-like network (so the numbers are those of an
 untrained model) and the data are the built-in synthetic camera network, made in a temporary folder.
@@ -27,7 +30,8 @@ from torch import nn
 import qaconv_ext
 from qaconv_ext import QAConv
 from qaconv_ext.data import Market1501, build_test_transform, make_synthetic_network, read_image
-from qaconv_ext.evaluation import evaluate_rank
+from qaconv_ext.evaluation import evaluate_rank, score_to_distance
+from qaconv_ext.postprocess import k_reciprocal_rerank
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +102,16 @@ def qaconv_distmat(qf: torch.Tensor, gf: torch.Tensor, weight: torch.Tensor, bia
     return -qaconv_ext.qaconv_score(qf, gf, weight, bias)
 
 
+def qaconv_rerank(qf: torch.Tensor, gf: torch.Tensor, weight: torch.Tensor, bias, k1: int = 20, k2: int = 6,
+                  lambda_value: float = 0.3):
+    """k-reciprocal re-ranked distances [P, N] (numpy). Re-ranking needs distances >= 0, so the three score
+    matrices go in as ``1 - sigmoid(score / 10)``, not negated."""
+    def dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return score_to_distance(qaconv_ext.qaconv_score(a, b, weight, bias))
+
+    return k_reciprocal_rerank(dist(qf, gf), dist(qf, qf), dist(gf, gf), k1=k1, k2=k2, lambda_value=lambda_value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="also draw the correspondences of query 0 and its rank-1 image")
@@ -115,11 +129,15 @@ def main() -> None:
         d, h, w = qf.shape[1:]
         weight, bias, head = qaconv_head_weights(d, h, w)
         distmat = qaconv_distmat(qf, gf, weight, bias)  # [num_query, num_gallery]
-        cmc, mAP = evaluate_rank(distmat, [r.pid for r in ds.query], [r.pid for r in ds.gallery],
-                                 [r.camid for r in ds.query], [r.camid for r in ds.gallery], max_rank=10)
+        ids = ([r.pid for r in ds.query], [r.pid for r in ds.gallery], [r.camid for r in ds.query],
+               [r.camid for r in ds.gallery])
+        cmc, mAP = evaluate_rank(distmat, *ids, max_rank=10)
         print(f"{len(ds.query)} queries x {len(ds.gallery)} gallery, maps {d}x{h}x{w} (layer3, stride 16), "
               "head: qaconv_ext.QAConv (untrained)")
         print(f"untrained backbone: Rank-1 {100 * cmc[0]:.1f} %, Rank-5 {100 * cmc[4]:.1f} %, mAP {100 * mAP:.1f} %")
+        cmc_rr, mAP_rr = evaluate_rank(qaconv_rerank(qf, gf, weight, bias), *ids, max_rank=10)
+        print(f"  + re-ranking:     Rank-1 {100 * cmc_rr[0]:.1f} %, Rank-5 {100 * cmc_rr[4]:.1f} %, "
+              f"mAP {100 * mAP_rr:.1f} %")
         if args.out:
             from qaconv_ext.viz import draw_correspondences
 

@@ -282,3 +282,107 @@ def test_image_dataset_items(tmp_path):
     broken = ImageDataset([Record(str(tmp_path / "nope.jpg"), 0, 0)])
     with pytest.raises(ImageReadError, match="nope.jpg"):
         broken[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: empty splits, test-only folders, unreadable images
+# ----------------------------------------------------------------------------------------------
+
+def test_empty_split_folder_is_named(tmp_path):
+    base = tmp_path / "Market-1501"
+    _market_tree(str(base))
+    for f in os.listdir(base / "query"):
+        os.remove(base / "query" / f)
+    _touch(str(base / "query"), ["Thumbs.db"], b"not an image")
+    with pytest.raises(DatasetFormatError, match=r"^Market-1501: no images in .*query \(") as err:
+        Market1501(str(tmp_path))
+    assert str(base / "query") in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(DatasetFormatError, match="no images in .*query"):
+        ImageFolderDataset(str(base))
+    # a folder that holds only junk images (pid -1) is as good as empty
+    _touch(str(base / "query"), ["-1_c1s1_000001_00.jpg"])
+    with pytest.raises(DatasetFormatError, match=r"no usable images in .*query \(1 junk"):
+        Market1501(str(base))
+
+
+def test_test_only_folders_are_readable_for_evaluation(tmp_path):
+    """A copy without the training split reads with splits=("query", "gallery"); when the training split
+    is asked for, the error names the missing folder."""
+    base = tmp_path / "Market-1501-v15.09.15"
+    _market_tree(str(base))
+    import shutil
+    shutil.rmtree(base / "bounding_box_train")
+    with pytest.raises(FileNotFoundError, match=r"Market-1501: .*Market-1501-v15.09.15 has no bounding_box_train"
+                                                r".*splits=\('query', 'gallery'\)") as err:
+        Market1501(str(tmp_path))
+    assert "\n" not in str(err.value)
+    ds = Market1501(str(tmp_path), splits=("query", "gallery"))
+    assert ds.train == [] and len(ds.query) == 2 and len(ds.gallery) == 3
+    assert ds.query[0].time is not None and ds.num_train_pids == 0
+    assert len(build_dataset("market1501", str(base), splits=("query", "gallery")).gallery) == 3
+    with pytest.raises(ValueError, match="splits"):
+        Market1501(str(base), splits=("query", "test"))
+
+    duke = tmp_path / "DukeMTMC-reID"
+    _touch(str(duke / "query"), ["0010_c5_f0046182.jpg"])
+    _touch(str(duke / "bounding_box_test"), ["0010_c2_f0050000.jpg"])
+    with pytest.raises(FileNotFoundError, match="has no bounding_box_train"):
+        DukeMTMCreID(str(tmp_path))
+    assert len(DukeMTMCreID(str(tmp_path), splits=("query", "gallery")).gallery) == 1
+
+    msmt = tmp_path / "MSMT17_V1"
+    _msmt_tree(str(msmt))
+    shutil.rmtree(msmt / "train")
+    os.remove(msmt / "list_train.txt")
+    os.remove(msmt / "list_val.txt")
+    with pytest.raises(FileNotFoundError, match=r"MSMT17: .*MSMT17_V1 has no list_train.txt"):
+        MSMT17(str(tmp_path))
+    ms = MSMT17(str(tmp_path), splits=("query", "gallery"))
+    assert ms.train == [] and len(ms.query) == 1 and len(ms.gallery) == 2
+
+    folder = ImageFolderDataset(str(base), splits=("query", "gallery"))
+    assert folder.train == [] and len(folder.gallery) == 3
+    with pytest.raises(FileNotFoundError, match=r"bounding_box_train.*training split"):
+        ImageFolderDataset(str(base))
+
+
+def _corrupt_tree(base):
+    _market_tree(str(base))
+    (base / "bounding_box_train" / "0002_c2s1_000040_01.jpg").write_bytes(JPEG[:len(JPEG) // 2])  # truncated
+    (base / "bounding_box_test" / "0011_c1s1_000200_01.jpg").write_bytes(b"\xff\xd8\xff garbage")
+
+
+def test_corrupt_image_through_a_worker_is_one_line_naming_the_path(tmp_path):
+    base = tmp_path / "m"
+    _corrupt_tree(base)
+    ds = Market1501(str(base))  # reading the folder does not open the images
+    loader = torch.utils.data.DataLoader(ImageDataset(ds.gallery, build_test_transform(32, 16)), batch_size=2,
+                                         num_workers=1)
+    with pytest.raises(ImageReadError) as err:
+        list(loader)
+    msg = str(err.value)
+    assert msg.startswith("cannot read image ") and "0011_c1s1_000200_01.jpg" in msg and "\n" not in msg
+    assert "Traceback" in err.value.worker_traceback
+
+
+def test_skip_bad_images_skips_and_counts(tmp_path):
+    base = tmp_path / "m"
+    _corrupt_tree(base)
+    ds = Market1501(str(base), skip_bad_images=True)
+    assert len(ds.train) == 4 and len(ds.gallery) == 2 and len(ds.query) == 2
+    skipped = {os.path.basename(p): why for p, why in ds.skipped_images}
+    assert set(skipped) == {"0002_c2s1_000040_01.jpg", "0011_c1s1_000200_01.jpg"}
+    assert "truncated" in skipped["0002_c2s1_000040_01.jpg"].lower()
+    assert ds.num_train_pids == 3 and "unreadable images skipped: 2" in ds.summary()
+    # times come from the names, so the skipped images do not move anyone's time stamp
+    full = Market1501(str(base))
+    assert {r.path: r.time for r in ds.query} == {r.path: r.time for r in full.query}
+    # the same on a plain list of records
+    data = ImageDataset(full.gallery, build_test_transform(32, 16), skip_bad_images=True)
+    assert len(data) == 2 and [os.path.basename(p) for p, _ in data.skipped] == ["0011_c1s1_000200_01.jpg"]
+    assert all(x[0].shape == (3, 32, 16) for x in data)
+    # every image unreadable in a split: named like an empty folder
+    for f in os.listdir(base / "query"):
+        (base / "query" / f).write_bytes(b"junk bytes")
+    with pytest.raises(DatasetFormatError, match=r"no usable images in .*query \(2 unreadable"):
+        Market1501(str(base), skip_bad_images=True)

@@ -94,3 +94,18 @@ def test_errors():
         evaluate_rank(np.zeros((2, 3)), [0, 1], [0, 1], [0, 0], [0, 0, 0])
     with pytest.raises(ValueError, match="no query"):
         evaluate_rank(np.zeros((1, 2)), [0], [1, 2], [0], [0, 0])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_distances_are_rejected(bad):
+    """A NaN/Inf distance matrix used to give plausible metrics; now one line says how many and where."""
+    rng = np.random.default_rng(3)
+    dist = rng.random((4, 6))
+    dist[1, 2] = bad
+    dist[3, 0] = bad
+    with pytest.raises(ValueError, match=r"^distmat: 2 of 24 distances are not finite \(NaN or Inf\); "
+                                         r"the first at query 1, gallery 2") as err:
+        evaluate_rank(dist, [0, 1, 2, 3], [0, 1, 2, 3, 4, 5], [0] * 4, [1] * 6)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="2 of 24"):
+        evaluate_rank(torch.from_numpy(dist).float(), [0, 1, 2, 3], [0, 1, 2, 3, 4, 5], [0] * 4, [1] * 6)

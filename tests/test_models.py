@@ -150,3 +150,37 @@ def test_load_pretrained_returns_report(tmp_path, gen):
     rep = load_pretrained(m, str(tmp_path / "w.pth"))
     assert rep["loaded"] == len(m.base.state_dict())
     assert "fc.weight" in rep["ignored"] and any(k.startswith("layer4.") for k in rep["ignored"])
+
+
+def test_bad_pretrained_files_give_one_line_errors(tmp_path, gen):
+    """Not a torch file, a damaged one, pickled objects, wrong keys, non-tensor entries: one line that
+    names the file and what is wrong (no traceback from deep inside torch.load)."""
+    from qaconv_ext.models import PretrainedWeightsError
+
+    cases = {}
+    (tmp_path / "notes.pth").write_text("these are not weights\n")
+    cases["notes.pth"] = "not a PyTorch"
+    sd = _torchvision_like_state("resnet18", gen)
+    torch.save(sd, tmp_path / "good.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "good.pth").read_bytes()[:300])
+    cases["cut.pth"] = "truncated or corrupted"
+    torch.save({"w": torch.ones(2), "cfg": {"x": object}}, tmp_path / "objects.pth")
+    cases["objects.pth"] = "weights_only"
+    torch.save({"encoder.weight": torch.ones(2), "decoder.bias": torch.ones(3)}, tmp_path / "other.pth")
+    cases["other.pth"] = "no ResNet trunk parameter"
+    torch.save([torch.ones(2)], tmp_path / "list.pth")
+    cases["list.pth"] = "expected a dict"
+    bad = dict(sd)
+    bad["conv1.weight"] = "not a tensor"
+    torch.save(bad, tmp_path / "strings.pth")
+    cases["strings.pth"] = "conv1.weight is not a tensor"
+    for name, what in cases.items():
+        with pytest.raises(PretrainedWeightsError) as err:
+            build_backbone("resnet18", pretrained_path=str(tmp_path / name))
+        msg = str(err.value)
+        assert "\n" not in msg and str(tmp_path / name) in msg and what in msg, (name, msg)
+        assert isinstance(err.value, ValueError)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_backbone("resnet18", pretrained_path=str(tmp_path / "missing.pth"))
+    with pytest.raises(PretrainedWeightsError, match="is a folder"):
+        build_backbone("resnet18", pretrained_path=str(tmp_path))

@@ -88,17 +88,42 @@ def test_sparse_callable_blocks_and_lookups(monkeypatch):
     np.testing.assert_allclose(dense, out, rtol=0, atol=1e-4)
 
 
-def test_negative_column_maxima():
-    """Columns whose maximum is negative reverse the order; both modes follow the formula."""
-    rng = np.random.default_rng()
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_negative_distances_are_rejected(mode):
+    """Negated scores (what ``distmat = -score`` gives) are not distances: the column-max normalisation
+    turns their order around and re-ranking silently ruins the ranking. They are refused, and the
+    message says what a valid distance is."""
+    rng = np.random.default_rng(5)
     qg, qq, gg = random_distances(rng, 8, 30)
-    qg, qq, gg = qg - 4.0, qq - 4.0, gg - 4.0
-    gg[:, 3] = -np.abs(gg[:, 3]) - 10.0
-    qg[:, 3] = -np.abs(qg[:, 3]) - 10.0
-    ref = reference_rerank(qg, qq, gg, 6, 3, 0.3)
-    for mode in ("dense", "sparse"):
-        out = k_reciprocal_rerank(qg, qq, gg, k1=6, k2=3, mode=mode)
-        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+    for name, args in (("dist_qg", (-qg, qq, gg)), ("dist_qq", (qg, -qq, gg)), ("dist_gg", (qg, qq, -gg))):
+        with pytest.raises(ValueError, match=rf"^{name}: \d+ of \d+ distances are negative") as err:
+            k_reciprocal_rerank(*args, mode=mode)
+        msg = str(err.value)
+        assert "\n" not in msg and "1 - sigmoid(score / 10)" in msg and "score.max() - score" in msg
+    one = gg.copy()
+    one[7, 4] = -1e-3
+    with pytest.raises(ValueError, match=r"dist_gg: 1 of 900 distances are negative.*row 7, column 4"):
+        k_reciprocal_rerank(qg, qq, lambda s, e: one[s:e], mode=mode)
+    # the suggested conversions of a similarity matrix are accepted
+    score = -np.block([[qq, qg], [qg.T, gg]])
+    for dist in (1.0 - 1.0 / (1.0 + np.exp(-score / 10)), score.max() - score):
+        out = k_reciprocal_rerank(dist[:8, 8:], dist[:8, :8], dist[8:, 8:], k1=6, k2=3, mode=mode)
+        assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_non_finite_distances_are_counted_and_located(mode):
+    rng = np.random.default_rng(6)
+    qg, qq, gg = random_distances(rng, 5, 12)
+    gg = gg.copy()
+    gg[3, 9] = np.nan
+    gg[10, 1] = np.inf
+    with pytest.raises(ValueError, match=r"^dist_gg: 2 of 144 distances are not finite \(NaN or Inf\); "
+                                         r"the first at row 3, column 9"):
+        k_reciprocal_rerank(qg, qq, gg, mode=mode)
+    step = lambda s, e: gg[s:e]  # noqa: E731 - row blocks: the position is still that of the whole matrix
+    with pytest.raises(ValueError, match=r"dist_gg: .*not finite.*row 3, column 9"):
+        k_reciprocal_rerank(qg, qq, step, mode=mode)
 
 
 def test_improves_a_separable_problem():

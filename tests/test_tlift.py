@@ -115,3 +115,11 @@ def test_errors():
     for tau in (0, -1):
         with pytest.raises(ValueError, match="tau: must be > 0"):
             tlift(s, cams_g, t_g, cams_p, t_p, tau=tau)
+
+
+def test_nan_scores_are_rejected():
+    s = np.random.default_rng(2).random((3, 4))
+    s[2, 1] = np.nan
+    for x in (s, torch.from_numpy(s).float()):
+        with pytest.raises(ValueError, match="score: all entries must be finite"):
+            tlift(x, np.zeros(4, int), np.zeros(4), np.zeros(3, int), np.zeros(3))

@@ -13,7 +13,7 @@ from .datasets import (
     parse_market_name,
     parse_msmt_camera,
 )
-from .records import ImageDataset, ImageReadError, Record, read_image
+from .records import ImageDataset, ImageReadError, Record, partition_readable, read_image
 from .synthetic import (
     SYNTHETIC_DEFAULTS,
     contact_sheet,
@@ -32,7 +32,7 @@ from .transforms import (
 )
 
 __all__ = [
-    "Record", "read_image", "ImageReadError", "ImageDataset",
+    "Record", "read_image", "ImageReadError", "ImageDataset", "partition_readable",
     "ReIDDataset", "Market1501", "DukeMTMCreID", "MSMT17", "ImageFolderDataset",
     "DatasetFormatError", "DATASETS", "build_dataset", "DUKE_FRAME_OFFSETS",
     "parse_market_name", "parse_duke_name", "parse_msmt_camera",

@@ -14,6 +14,14 @@ Time stamps (seconds):
 * DukeMTMC-reID, names ``PPPP_cC_fFFFFFFF.jpg``: seconds = (frame + offset[C]) / 59.94 with the
   per-camera offsets :data:`DUKE_FRAME_OFFSETS` that align the eight cameras.
 * MSMT17 has no usable time stamps (``time`` is ``None``).
+
+Every reader takes ``splits`` (default all three): the subsets to read; the others stay empty and
+their folders need not exist, so a test-only copy (no training folder) reads with
+``splits=("query", "gallery")`` for evaluation. A split that is read but has no usable image raises
+:class:`DatasetFormatError` naming its folder. ``skip_bad_images=True`` decodes every image of the
+splits read once and leaves out those that cannot be read (``skipped_images`` lists them, ``summary()``
+counts them); without it, an unreadable image raises :class:`~qaconv_ext.data.ImageReadError` naming its
+path when it is loaded.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ import os
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from .records import Record
+from .records import Record, partition_readable
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -39,12 +47,16 @@ __all__ = [
     "DUKE_FPS",
     "MARKET_FPS",
     "DATASETS",
+    "SPLITS",
     "build_dataset",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+#: The subsets every dataset has, in this order.
+SPLITS = ("train", "query", "gallery")
+_TEST_ONLY_HINT = "a test-only copy reads with splits=('query', 'gallery')"
 MARKET_FPS = 25.0
 DUKE_FPS = 59.94
 # Frame offsets that align the eight DukeMTMC cameras (camera 1..8) on one clock.
@@ -86,25 +98,52 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def _check_splits(splits: Sequence[str]) -> Tuple[str, ...]:
+    out = tuple(splits)
+    if not out or any(s not in SPLITS for s in out) or len(set(out)) != len(out):
+        raise ValueError(f"splits: expected distinct names among {SPLITS}, got {out}")
+    return out
+
+
 def _resolve_root(root: PathLike, folder_names: Sequence[str],
-                  is_dataset_dir: Callable[[str], bool], dataset: str) -> str:
-    """``root`` itself when it is the dataset folder, else the first ``root/<name>`` that is."""
+                  missing: Callable[[str], Tuple[List[str], List[str]]], dataset: str) -> str:
+    """``root`` itself when it is the dataset folder, else the first ``root/<name>`` that is.
+
+    ``missing(folder)`` returns ``(absent, present)``: the required entries (sub-folders, list files)
+    that ``folder`` lacks and those it has. When no candidate has them all, the error names what the
+    most complete candidate lacks (and how to read a copy without the training split)."""
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{dataset}: root folder not found: {root}")
-    tried = [root]
-    if is_dataset_dir(root):
-        return root
-    for name in folder_names:
-        cand = os.path.join(root, name)
+    tried = []
+    best: Optional[Tuple[int, str, List[str]]] = None
+    for cand in [root] + [os.path.join(root, name) for name in folder_names]:
         tried.append(cand)
-        if is_dataset_dir(cand):
+        if not os.path.isdir(cand):
+            continue
+        absent, present = missing(cand)
+        if not absent:
             return cand
-    raise FileNotFoundError(f"{dataset}: no dataset folder found; looked at: " + ", ".join(tried))
+        if present and (best is None or len(absent) < best[0]):
+            best = (len(absent), cand, absent)
+    if best is None:
+        raise FileNotFoundError(f"{dataset}: no dataset folder found; looked at: " + ", ".join(tried))
+    _, cand, absent = best
+    train_part = any(a.split(" ")[0].rstrip("/") in _TRAIN_ENTRIES for a in absent)
+    hint = f" (the training split; {_TEST_ONLY_HINT})" if train_part else ""
+    raise FileNotFoundError(f"{dataset}: {cand} has no {', '.join(absent)}{hint}")
 
 
-def _has_dirs(*names: str) -> Callable[[str], bool]:
-    return lambda d: all(os.path.isdir(os.path.join(d, n)) for n in names)
+# entries that only the training split needs (named in the hint for test-only copies)
+_TRAIN_ENTRIES = {"bounding_box_train", "list_train.txt", "list_val.txt", "train", "mask_train_v2"}
+
+
+def _need_dirs(*names: str) -> Callable[[str], Tuple[List[str], List[str]]]:
+    def missing(d: str) -> Tuple[List[str], List[str]]:
+        absent = [n + "/" for n in names if not os.path.isdir(os.path.join(d, n))]
+        present = [n + "/" for n in names if os.path.isdir(os.path.join(d, n))]
+        return absent, present
+    return missing
 
 
 def parse_market_name(path: str) -> Tuple[int, int, int, int, int]:
@@ -179,24 +218,50 @@ def _relabel(records: List[Record]) -> Tuple[List[Record], Dict[int, int]]:
 class ReIDDataset:
     """Train/query/gallery record lists with the bookkeeping every dataset shares.
 
-    Subclasses fill ``self.train`` (original pids), ``self.query`` and ``self.gallery`` and call
-    :meth:`_finish`, which drops junk and relabels the training identities.
+    Subclasses read the splits named in ``self.splits`` and call :meth:`_finish` with the records
+    (original pids), which drops junk (and, with ``skip_bad_images``, unreadable images), checks that
+    every split read has images and relabels the training identities.
     """
 
     name = "dataset"
+    display_name = "dataset"
 
-    def __init__(self) -> None:
+    def __init__(self, splits: Sequence[str] = SPLITS, skip_bad_images: bool = False) -> None:
         self.root: str = ""
+        self.splits: Tuple[str, ...] = _check_splits(splits)
+        self.skip_bad_images = bool(skip_bad_images)
         self.train: List[Record] = []
         self.query: List[Record] = []
         self.gallery: List[Record] = []
         self.train_pid_map: Dict[int, int] = {}
+        self.skipped_images: List[Tuple[str, str]] = []
 
-    def _finish(self, train: Iterable[Record], query: Iterable[Record],
-                gallery: Iterable[Record]) -> None:
-        self.train, self.train_pid_map = _relabel([r for r in train if r.pid != -1])
-        self.query = [r for r in query if r.pid != -1]
-        self.gallery = [r for r in gallery if r.pid != -1]
+    def _finish(self, train: Iterable[Record], query: Iterable[Record], gallery: Iterable[Record],
+                sources: Optional[Dict[str, str]] = None, junk: Optional[Dict[str, int]] = None) -> None:
+        """Drop junk (pid -1) and, with ``skip_bad_images``, unreadable images; relabel the training
+        identities. ``sources``: the folder or list file of each split, named when a split read has no
+        usable image; ``junk``: junk images a reader dropped already, per split."""
+        subsets = {}
+        for split, recs in zip(SPLITS, (train, query, gallery)):
+            recs = list(recs)
+            dropped = sum(1 for r in recs if r.pid == -1) + (junk or {}).get(split, 0)
+            kept = [r for r in recs if r.pid != -1]
+            unreadable: List[Tuple[str, str]] = []
+            if self.skip_bad_images and split in self.splits:
+                kept, unreadable = partition_readable(kept)
+                self.skipped_images.extend(unreadable)
+            if split in self.splits and not kept:
+                where = (sources or {}).get(split, f"the {split} split")
+                if not dropped and not unreadable:
+                    kinds = f" (no {'/'.join(IMAGE_EXTENSIONS)} files)" if os.path.isdir(where) else ""
+                    raise DatasetFormatError(f"{self.display_name}: no images in {where}{kinds}")
+                why = [f"{len(unreadable)} unreadable"] if unreadable else []
+                why += [f"{dropped} junk with pid -1"] if dropped else []
+                raise DatasetFormatError(f"{self.display_name}: no usable images in {where} ({', '.join(why)})")
+            subsets[split] = kept
+        self.train, self.train_pid_map = _relabel(subsets["train"])
+        self.query = subsets["query"]
+        self.gallery = subsets["gallery"]
 
     @property
     def num_train_pids(self) -> int:
@@ -232,6 +297,8 @@ class ReIDDataset:
             lines.append(f"  {label:<7} | {ids:5d} | {len(recs):6d} | {cams:4d}")
         distractors = sum(1 for r in self.gallery if r.pid == 0)
         extra = f"gallery distractors (pid 0): {distractors}; " if distractors else ""
+        if self.skipped_images:
+            extra += f"unreadable images skipped: {len(self.skipped_images)}; "
         lines.append(f"  {extra}time stamps: {'yes' if self.has_time else 'no'}")
         return "\n".join(lines)
 
@@ -248,34 +315,40 @@ class Market1501(ReIDDataset):
     """Market-1501 (also the layout of the built-in synthetic camera network).
 
     ``root`` is the dataset folder (holding ``bounding_box_train``, ``query``,
-    ``bounding_box_test``) or a folder that contains it as ``Market-1501-v15.09.15``,
-    ``Market-1501`` or ``market1501``. Times follow the cumulative-session rule of the module doc.
+    ``bounding_box_test``; only those of ``splits``) or a folder that contains it as
+    ``Market-1501-v15.09.15``, ``Market-1501`` or ``market1501``. Times follow the cumulative-session
+    rule of the module doc (over the splits read). ``splits``, ``skip_bad_images``: see the module doc.
     """
 
     name = "market1501"
+    display_name = "Market-1501"
     folder_names = ("Market-1501-v15.09.15", "Market-1501", "market1501", "Market1501",
                     os.path.join("market1501", "Market-1501-v15.09.15"))
     subdirs = ("bounding_box_train", "query", "bounding_box_test")
     fps = MARKET_FPS
 
-    def __init__(self, root: PathLike, verbose: bool = False) -> None:
-        super().__init__()
-        self.root = _resolve_root(root, self.folder_names, _has_dirs(*self.subdirs), "Market-1501")
-        parsed: Dict[str, List[Tuple[str, int, int, int, int]]] = {}
-        for split, sub in zip(("train", "query", "gallery"), self.subdirs):
-            items = []
-            for path in _list_images(os.path.join(self.root, sub)):
+    def __init__(self, root: PathLike, verbose: bool = False, *, splits: Sequence[str] = SPLITS,
+                 skip_bad_images: bool = False) -> None:
+        super().__init__(splits, skip_bad_images)
+        dirs = dict(zip(SPLITS, self.subdirs))
+        self.root = _resolve_root(root, self.folder_names, _need_dirs(*(dirs[s] for s in self.splits)),
+                                  self.display_name)
+        parsed: Dict[str, List[Tuple[str, int, int, int, int]]] = {s: [] for s in SPLITS}
+        junk = dict.fromkeys(SPLITS, 0)
+        for split in self.splits:
+            for path in _list_images(os.path.join(self.root, dirs[split])):
                 pid, cam, session, frame, _ = parse_market_name(path)
                 if pid == -1:
+                    junk[split] += 1
                     continue
-                items.append((path, pid, cam, session, frame))
-            parsed[split] = items
+                parsed[split].append((path, pid, cam, session, frame))
         everything = parsed["train"] + parsed["query"] + parsed["gallery"]
         frames = market_cumulative_frames([(c, s, f) for _, _, c, s, f in everything])
         records = [Record(path, pid, cam - 1, fr / self.fps)
                    for (path, pid, cam, _, _), fr in zip(everything, frames)]
         n_tr, n_q = len(parsed["train"]), len(parsed["query"])
-        self._finish(records[:n_tr], records[n_tr:n_tr + n_q], records[n_tr + n_q:])
+        self._finish(records[:n_tr], records[n_tr:n_tr + n_q], records[n_tr + n_q:],
+                     {s: os.path.join(self.root, dirs[s]) for s in SPLITS}, junk)
         if verbose:
             print(self.summary())
 
@@ -289,29 +362,34 @@ class DukeMTMCreID(ReIDDataset):
 
     ``root`` is the dataset folder (``bounding_box_train``, ``query``, ``bounding_box_test``) or a
     folder containing it as ``DukeMTMC-reID`` (also ``dukemtmc-reid/DukeMTMC-reID``).
-    Times: ``(frame + DUKE_FRAME_OFFSETS[camera-1]) / 59.94`` seconds.
+    Times: ``(frame + DUKE_FRAME_OFFSETS[camera-1]) / 59.94`` seconds. ``splits``,
+    ``skip_bad_images``: see the module doc.
     """
 
     name = "dukemtmcreid"
+    display_name = "DukeMTMC-reID"
     folder_names = ("DukeMTMC-reID", "dukemtmc-reid", "dukemtmcreid",
                     os.path.join("dukemtmc-reid", "DukeMTMC-reID"),
                     os.path.join("dukemtmcreid", "DukeMTMC-reID"))
     subdirs = ("bounding_box_train", "query", "bounding_box_test")
     fps = DUKE_FPS
 
-    def __init__(self, root: PathLike, verbose: bool = False) -> None:
-        super().__init__()
-        self.root = _resolve_root(root, self.folder_names, _has_dirs(*self.subdirs),
-                                  "DukeMTMC-reID")
-        splits = []
-        for sub in self.subdirs:
+    def __init__(self, root: PathLike, verbose: bool = False, *, splits: Sequence[str] = SPLITS,
+                 skip_bad_images: bool = False) -> None:
+        super().__init__(splits, skip_bad_images)
+        dirs = dict(zip(SPLITS, self.subdirs))
+        self.root = _resolve_root(root, self.folder_names, _need_dirs(*(dirs[s] for s in self.splits)),
+                                  self.display_name)
+        subsets = []
+        for split in SPLITS:
             recs = []
-            for path in _list_images(os.path.join(self.root, sub)):
-                pid, cam, frame = parse_duke_name(path)
-                recs.append(Record(path, pid, cam - 1,
-                                   (frame + DUKE_FRAME_OFFSETS[cam - 1]) / self.fps))
-            splits.append(recs)
-        self._finish(*splits)
+            if split in self.splits:
+                for path in _list_images(os.path.join(self.root, dirs[split])):
+                    pid, cam, frame = parse_duke_name(path)
+                    recs.append(Record(path, pid, cam - 1,
+                                       (frame + DUKE_FRAME_OFFSETS[cam - 1]) / self.fps))
+            subsets.append(recs)
+        self._finish(*subsets, sources={s: os.path.join(self.root, dirs[s]) for s in SPLITS})
         if verbose:
             print(self.summary())
 
@@ -322,16 +400,48 @@ class DukeMTMCreID(ReIDDataset):
 
 _MSMT_DIRS = (("train", "test"), ("mask_train_v2", "mask_test_v2"),
               ("bounding_box_train", "bounding_box_test"))
-_MSMT_LISTS = ("list_train.txt", "list_val.txt", "list_query.txt", "list_gallery.txt")
+_MSMT_LISTS = {"train": "list_train.txt", "val": "list_val.txt", "query": "list_query.txt",
+               "gallery": "list_gallery.txt"}
 
 
-def _msmt_dirs(folder: str) -> Optional[Tuple[str, str]]:
-    if not all(os.path.isfile(os.path.join(folder, f)) for f in _MSMT_LISTS):
-        return None
+def _msmt_lists(splits: Sequence[str], use_val: bool) -> List[str]:
+    """The list files that reading ``splits`` needs."""
+    keys = [k for k in ("train", "val") if "train" in splits and (k == "train" or use_val)]
+    keys += [k for k in ("query", "gallery") if k in splits]
+    return [_MSMT_LISTS[k] for k in keys]
+
+
+def _msmt_dirs(folder: str, need_train: bool, need_test: bool) -> Optional[Tuple[str, str]]:
+    """The first known ``(train, test)`` folder pair whose needed members exist in ``folder``."""
     for tr, te in _MSMT_DIRS:
-        if os.path.isdir(os.path.join(folder, tr)) and os.path.isdir(os.path.join(folder, te)):
+        if ((not need_train or os.path.isdir(os.path.join(folder, tr)))
+                and (not need_test or os.path.isdir(os.path.join(folder, te)))):
             return tr, te
     return None
+
+
+def _msmt_missing(splits: Sequence[str], use_val: bool) -> Callable[[str], Tuple[List[str], List[str]]]:
+    need_train = "train" in splits
+    need_test = "query" in splits or "gallery" in splits
+
+    def missing(folder: str) -> Tuple[List[str], List[str]]:
+        lists = _msmt_lists(splits, use_val)
+        absent = [f for f in lists if not os.path.isfile(os.path.join(folder, f))]
+        present = [f for f in lists if f not in absent]
+        for need, side in ((need_train, 0), (need_test, 1)):
+            if not need:
+                continue
+            names = [pair[side] + "/" for pair in _MSMT_DIRS]
+            found = [n for n in names if os.path.isdir(os.path.join(folder, n))]
+            if found:
+                present.extend(found)
+            else:
+                absent.append(f"{names[0]} (or {', '.join(names[1:])})")
+        if not absent and _msmt_dirs(folder, need_train, need_test) is None:
+            absent.append("a matching pair of train/test folders (" +
+                          ", ".join(f"{tr}/ + {te}/" for tr, te in _MSMT_DIRS) + ")")
+        return absent, present
+    return missing
 
 
 class MSMT17(ReIDDataset):
@@ -349,31 +459,46 @@ class MSMT17(ReIDDataset):
     * ``combine_all=True``: additionally the query and gallery images, their identities offset
       past the training ones (all 4,101 identities, as in "MSMT17 (all)" cross-dataset training).
       Query and gallery remain available for evaluation.
+
+    ``splits``, ``skip_bad_images``: see the module doc (only the list files and the image folder of
+    the splits read need to exist; ``combine_all`` reads all three).
     """
 
     name = "msmt17"
+    display_name = "MSMT17"
     folder_names = ("MSMT17_V1", "MSMT17_V2", "MSMT17", "msmt17",
                     os.path.join("msmt17", "MSMT17_V1"), os.path.join("msmt17", "MSMT17_V2"))
 
     def __init__(self, root: PathLike, combine_all: bool = False, use_val: bool = True,
-                 check_files: bool = True, verbose: bool = False) -> None:
-        super().__init__()
-        self.root = _resolve_root(root, self.folder_names, lambda d: _msmt_dirs(d) is not None,
-                                  "MSMT17")
-        train_dir, test_dir = _msmt_dirs(self.root)  # type: ignore[misc]
+                 check_files: bool = True, verbose: bool = False, *, splits: Sequence[str] = SPLITS,
+                 skip_bad_images: bool = False) -> None:
+        super().__init__(splits, skip_bad_images)
+        if combine_all and set(self.splits) != set(SPLITS):
+            raise ValueError(f"combine_all: trains on all three splits, but splits={self.splits}")
+        self.root = _resolve_root(root, self.folder_names, _msmt_missing(self.splits, use_val), self.display_name)
+        need_train = "train" in self.splits
+        pair = _msmt_dirs(self.root, need_train, "query" in self.splits or "gallery" in self.splits)
+        train_dir, test_dir = (os.path.join(self.root, d) for d in pair)  # type: ignore[union-attr]
         self.combine_all = combine_all
-        train_dir = os.path.join(self.root, train_dir)
-        test_dir = os.path.join(self.root, test_dir)
         read = lambda lst, base: self._read_list(os.path.join(self.root, lst), base, check_files)  # noqa: E731
-        train = read("list_train.txt", train_dir)
-        if use_val:
-            train += read("list_val.txt", train_dir)
-        query = read("list_query.txt", test_dir)
-        gallery = read("list_gallery.txt", test_dir)
+        train: List[Record] = []
+        query: List[Record] = []
+        gallery: List[Record] = []
+        if need_train:
+            train = read("list_train.txt", train_dir)
+            if use_val:
+                train += read("list_val.txt", train_dir)
+        if "query" in self.splits:
+            query = read("list_query.txt", test_dir)
+        if "gallery" in self.splits:
+            gallery = read("list_gallery.txt", test_dir)
         if combine_all:
             shift = max((r.pid for r in train), default=-1) + 1
             train += [r._replace(pid=r.pid + shift) for r in query + gallery if r.pid >= 0]
-        self._finish(train, query, gallery)
+        lists = {s: os.path.join(self.root, _MSMT_LISTS[s]) for s in ("train", "query", "gallery")}
+        if use_val:
+            lists["train"] += " + " + _MSMT_LISTS["val"]
+        self._finish(train, query, gallery, sources=lists)
         if verbose:
             print(self.summary())
 
@@ -409,20 +534,24 @@ class ImageFolderDataset(ReIDDataset):
     of each file name without extension, with named groups:
 
     * ``cam`` (required): camera number; ``camid = cam - cam_base`` (``cam_base=None`` maps the
-      sorted distinct camera numbers of all subsets to ``0..K-1``);
+      sorted distinct camera numbers of all subsets read to ``0..K-1``);
     * ``pid``: identity; without it the identity is the name of the image's parent folder;
     * ``frame`` (time = frame / ``fps``, ``fps`` required) or ``time`` (seconds), optional.
 
     The default pattern reads Market-1501 and DukeMTMC-reID style names (no time stamps).
+    ``splits``, ``skip_bad_images``: see the module doc (a split left out of ``splits`` is read as if
+    its folder were ``None``).
     """
 
     name = "folder"
+    display_name = "folder dataset"
 
     def __init__(self, root: PathLike, train: Optional[str] = "bounding_box_train",
                  query: Optional[str] = "query", gallery: Optional[str] = "bounding_box_test",
                  pattern: str = r"(?P<pid>-?\d+)_c(?P<cam>\d+)", fps: Optional[float] = None,
-                 cam_base: Optional[int] = 1, verbose: bool = False) -> None:
-        super().__init__()
+                 cam_base: Optional[int] = 1, verbose: bool = False, *, splits: Sequence[str] = SPLITS,
+                 skip_bad_images: bool = False) -> None:
+        super().__init__(splits, skip_bad_images)
         self.root = os.path.abspath(os.path.expanduser(os.fspath(root)))
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"dataset folder not found: {self.root}")
@@ -433,10 +562,16 @@ class ImageFolderDataset(ReIDDataset):
         if "frame" in groups and fps is None:
             raise ValueError("pattern has a 'frame' group: give fps to turn frames into seconds")
         raw: List[List[Tuple[str, int, int, Optional[float]]]] = []
-        for sub in (train, query, gallery):
+        folders = {s: (os.path.join(self.root, sub) if sub is not None and s in self.splits else None)
+                   for s, sub in zip(SPLITS, (train, query, gallery))}
+        self.splits = tuple(s for s in SPLITS if folders[s] is not None)
+        for split, folder in folders.items():
             items: List[Tuple[str, int, int, Optional[float]]] = []
-            if sub is not None:
-                folder = os.path.join(self.root, sub)
+            if folder is not None:
+                if not os.path.isdir(folder):
+                    hint = f"; {_TEST_ONLY_HINT} or train=None" if split == "train" else ""
+                    label = "training" if split == "train" else split
+                    raise FileNotFoundError(f"{self.display_name}: {folder} not found (the {label} split{hint})")
                 for path in _list_images(folder, recursive=True):
                     m = regex.match(_stem(path))
                     if m is None:
@@ -463,7 +598,7 @@ class ImageFolderDataset(ReIDDataset):
             cam_map = {c: i for i, c in enumerate(cams)}
         else:
             cam_map = None
-        splits = []
+        subsets = []
         for items in raw:
             recs = []
             for path, pid, cam, t in items:
@@ -471,8 +606,8 @@ class ImageFolderDataset(ReIDDataset):
                 if camid < 0:
                     raise DatasetFormatError(f"camera {cam} is below cam_base={cam_base}: {path}")
                 recs.append(Record(path, pid, camid, t))
-            splits.append(recs)
-        self._finish(*splits)
+            subsets.append(recs)
+        self._finish(*subsets, sources={s: f for s, f in folders.items() if f is not None})
         if verbose:
             print(self.summary())
 

@@ -12,7 +12,9 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .trainer import (
+    MAX_BAD_STEPS,
     Trainer,
+    TrainingDiverged,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -25,4 +27,5 @@ __all__ = [
     "TrainConfig", "Trainer", "run_training", "build_model", "build_optimizer", "build_scheduler", "build_train_loader",
     "seed_everything", "CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "find_checkpoint",
     "capture_rng_state", "restore_rng_state", "load_public_qaconv", "load_trained", "CheckpointError",
+    "TrainingDiverged", "MAX_BAD_STEPS",
 ]

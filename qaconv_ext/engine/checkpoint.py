@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
+import re
+import secrets
 import zipfile
 from typing import Any, Dict, Optional, Tuple
 
@@ -38,16 +39,53 @@ CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "qaconv-ext/1"
 
 
+def _temporary_name_pattern(base: str) -> "re.Pattern[str]":
+    """Names of the temporary files :func:`save_checkpoint` writes next to ``base``:
+    ``.<base>.<8 random characters>.tmp``."""
+    return re.compile(r"\." + re.escape(base) + r"\.[a-z0-9_]{8}\.tmp\Z")
+
+
+def _remove_stale_temporaries(folder: str, base: str) -> None:
+    """Delete temporary files left in ``folder`` by saves of ``base`` that were killed mid-write."""
+    pattern = _temporary_name_pattern(base)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if pattern.match(name):
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def _create_temporary(folder: str, base: str) -> Tuple[int, str]:
+    """A new, exclusively created temporary file next to ``base``. Unlike ``tempfile.mkstemp`` (mode
+    0600) it gets the usual mode, 0666 less the process umask, which ``os.replace`` then carries over."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{base}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name for {os.path.join(folder, base)}")
+
+
 def save_checkpoint(state: Dict[str, Any], path: str) -> str:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, fsync, ``os.replace``.
 
     An interrupted or failing save leaves the previous file at ``path`` untouched and removes its
-    temporary file. Returns ``path``.
+    temporary file; temporary files of ``path`` that a killed process left behind
+    (``.<name>.<random>.tmp``) are deleted at the next save. The file gets the usual mode (0666 less
+    the umask). Returns ``path``.
     """
     path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
+    folder, base = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    _remove_stale_temporaries(folder, base)
+    fd, tmp = _create_temporary(folder, base)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)

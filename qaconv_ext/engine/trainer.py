@@ -5,6 +5,11 @@ and writing ``checkpoint_dir/checkpoint.pt`` (atomically) after every epoch. ``T
 restores model, criterion (class memory, head statistics), optimiser, scheduler, AMP scaler and
 every RNG state (Python, NumPy, torch, CUDA, the data loader's generator), so an interrupted run
 continues exactly as if it had not stopped.
+
+A run that diverges stops with :class:`TrainingDiverged` (naming the epoch and the step): after
+``max_bad_steps`` consecutive batches whose loss is not finite (default :data:`MAX_BAD_STEPS`), or when
+the weights or the class memory are not finite at the end of an epoch. Such a state is never written
+over the last good checkpoint.
 """
 from __future__ import annotations
 
@@ -27,7 +32,44 @@ from .checkpoint import (
 from .config import TrainConfig
 
 __all__ = ["Trainer", "run_training", "build_optimizer", "build_scheduler", "build_train_loader", "build_model",
-           "seed_everything"]
+           "seed_everything", "TrainingDiverged", "MAX_BAD_STEPS"]
+
+#: Consecutive batches with a non-finite loss after which training stops (a single bad batch is skipped:
+#: no optimiser step, counted in the epoch's ``skipped_batches``).
+MAX_BAD_STEPS = 3
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced a non-finite loss or non-finite weights; ``epoch`` (1-based) and ``step``
+    (1-based batch of that epoch) say where. The message is one line."""
+
+    def __init__(self, message: str, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.epoch = int(epoch)
+        self.step = int(step)
+
+
+def _non_finite_entries(*modules: nn.Module, limit: int = 3) -> Tuple[int, List[str]]:
+    """How many floating-point parameters and buffers (class memory, BN statistics) of ``modules`` hold
+    a NaN or Inf, and the names of the first ``limit``."""
+    entries = [(f"{prefix}.{name}", t) for prefix, module in zip(("model", "criterion"), modules)
+               for name, t in module.state_dict().items() if t.is_floating_point() and t.numel()]
+    if not entries:
+        return 0, []
+    flags = [torch.isfinite(t).all() for _, t in entries]
+    ok = torch.stack([f.to(flags[0].device) for f in flags]).cpu()  # one synchronisation
+    bad = [name for (name, _), good in zip(entries, ok.tolist()) if not good]
+    return len(bad), bad[:limit]
+
+
+_ADVICE = "lower the learning rate or clip the gradients"
+
+
+def _length(loader: Any) -> Optional[int]:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def seed_everything(seed: int) -> None:
@@ -134,6 +176,8 @@ class Trainer:
         checkpoint_dir: where ``checkpoint_name`` is written after every epoch (None: not written).
         config: a :class:`TrainConfig` or plain dict stored in checkpoints.
         progress: show tqdm bars.
+        max_bad_steps: consecutive batches with a non-finite loss after which :class:`TrainingDiverged`
+            is raised (fewer are skipped and counted).
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
@@ -141,7 +185,11 @@ class Trainer:
                  amp: Optional[bool] = None, clip_grad: float = 0.0, freeze_bn: bool = False,
                  loader_generator: Optional[torch.Generator] = None, checkpoint_dir: Optional[str] = None,
                  config: Union[TrainConfig, Dict[str, Any], None] = None, progress: bool = True,
-                 log: Callable[[str], None] = print, checkpoint_name: str = CHECKPOINT_NAME) -> None:
+                 log: Callable[[str], None] = print, checkpoint_name: str = CHECKPOINT_NAME,
+                 max_bad_steps: int = MAX_BAD_STEPS) -> None:
+        if int(max_bad_steps) != max_bad_steps or max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps: must be a positive integer, got {max_bad_steps}")
+        self.max_bad_steps = int(max_bad_steps)
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.criterion = criterion.to(self.device)
@@ -180,18 +228,25 @@ class Trainer:
 
     def train_epoch(self, loader: Any, epoch: Optional[int] = None, epochs: Optional[int] = None
                     ) -> Dict[str, float]:
-        """One pass over ``loader`` (batches ``(images, labels, ...)``); returns mean loss, acc, time."""
+        """One pass over ``loader`` (batches ``(images, labels, ...)``); returns mean loss, acc, time.
+
+        A batch whose loss is not finite for every sample counts as bad: when none is finite it is skipped
+        (no step), otherwise the step uses the finite samples. :class:`TrainingDiverged` is raised after
+        ``max_bad_steps`` consecutive bad batches.
+        """
         from tqdm.auto import tqdm
 
         epoch = self.epoch if epoch is None else epoch
         self._set_train_mode()
         losses, accs = _Mean(), _Mean()
         skipped = 0
+        bad_run = 0  # consecutive batches with a non-finite loss
+        step = 0
         t0 = time.time()
         total = epochs if epochs is not None else "?"
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total}", leave=False, disable=not self.progress,
                    dynamic_ncols=True)
-        for batch in bar:
+        for step, batch in enumerate(bar, 1):
             images = batch[0].to(self.device, non_blocking=True)
             targets = batch[1].to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
@@ -199,9 +254,17 @@ class Trainer:
                 feature = self.model(images)
                 loss_vec, acc_vec = self.criterion(feature, targets)
             finite = torch.isfinite(loss_vec)
-            if not bool(finite.any()):
-                skipped += 1
-                continue
+            n = int(finite.sum())
+            if n < finite.numel():
+                bad_run += 1
+                if bad_run >= self.max_bad_steps:
+                    bar.close()
+                    self._raise_loss_diverged(epoch, step, _length(loader), bad_run)
+                if n == 0:
+                    skipped += 1
+                    continue
+            else:
+                bad_run = 0
             loss = loss_vec[finite].float().mean()
             acc = acc_vec[finite].detach().float().mean()
             if self.scaler is not None:
@@ -218,28 +281,64 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            n = int(finite.sum())
             losses.update(loss.item(), n)
             accs.update(acc.item(), n)
             bar.set_postfix(loss=f"{losses.avg:.3f}", acc=f"{100 * accs.avg:.1f}%")
         bar.close()
         stats = {"epoch": epoch + 1, "loss": losses.avg, "acc": accs.avg, "time": time.time() - t0,
-                 "lr": [float(g["lr"]) for g in self.optimizer.param_groups], "skipped_batches": skipped}
+                 "lr": [float(g["lr"]) for g in self.optimizer.param_groups], "skipped_batches": skipped,
+                 "batches": step}
         return stats
 
+    def _kept_checkpoint_note(self) -> str:
+        path = self.checkpoint_path
+        if path and os.path.isfile(path):
+            return f"; the last checkpoint {path} is left as it was"
+        return ""
+
+    def _state_note(self) -> str:
+        """``"N weight/memory tensors are not finite ..."`` or ``""`` when every one is finite."""
+        count, names = _non_finite_entries(self.model, self.criterion)
+        if not count:
+            return ""
+        more = ", ..." if count > len(names) else ""
+        return f"{count} weight/memory tensors are not finite (NaN or Inf): {', '.join(names)}{more}"
+
+    def _raise_loss_diverged(self, epoch: int, step: int, total: Optional[int], bad_run: int) -> None:
+        of = f" of {total}" if total else ""
+        note = self._state_note()
+        raise TrainingDiverged(
+            f"training diverged at epoch {epoch + 1}, step {step}{of}: the loss was not finite (NaN or Inf) for "
+            f"{bad_run} consecutive batches{'; ' if note else ''}{note}; {_ADVICE}{self._kept_checkpoint_note()}",
+            epoch + 1, step)
+
+    def check_finite_state(self, epoch: int, step: int = 0) -> None:
+        """Raise :class:`TrainingDiverged` (naming ``epoch``, 1-based) when a floating-point parameter
+        or buffer of the model or the criterion (class memory, BN statistics) holds a NaN or Inf."""
+        note = self._state_note()
+        if note:
+            raise TrainingDiverged(f"training diverged in epoch {epoch}: {note}; {_ADVICE}; this state is not "
+                                   f"saved{self._kept_checkpoint_note()}", epoch, step)
+
     def fit(self, loader: Any, epochs: int) -> List[Dict[str, float]]:
-        """Train from the current epoch up to ``epochs``; checkpoint after each. Returns the history."""
+        """Train from the current epoch up to ``epochs``; checkpoint after each. Returns the history.
+
+        Raises :class:`TrainingDiverged` when the loss stays non-finite or the weights become non-finite;
+        the checkpoint of the last good epoch is then left as it was."""
         while self.epoch < epochs:
             stats = self.train_epoch(loader, self.epoch, epochs)
+            self.check_finite_state(self.epoch + 1, stats["batches"])
             if self.scheduler is not None:
                 self.scheduler.step()
             self.epoch += 1
             self.history.append(stats)
             lr = ", ".join(f"{x:g}" for x in stats["lr"])
+            skipped = (f", {stats['skipped_batches']} of {stats['batches']} batches skipped (loss not finite)"
+                       if stats["skipped_batches"] else "")
             self.log(f"epoch {self.epoch}/{epochs}: loss {stats['loss']:.4f}, acc {100 * stats['acc']:.1f}%, "
-                     f"lr [{lr}], {stats['time']:.1f} s")
+                     f"lr [{lr}], {stats['time']:.1f} s{skipped}")
             if self.checkpoint_path:
-                self.save(self.checkpoint_path)
+                save_checkpoint(self.state_dict(), self.checkpoint_path)  # state checked above
         return self.history
 
     # ------------------------------------------------------------------------------------------
@@ -275,10 +374,12 @@ class Trainer:
             restore_rng_state(ckpt["rng"], self.loader_generator)
 
     def save(self, path: Optional[str] = None) -> str:
-        """Write a checkpoint atomically (default: :attr:`checkpoint_path`)."""
+        """Write a checkpoint atomically (default: :attr:`checkpoint_path`). A state with NaN or Inf
+        weights is refused (:class:`TrainingDiverged`), so it never replaces a good checkpoint."""
         path = path or self.checkpoint_path
         if not path:
             raise ValueError("no checkpoint path: give one or set checkpoint_dir")
+        self.check_finite_state(self.epoch)
         return save_checkpoint(self.state_dict(), path)
 
     def resume(self, path: str) -> int:

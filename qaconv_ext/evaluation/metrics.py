@@ -6,6 +6,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .._matrix_checks import check_matrix
 from .protocol import junk_mask
 
 __all__ = ["evaluate_rank"]
@@ -47,12 +48,15 @@ def evaluate_rank(
     ``max_rank`` is clipped to the gallery size.
 
     Returns ``(cmc, mAP)`` or ``(cmc, mAP, mINP)``; ``cmc`` is float32 ``[max_rank]``, the others floats.
+    A distance that is NaN or infinite raises ``ValueError`` (saying how many and where the first is):
+    sorting would place it somewhere arbitrary and give plausible-looking metrics.
     """
     dist = _as_tensor(distmat, "distmat")
     if dist.dim() != 2:
         raise ValueError(f"distmat: expected a 2-D matrix, got shape {tuple(dist.shape)}")
     if dist.dtype in (torch.float16, torch.bfloat16):
         dist = dist.float()
+    check_matrix(dist, "distmat", labels=("query", "gallery"))
     device = dist.device
     num_q, num_g = dist.shape
     ids = {}

@@ -2,6 +2,7 @@
 from .backbone import (
     ARCHITECTURES,
     FeatureMapAdapter,
+    PretrainedWeightsError,
     ReIDBackbone,
     build_backbone,
     feature_map_size,
@@ -12,6 +13,7 @@ from .resnet import RESNET_SPECS, BasicBlock, Bottleneck, ResNet, resnet
 
 __all__ = [
     "ARCHITECTURES", "ReIDBackbone", "FeatureMapAdapter", "build_backbone", "feature_map_size", "load_pretrained",
+    "PretrainedWeightsError",
     "GAPCosine", "gap_features",
     "RESNET_SPECS", "BasicBlock", "Bottleneck", "ResNet", "resnet",
 ]

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from .resnet import RESNET_SPECS, resnet
 
 __all__ = ["ReIDBackbone", "FeatureMapAdapter", "build_backbone", "load_pretrained", "feature_map_size",
-           "ARCHITECTURES"]
+           "ARCHITECTURES", "PretrainedWeightsError"]
 
 #: Names accepted by :func:`build_backbone`.
 ARCHITECTURES = tuple(sorted(RESNET_SPECS))
@@ -92,25 +92,45 @@ class FeatureMapAdapter(nn.Module):
         return F.normalize(self.base(x), dim=1)
 
 
+class PretrainedWeightsError(ValueError):
+    """A pretrained-weights file that cannot be used: not a PyTorch file, damaged, holding objects that
+    safe loading refuses, or without the trunk's parameters (the one-line message names the file)."""
+
+
+def _read_weights(path: str) -> Any:
+    """The object saved in ``path``, read with ``torch.load(weights_only=True)``; one-line errors."""
+    from ..engine.checkpoint import CheckpointError, load_checkpoint
+
+    if os.path.isdir(path):
+        raise PretrainedWeightsError(f"pretrained weights: {path} is a folder, not a weights file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights not found: {path} (give a local file; nothing is downloaded)")
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        raise PretrainedWeightsError(f"pretrained weights: {exc}") from None
+
+
 def load_pretrained(backbone: ReIDBackbone, path: str) -> Dict[str, Any]:
     """Load ImageNet weights of the trunk from a local file (torchvision ResNet naming).
 
     Accepts a plain state dict or one nested under ``state_dict``/``model``; ``module.``/``base.``
     prefixes are handled; ``fc.*`` and stages the trunk does not build are ignored. Every trunk
-    parameter must be present (a clear error lists the missing ones). Nothing is downloaded.
-    Returns ``{"loaded": n, "ignored": [...]}``.
+    parameter must be present. Nothing is downloaded. Returns ``{"loaded": n, "ignored": [...]}``.
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`PretrainedWeightsError` (a
+    ``ValueError``) with one line naming the file and what is wrong with it otherwise.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights not found: {path} (give a local file; nothing is downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict):
-        for key in ("state_dict", "model"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = _read_weights(path)
+    for key in ("state_dict", "model"):
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    for k, v in state.items():
+        if not torch.is_tensor(v):
+            raise PretrainedWeightsError(f"{path}: entry {k} is not a tensor ({type(v).__name__}); expected a "
+                                         f"state dict of a torchvision ResNet")
     state = _strip_prefix(state, "module.")
     if any(k.startswith("base.") for k in state):  # a whole QAConv backbone: keep its trunk
         state = {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
@@ -120,16 +140,20 @@ def load_pretrained(backbone: ReIDBackbone, path: str) -> Dict[str, Any]:
     for k, v in state.items():
         if k in own:
             if tuple(own[k].shape) != tuple(v.shape):
-                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the trunk expects {tuple(own[k].shape)} "
+                raise PretrainedWeightsError(f"{path}: {k} has shape {tuple(v.shape)}, the trunk expects {tuple(own[k].shape)} "
                                  f"(wrong --arch for these weights?)")
             wanted[k] = v
         elif k.split(".", 1)[0] not in children or k.endswith("num_batches_tracked"):
             ignored.append(k)
         else:
-            raise ValueError(f"{path}: unexpected trunk entry {k} (wrong --arch for these weights?)")
+            raise PretrainedWeightsError(f"{path}: unexpected trunk entry {k} (wrong --arch for these weights?)")
+    if not wanted:
+        shown = ", ".join(list(state)[:3]) + (", ..." if len(state) > 3 else "")
+        raise PretrainedWeightsError(f"{path}: no ResNet trunk parameter among its {len(state)} entries ({shown}); "
+                                     f"expected torchvision names such as conv1.weight, layer1.0.conv1.weight")
     missing = [k for k in own if k not in wanted and not k.endswith("num_batches_tracked")]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} trunk parameters missing, e.g. {missing[:5]} "
+        raise PretrainedWeightsError(f"{path}: {len(missing)} trunk parameters missing, e.g. {missing[:5]} "
                          f"(wrong --arch for these weights?)")
     backbone.base.load_state_dict(wanted, strict=False)
     return {"loaded": len(wanted), "ignored": ignored}

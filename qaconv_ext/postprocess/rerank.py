@@ -4,7 +4,7 @@ The combined distance matrix over query + gallery (``N = P + G`` items) is
 
     D = [[dist_qq, dist_qg], [dist_qg^T, dist_gg]]
 
-used as given (distances are **not** squared). Each column of ``D`` is divided by its maximum and the
+used as given (distances are **not** squared; they must be finite and non-negative). Each column of ``D`` is divided by its maximum and the
 result transposed, so row ``i`` of the "original distance" ``O`` is ``O[i, j] = D[j, i] / max_k D[k, i]``.
 From ``O``: k-reciprocal neighbour sets with ``k1`` (expanded with the ``round(k1 / 2)`` sets of their
 members when those overlap by more than 2/3), Gaussian-like weights ``exp(-O)`` normalised per row into
@@ -36,6 +36,8 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from .._matrix_checks import check_matrix
+
 __all__ = ["k_reciprocal_rerank"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Any]
@@ -66,16 +68,25 @@ def _check_shape(t: torch.Tensor, name: str, shape: Tuple[int, int]) -> None:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
 
 
-def _check_finite(t: torch.Tensor, name: str) -> None:
-    if t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
-        raise ValueError(f"{name}: all distances must be finite")
+#: What the checks say a valid input is.
+VALID_DISTANCE = ("re-ranking needs finite distances >= 0, lower = more similar: from similarity scores use "
+                  "1 - sigmoid(score / 10) (qaconv_ext.evaluation.score_to_distance) or score.max() - score "
+                  "(one maximum for all three matrices), not -score")
+
+
+def _check_distances(t: torch.Tensor, name: str, row_offset: int = 0, total_rows: Optional[int] = None) -> None:
+    """Finite and non-negative, or a one-line ``ValueError`` saying how many entries are not and where
+    the first is (rows numbered in the whole matrix when ``t`` is a row block of it)."""
+    partial = total_rows is not None and (row_offset != 0 or t.shape[0] != total_rows)
+    scope = f" in rows {row_offset}:{row_offset + t.shape[0]}" if partial else ""
+    check_matrix(t, name, row_offset=row_offset, scope=scope, non_negative=VALID_DISTANCE)
 
 
 def _check_max(m: torch.Tensor) -> None:
     if bool((m == 0).any()):
         i = int((m == 0).nonzero()[0, 0])
-        raise ValueError(f"column {i} of the combined distance matrix has maximum 0; the column-max "
-                         "normalisation is undefined (shift the distances to be positive)")
+        raise ValueError(f"column {i} of the combined distance matrix has maximum 0 (every distance to item {i} "
+                         "is 0), so the column-max normalisation is undefined")
 
 
 class _GalleryRows:
@@ -95,7 +106,7 @@ class _GalleryRows:
         if tuple(t.shape) != (stop - start, self.G):
             raise ValueError(f"dist_gg: rows {start}:{stop} should have shape {(stop - start, self.G)}, "
                              f"got {tuple(t.shape)}")
-        _check_finite(t, "dist_gg")
+        _check_distances(t, "dist_gg", start, self.G)
         return t
 
     def gather(self, r: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -345,16 +356,16 @@ def _dense(qg: torch.Tensor, qq: torch.Tensor, gg: _GalleryRows, k1: int, k2: in
     return _finish(V, knn, k2, P, lambda_value, lambda s, e: O[s:e, P:], progress)
 
 
-def _merge_block(run_v: torch.Tensor, run_i: torch.Tensor, blk: torch.Tensor, first_row: int, keep: int,
-                 largest: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _merge_block(run_v: torch.Tensor, run_i: torch.Tensor, blk: torch.Tensor, first_row: int, keep: int
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Merge the rows of ``blk`` (items ``first_row, first_row + 1, ...``) into running per-column lists
-    of the ``keep`` smallest (or largest) values, sorted. Once a list is full, only block entries that
+    of the ``keep`` smallest values, sorted. Once a list is full, only block entries that
     beat its current last value take part, which keeps the merge cheap after the first blocks."""
     n, G = run_v.shape
     B = blk.shape[0]
     if n == keep:
         thr = run_v[-1]
-        mask = blk > thr if largest else blk < thr
+        mask = blk < thr
         r, c = mask.nonzero(as_tuple=True)
         del mask
         if r.numel() == 0:
@@ -366,19 +377,17 @@ def _merge_block(run_v: torch.Tensor, run_i: torch.Tensor, blk: torch.Tensor, fi
             r, c = r[order], c[order]
             first = torch.cumsum(cnt, 0) - cnt
             slot = torch.arange(r.numel()) - first[c]
-            fill = -float("inf") if largest else float("inf")
-            cand_v = torch.full((width, G), fill, dtype=blk.dtype)
+            cand_v = torch.full((width, G), float("inf"), dtype=blk.dtype)
             cand_i = torch.zeros((width, G), dtype=run_i.dtype)
             cand_v[slot, c] = blk[r, c]
             cand_i[slot, c] = r + first_row
-            vals, pos = torch.topk(torch.cat([run_v, cand_v], dim=0), keep, dim=0, largest=largest,
-                                   sorted=True)
+            vals, pos = torch.topk(torch.cat([run_v, cand_v], dim=0), keep, dim=0, largest=False, sorted=True)
             return vals, torch.gather(torch.cat([run_i, cand_i], dim=0), 0, pos)
     kk = min(keep, n + B)
     if n == 0:
-        vals, pos = torch.topk(blk, kk, dim=0, largest=largest, sorted=True)
+        vals, pos = torch.topk(blk, kk, dim=0, largest=False, sorted=True)
         return vals, pos + first_row
-    vals, pos = torch.topk(torch.cat([run_v, blk], dim=0), kk, dim=0, largest=largest, sorted=True)
+    vals, pos = torch.topk(torch.cat([run_v, blk], dim=0), kk, dim=0, largest=False, sorted=True)
     from_run = torch.gather(run_i, 0, pos.clamp(max=n - 1))
     return vals, torch.where(pos < n, from_run, pos - n + first_row)
 
@@ -403,14 +412,11 @@ def _sparse(qg: torch.Tensor, qq: torch.Tensor, gg: _GalleryRows, k1: int, k2: i
         knn[s:e], knn_vals[s:e] = _topk_rows(R.div_(mx[:, None]), keep)
 
     # gallery rows of O: [dist_qg[:, g], dist_gg[:, g]] / max, streamed over row blocks of dist_gg
+    # distances are >= 0 and every column maximum > 0 (checked), so dividing by the maximum keeps the
+    # order: the running lists are collected on raw distances
     col_max = qg.amax(dim=0)
-    # columns whose maximum may end up negative: dividing by it reverses the order, so their largest
-    # entries are tracked too
-    maybe_neg = (col_max <= 0).nonzero(as_tuple=True)[0]
     run_v = torch.empty(0, G, dtype=torch.float32)
     run_i = torch.empty(0, G, dtype=torch.int64)
-    neg_v = torch.empty(0, maybe_neg.numel(), dtype=torch.float32)
-    neg_i = torch.empty(0, maybe_neg.numel(), dtype=torch.int64)
     step = max(1, _BLOCK_ELEMENTS // max(G, 1))
     blocks = [(False, s, min(s + step, P)) for s in range(0, P, step)]
     blocks += [(True, s, min(s + step, G)) for s in range(0, G, step)]
@@ -422,20 +428,12 @@ def _sparse(qg: torch.Tensor, qq: torch.Tensor, gg: _GalleryRows, k1: int, k2: i
         else:
             blk = qg[s:e]
             first = s
-        run_v, run_i = _merge_block(run_v, run_i, blk, first, keep, largest=False)
-        if maybe_neg.numel():
-            neg_v, neg_i = _merge_block(neg_v, neg_i, blk[:, maybe_neg], first, keep, largest=True)
+        run_v, run_i = _merge_block(run_v, run_i, blk, first, keep)
         del blk
     _check_max(col_max)
     m[P:] = col_max
     knn[P:] = run_i.t()
     knn_vals[P:] = run_v.t() / col_max[:, None]
-    if maybe_neg.numel():
-        neg_cols = maybe_neg[col_max[maybe_neg] < 0]
-        if neg_cols.numel():
-            sel = torch.searchsorted(maybe_neg, neg_cols)
-            knn[P + neg_cols] = neg_i[:, sel].t()
-            knn_vals[P + neg_cols] = neg_v[:, sel].t() / col_max[neg_cols][:, None]
     del run_v, run_i
 
     qg_np = qg.numpy()
@@ -476,6 +474,12 @@ def k_reciprocal_rerank(
 ) -> np.ndarray:
     """k-reciprocal re-ranking of a query-gallery distance matrix (lower = more similar).
 
+    Distances must be finite and non-negative: each column is divided by its maximum, which turns the
+    order of a column of negated scores around. Convert similarity scores first, e.g.
+    ``1 - sigmoid(score / 10)`` (:func:`qaconv_ext.evaluation.score_to_distance`) or ``score.max() - score``
+    with one maximum for all three matrices. A negative, NaN or infinite entry raises ``ValueError``
+    (how many, and where the first is).
+
     Args:
         dist_qg: ``[P, G]`` query-gallery distances (numpy or torch).
         dist_qq: ``[P, P]`` query-query distances.
@@ -502,8 +506,8 @@ def k_reciprocal_rerank(
     P, G = qg.shape
     qq = _as_float32(dist_qq, "dist_qq")
     _check_shape(qq, "dist_qq", (P, P))
-    _check_finite(qg, "dist_qg")
-    _check_finite(qq, "dist_qq")
+    _check_distances(qg, "dist_qg")
+    _check_distances(qq, "dist_qq")
     gg = _GalleryRows(dist_gg, G)
     if P == 0 or G == 0:
         return np.zeros((P, G), dtype=np.float32)

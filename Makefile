@@ -20,8 +20,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Results go to a new folder runs/bench/<date-time>/; `make bench UPDATE=1` rewrites the committed
+# benchmarks/results/cpu_match.json (the README's table) instead.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_match.py
+	$(PY) benchmarks/bench_match.py $(if $(filter 1,$(UPDATE)),--update-results)
 
 nvcc-check: $(STAMP)
 	bash tools/nvcc_check.sh $(PY)

@@ -21,10 +21,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from _machine import machine_record, write_json  # benchmarks/_machine.py
+from _machine import add_output_args, machine_record, output_path, write_json  # benchmarks/_machine.py
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_JSON = os.path.join(HERE, "results", "cpu_backward.json")
+RESULT_NAME = "cpu_backward.json"
 
 
 def _median_s(fn: Callable[[], object], repeats: int) -> float:
@@ -79,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--maps", default="16x8,24x8", help="comma-separated HxW feature-map sizes")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=DEFAULT_JSON, help="where to write the results ('' to skip)")
+    add_output_args(p, RESULT_NAME)
     args = p.parse_args(argv)
 
     import qaconv_ext
@@ -99,9 +98,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"  {c['map']:>5}{c['fused_fwd_bwd_s']:>17.3f}{c['reference_fwd_bwd_s']:>13.3f}"
               f"{c['speedup_vs_reference']:>9.2f}x{c['backward_query_only_s']:>14.3f}{c['backward_both_s']:>12.3f}"
               f"{c['grad_rel_err_vs_reference']:>14.1e}")
-    if args.json:
-        write_json(args.json, record)
-        print(f"wrote {args.json}")
+    path = output_path(args, RESULT_NAME)
+    if path:
+        write_json(path, record)
+        print(f"wrote {path}")
     return record
 
 

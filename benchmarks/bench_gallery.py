@@ -30,10 +30,9 @@ from typing import Callable, Dict, List
 
 import torch
 
-from _machine import cpu_name, write_json
+from _machine import add_output_args, cpu_name, output_path, write_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_JSON = os.path.join(HERE, "results", "gpu_gallery.json")
+RESULT_NAME = "gpu_gallery.json"
 SIZES = {"market": (3368, 15913), "msmt": (11659, 82161), "tiny": (40, 300)}
 DEVICE = torch.device("cuda")  # set by main(); "cpu" only serves smoke runs of the script
 
@@ -224,7 +223,7 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--training-size", default="32,751",
                     help="queries,classes of the training problem ('0' skips it)")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only for smoke runs")
-    ap.add_argument("--json", default=DEFAULT_JSON)
+    add_output_args(ap, RESULT_NAME)
     args = ap.parse_args(argv)
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -245,7 +244,9 @@ def main(argv: List[str] | None = None) -> int:
         "note": "times of slices scaled linearly to the full size where *_timed_* is below the full count",
         "gallery": rows, "training": training,
     }
-    write_json(args.json, result)
+    path = output_path(args, RESULT_NAME)
+    if path:
+        write_json(path, result)
     print(f"\n{result['device']}, torch {result['torch']}, CUDA {result['cuda']}")
     print("| size | pairs | fused s | CUDA-core s | unfused s | vs unfused | fused TFLOP/s | of dense mm "
           "| fused extra MiB |")
@@ -259,7 +260,8 @@ def main(argv: List[str] | None = None) -> int:
         print(f"training {t['queries']} x {t['classes']} match+backward: fused {1e3 * t['fused_fwd_bwd_s']:.1f} ms, "
               f"reference {1e3 * t['reference_fwd_bwd_s']:.1f} ms ({t['speedup']:.1f}x), grad rel err "
               f"{t['grad_rel_err_vs_reference']:.1e}")
-    print(f"wrote {args.json}")
+    if path:
+        print(f"wrote {path}")
     return 0
 
 

@@ -19,10 +19,9 @@ import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
-from _machine import cpu_name, reset_peak_rss, status_kib  # benchmarks/_machine.py
+from _machine import add_output_args, cpu_name, output_path, reset_peak_rss, status_kib  # benchmarks/_machine.py
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_JSON = os.path.join(HERE, "results", "cpu_match.json")
+RESULT_NAME = "cpu_match.json"
 
 METHODS = {
     "fused score": ("qaconv_ext", "qaconv_score"),
@@ -83,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--json", default=DEFAULT_JSON, help="where to write the results ('' to skip)")
+    add_output_args(p, RESULT_NAME)
     p.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -133,11 +132,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     for op, r in ratios.items():
         print(f"{op}: fused is {r['speedup']:.2f}x the reference's pairs/s with "
               f"{100 * r['peak_memory_fraction']:.1f}% of its peak extra memory")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
+    path = output_path(args, RESULT_NAME)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as fh:
             json.dump(record, fh, indent=2)
-        print(f"wrote {args.json}")
+        print(f"wrote {path}")
     return record
 
 

@@ -25,10 +25,10 @@ import time
 from typing import Dict, List, Optional
 
 import numpy as np
-from _machine import machine_record, reset_peak_rss, status_kib, write_json  # benchmarks/_machine.py
+from _machine import (add_output_args, machine_record, output_path, reset_peak_rss,  # benchmarks/_machine.py
+                      status_kib, write_json)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_JSON = os.path.join(HERE, "results", "rerank_cpu.json")
+RESULT_NAME = "rerank_cpu.json"
 METHODS = ("dense", "sparse", "sparse-callable")
 
 
@@ -92,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--msmt", action="store_true", help="also run sparse-callable at 11659 x 82161")
-    ap.add_argument("--json", default=DEFAULT_JSON)
+    add_output_args(ap, RESULT_NAME)
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -151,8 +151,10 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
         else:
             print(f"  MSMT17 size (11659 x 82161) sparse-callable: {msmt['seconds']:.1f} s, "
                   f"peak {msmt['peak_mib'] / 1024:.2f} GiB")
-    if args.json:
-        write_json(args.json, result)
+    path = output_path(args, RESULT_NAME)
+    if path:
+        write_json(path, result)
+        print(f"wrote {path}")
     return result
 
 

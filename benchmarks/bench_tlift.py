@@ -22,10 +22,8 @@ import numpy as np
 import torch
 
 from qaconv_ext.postprocess import tlift
-from _machine import cpu_name, machine_record, write_json  # benchmarks/_machine.py
+from _machine import add_output_args, cpu_name, machine_record, output_path, write_json  # benchmarks/_machine.py
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_JSON = os.path.join(HERE, "results", "tlift_cpu.json")
 
 
 def loop_tlift(score: np.ndarray, gal_cam: np.ndarray, gal_time: np.ndarray, prob_cam: np.ndarray,
@@ -122,11 +120,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="where the vectorised version runs (cpu, cuda)")
-    ap.add_argument("--json", default=None, help=f"default {DEFAULT_JSON} (tlift_gpu.json for --device cuda)")
+    add_output_args(ap, "tlift_cpu.json (tlift_gpu.json with --device cuda)")
     args = ap.parse_args(argv)
     gpu = args.device != "cpu"
-    if args.json is None:
-        args.json = DEFAULT_JSON.replace("tlift_cpu", "tlift_gpu") if gpu else DEFAULT_JSON
 
     load_before = os.getloadavg()
     cases = [run_case(args, float(span)) for span in args.spans.split(",") if span]
@@ -151,8 +147,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               f"{c['vectorised']['seconds_median']:>14.3f}{c['loop']['seconds_full_estimate']:>10.1f}"
               f"{c['speedup']:>9.1f}x{c['max_abs_diff_vs_loop']:>11.1e}")
     print(f"  ({cases[0]['loop']['note']})" if cases else "")
-    if args.json:
-        write_json(args.json, result)
+    path = output_path(args, "tlift_gpu.json" if gpu else "tlift_cpu.json")
+    if path:
+        write_json(path, result)
+        print(f"wrote {path}")
     return result
 
 

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (torch with CUDA, nvcc, ninja, no network): build the CUDA extension,
 # run the op tests on CPU and GPU, run the GPU benchmarks (TLift, gallery scoring), print the table last.
-#   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and JSON go to OUT_DIR, default benchmarks/results;
-#                                                on a lent machine pass the folder that comes back)
+#   bash benchmarks/gpu_check.sh [OUT_DIR]      (logs and JSON go to OUT_DIR, default a new folder
+#                                                runs/bench/gpu-<date-time>; benchmarks/results to update the
+#                                                committed JSON; on a lent machine pass the folder that comes back)
 #   STEPS=build,tests bash benchmarks/gpu_check.sh   then   STEPS=bench ...   (two calls; the steps' time
 #   limits add up to more than one 10-minute call: build ~2-3 min, tests <= 7, benchmarks <= 8)
 set -uo pipefail
 STEPS="${STEPS:-build,tests,bench}"
 step() { [[ ",$STEPS," == *",$1,"* ]]; }
 cd "$(dirname "$0")/.."
-OUT="${1:-benchmarks/results}"
+OUT="${1:-runs/bench/gpu-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 QACONV_EXT_CUDA=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

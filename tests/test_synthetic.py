@@ -17,6 +17,7 @@ from qaconv_ext.data import (
     plan_synthetic_network,
 )
 from qaconv_ext.data import synthetic as syn
+from qaconv_ext.data.synthetic import cache, plan, render
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -79,6 +80,25 @@ def test_determinism(tiny, tmp_path):
     third = _digest(str(other))
     common = set(first) & set(third)
     assert set(first) != set(third) or any(first[k] != third[k] for k in common)
+
+
+# sha256 of each domain's annotations.json for the tiny network at seed 3: every planned draw (identities,
+# walks, splits, occlusions, render seeds, file names) in its order. A change of the generator's random
+# draws changes these; such a change must also raise GENERATOR_VERSION so that cached sets are redrawn.
+TINY_ANNOTATIONS_SHA256 = {
+    "domain_a": "2fd89715333cdc8555bcdf68fc99ef01045f1a21eb191891ecf5564473c3d135",
+    "domain_b": "127ebe046b139978dc07a60cd1b649c4088653eb7fa5b2d9c2533bd42e5546a0",
+}
+
+
+def test_planned_draws_unchanged(tiny):
+    _, paths = tiny
+    got = {}
+    for d, path in paths.items():
+        with open(os.path.join(path, "annotations.json"), "rb") as fh:
+            got[d] = hashlib.sha256(fh.read()).hexdigest()
+    assert got == TINY_ANNOTATIONS_SHA256
+    assert syn.GENERATOR_VERSION == 2
 
 
 def test_parser_round_trip(tiny):
@@ -171,7 +191,7 @@ def test_identities_share_colours_but_differ_locally():
     for im in plans["domain_a"]["images"]:
         if im["pid"] > 0:
             ids[im["pid"]] = im["identity"]
-    sigs = [syn._signature(x) for x in ids.values()]
+    sigs = [plan._signature(x) for x in ids.values()]
     assert len(set(sigs)) == len(sigs)
     # many pairs wear the same two colours on swapped parts (same histogram, other arrangement)
     swapped = sum(1 for i, x in enumerate(ids.values()) for y in list(ids.values())[i + 1:]
@@ -182,13 +202,13 @@ def test_identities_share_colours_but_differ_locally():
 def test_caching_and_regeneration(tmp_path, monkeypatch):
     root = str(tmp_path / "net")
     calls = []
-    real = syn._run_tasks
+    real = cache.render_tasks
 
     def counting(tasks, workers, progress):
         calls.append(len(tasks))
         return real(tasks, workers, progress)
 
-    monkeypatch.setattr(syn, "_run_tasks", counting)
+    monkeypatch.setattr(cache, "render_tasks", counting)
     kw = dict(seed=1, workers=0, progress=False, **TINY)
     make_synthetic_network(root, **kw)
     assert len(calls) == 1
@@ -213,29 +233,29 @@ def test_caching_and_regeneration(tmp_path, monkeypatch):
 
 def test_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     root = str(tmp_path / "net")
-    real = syn._render_many
+    real = render._render_many
 
     def dying(tasks):
         real(tasks[:3])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(syn, "_render_many", dying)
+    monkeypatch.setattr(render, "_render_many", dying)
     with pytest.raises(KeyboardInterrupt):
         make_synthetic_network(root, seed=0, workers=0, progress=False, **TINY)
     assert not os.path.exists(os.path.join(root, "manifest.json"))
     assert not os.path.exists(os.path.join(root, "domain_a"))
     assert not [n for n in os.listdir(root) if n.startswith(".synthetic-tmp-")]
-    monkeypatch.setattr(syn, "_render_many", real)
+    monkeypatch.setattr(render, "_render_many", real)
     paths = make_synthetic_network(root, seed=0, workers=0, progress=False, **TINY)
     assert len(Market1501(paths["domain_a"]).train) > 0
 
     # an interrupted regeneration keeps the previous complete set valid
-    monkeypatch.setattr(syn, "_render_many", dying)
+    monkeypatch.setattr(render, "_render_many", dying)
     with pytest.raises(KeyboardInterrupt):
         make_synthetic_network(root, seed=0, workers=0, progress=False, force=True, **TINY)
-    monkeypatch.setattr(syn, "_render_many", real)
-    assert syn._manifest_ok(root, {"version": syn.GENERATOR_VERSION,
-                                   "params": dict(syn._jsonable(syn._params(TINY)), seed=0)})
+    monkeypatch.setattr(render, "_render_many", real)
+    assert cache._manifest_ok(root, {"version": syn.GENERATOR_VERSION,
+                                   "params": dict(cache._jsonable(plan.resolve_params(TINY)), seed=0)})
 
 
 def test_refuses_foreign_folders_and_bad_params(tmp_path):

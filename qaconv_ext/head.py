@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .ops import qaconv_match, qaconv_score
+from .ops.dtypes import accumulation_dtype
 
 __all__ = ["QAConv", "normalize_layout", "head_from_state_dict", "extract_head_state"]
 
@@ -285,7 +286,7 @@ class QAConv(nn.Module):
         if self.training:
             return self.head(qaconv_match(prob_fea, gal_fea))
         weight, bias = self.folded()
-        wdtype = torch.float64 if prob_fea.dtype == torch.float64 else torch.float32
+        wdtype = accumulation_dtype(prob_fea.dtype)
         return qaconv_score(prob_fea, gal_fea, weight.to(wdtype), bias.to(wdtype))
 
 

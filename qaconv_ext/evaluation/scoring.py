@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..ops.dtypes import accumulation_dtype
+
 __all__ = [
     "extract_features",
     "score_blocks",
@@ -153,7 +155,7 @@ def _folded(head: nn.Module, device: torch.device, dtype: torch.dtype) -> Tuple[
     head.eval()
     with torch.no_grad():
         weight, bias = head.folded()
-    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    wdtype = accumulation_dtype(dtype)
     return weight.detach().to(device, wdtype), bias.detach().to(device, wdtype)
 
 

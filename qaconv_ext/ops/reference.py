@@ -10,12 +10,14 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .dtypes import accumulation_dtype
+
 Tensor = torch.Tensor
 
 __all__ = ["qaconv_match", "qaconv_score", "match_backward", "similarity"]
 
 
-def _flat(x: Tensor) -> Tensor:
+def _flatten_locations(x: Tensor) -> Tensor:
     """``[B, d, h, w]`` -> ``[B, d, L]`` (a view when possible)."""
     return x.flatten(2)
 
@@ -33,7 +35,7 @@ def _chunks(P: int, N: int, Lq: int, Lg: int, element_size: int, budget_bytes: i
 
 def similarity(query: Tensor, gallery: Tensor) -> Tensor:
     """The full local similarity tensor ``S[p, n, s, r]`` (small inputs only)."""
-    return torch.einsum("pcs,ncr->pnsr", _flat(query), _flat(gallery))
+    return torch.einsum("pcs,ncr->pnsr", _flatten_locations(query), _flatten_locations(gallery))
 
 
 def qaconv_match(query: Tensor, gallery: Tensor, return_indices: bool = False,
@@ -45,7 +47,7 @@ def qaconv_match(query: Tensor, gallery: Tensor, return_indices: bool = False,
     through PyTorch's own autograd, which makes it the gradient oracle for the fused op.
     """
     P, N = query.shape[0], gallery.shape[0]
-    q, g = _flat(query), _flat(gallery)
+    q, g = _flatten_locations(query), _flatten_locations(gallery)
     Lq, Lg = q.shape[2], g.shape[2]
     cp, cn = _chunks(P, N, Lq, Lg, query.element_size(), budget_bytes, chunk)
     rows_v, rows_i = [], []
@@ -76,9 +78,9 @@ def qaconv_match(query: Tensor, gallery: Tensor, return_indices: bool = False,
 def qaconv_score(query: Tensor, gallery: Tensor, weight: Tensor, bias: Optional[Union[Tensor, float]] = None,
                  chunk: Optional[Tuple[int, int]] = None, budget_bytes: int = 256 << 20) -> Tensor:
     """``values @ weight + bias`` in float32 (float64 for float64 inputs), chunk by chunk."""
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(query.dtype)
     P, N = query.shape[0], gallery.shape[0]
-    q, g = _flat(query), _flat(gallery)
+    q, g = _flatten_locations(query), _flatten_locations(gallery)
     Lq, Lg = q.shape[2], g.shape[2]
     cp, cn = _chunks(P, N, Lq, Lg, query.element_size(), budget_bytes, chunk)
     w = weight.to(acc).reshape(-1)
@@ -102,11 +104,11 @@ def match_backward(grad_values: Tensor, indices: Tensor, query: Tensor, gallery:
     (``(query, gallery)``) is not computed and comes back as an empty ``[0]`` tensor.
     """
     need_q, need_g = (bool(m) for m in output_mask)
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(query.dtype)
     P, d = query.shape[:2]
     N = gallery.shape[0]
-    qt = _flat(query).to(acc).transpose(1, 2)  # [P, Lq, d]
-    gt = _flat(gallery).to(acc).transpose(1, 2)  # [N, Lg, d]
+    qt = _flatten_locations(query).to(acc).transpose(1, 2)  # [P, Lq, d]
+    gt = _flatten_locations(gallery).to(acc).transpose(1, 2)  # [N, Lg, d]
     Lq, Lg = qt.shape[1], gt.shape[1]
     gv = grad_values.to(acc)
     dq = torch.zeros((P if need_q else 0, Lq, d), dtype=acc, device=query.device)

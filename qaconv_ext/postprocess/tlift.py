@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
+from ..ops.dtypes import accumulation_dtype
+
 __all__ = ["tlift"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Any]
@@ -174,7 +176,7 @@ def tlift(
     out_dtype = S.dtype
     if not S.is_floating_point():
         S = S.to(torch.float64)
-    work_dtype = torch.float64 if S.dtype == torch.float64 else torch.float32
+    work_dtype = accumulation_dtype(S.dtype)
     S = S.to(work_dtype)
     n_prob, n_gal = S.shape
     if S.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(S))).all()):

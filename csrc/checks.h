@@ -9,7 +9,7 @@ namespace qaconv {
 
 // Sizes of one query/gallery matching problem.
 struct MatchDims {
-  int64_t P, N, d, Lq, Lg;
+  int64_t P, N, channels, Lq, Lg;
   int64_t L() const { return Lq + Lg; }
 };
 

@@ -257,8 +257,8 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_val
   check_backward(grad_values, indices, d);
   const auto ct = compute_type(query.scalar_type());
   const bool need_q = output_mask[0], need_g = output_mask[1];
-  at::Tensor gq = at::zeros({need_q ? d.P : 0, d.Lq, d.d}, query.options().dtype(ct));
-  at::Tensor gg = at::zeros({need_g ? d.N : 0, d.Lg, d.d}, query.options().dtype(ct));
+  at::Tensor gq = at::zeros({need_q ? d.P : 0, d.Lq, d.channels}, query.options().dtype(ct));
+  at::Tensor gg = at::zeros({need_g ? d.N : 0, d.Lg, d.channels}, query.options().dtype(ct));
   if (d.P > 0 && d.N > 0 && (need_q || need_g)) {
     const at::Tensor q = locations_major(query.detach()).to(ct), g = locations_major(gallery.detach()).to(ct);
     const at::Tensor gv = grad_values.detach().to(ct).contiguous();
@@ -270,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_val
       const int64_t* IX = ix.data_ptr<int64_t>();
       scalar_t* GQ = gq.data_ptr<scalar_t>();
       scalar_t* GG = gg.data_ptr<scalar_t>();
-      const int64_t D = d.d, L = d.L();
+      const int64_t D = d.channels, L = d.L();
       auto axpy = [D](scalar_t* dst, scalar_t a, const scalar_t* src) {
         for (int64_t c = 0; c < D; ++c) dst[c] += a * src[c];
       };

@@ -53,8 +53,8 @@ std::tuple<at::Tensor, at::Tensor> match_cuda(const at::Tensor& query, const at:
   if (d.P > 0 && d.N > 0) {
     const at::Tensor q = locations_major(query.detach()), g = locations_major(gallery.detach());
     check_launch(cuda::match_forward(kind, q.data_ptr(), g.data_ptr(), values.data_ptr(),
-                                     with_indices ? indices.data_ptr<int64_t>() : nullptr, d.P, d.N, d.d, d.Lq, d.Lg,
-                                     c10::cuda::getCurrentCUDAStream()),
+                                     with_indices ? indices.data_ptr<int64_t>() : nullptr, d.P, d.N, d.channels, d.Lq,
+                                     d.Lg, c10::cuda::getCurrentCUDAStream()),
                  "qaconv_match kernel launch");
   }
   return {values, indices};
@@ -114,7 +114,7 @@ at::Tensor score_cuda(const at::Tensor& query, const at::Tensor& gallery, const 
       tc_kind = kind_of_type(staged);
     }
     // The kernel copies 16-byte chunks: pad the channels to a multiple of 8 with zeros, align the bases.
-    int64_t channels = d.d;
+    int64_t channels = d.channels;
     if (channels % 8 != 0) {
       const int64_t pad = 8 - channels % 8;
       q = at::constant_pad_nd(q, {0, pad});
@@ -133,7 +133,7 @@ at::Tensor score_cuda(const at::Tensor& query, const at::Tensor& gallery, const 
   }
   // The CUDA-core kernel reads the maps as given (no staging, no padding).
   check_launch(cuda::score_forward(kind, q_in.data_ptr(), g_in.data_ptr(), w.data_ptr<float>(), bias_ptr,
-                                   out.data_ptr<float>(), d.P, d.N, d.d, d.Lq, d.Lg, stream),
+                                   out.data_ptr<float>(), d.P, d.N, d.channels, d.Lq, d.Lg, stream),
                "qaconv_score kernel launch");
   return out;
 }
@@ -151,8 +151,8 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cuda(const at::Tensor& grad_va
   const bool work = d.P > 0 && d.N > 0 && (need_q || need_g);
   const auto f32 = query.options().dtype(at::kFloat);
   const int64_t rows_q = need_q ? d.P : 0, rows_g = need_g ? d.N : 0;
-  at::Tensor gq = work ? at::empty({rows_q, d.Lq, d.d}, f32) : at::zeros({rows_q, d.Lq, d.d}, f32);
-  at::Tensor gg = work ? at::empty({rows_g, d.Lg, d.d}, f32) : at::zeros({rows_g, d.Lg, d.d}, f32);
+  at::Tensor gq = work ? at::empty({rows_q, d.Lq, d.channels}, f32) : at::zeros({rows_q, d.Lq, d.channels}, f32);
+  at::Tensor gg = work ? at::empty({rows_g, d.Lg, d.channels}, f32) : at::zeros({rows_g, d.Lg, d.channels}, f32);
   if (work) {
     const at::Tensor ix = indices.contiguous();
     // The kernels trust the indices; an index out of range would read outside the features.
@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cuda(const at::Tensor& grad_va
     const at::Tensor q = locations_major(query.detach()), g = locations_major(gallery.detach());
     check_launch(cuda::match_backward(kind, gv.data_ptr<float>(), ix.data_ptr<int64_t>(), q.data_ptr(), g.data_ptr(),
                                       need_q ? gq.data_ptr<float>() : nullptr,
-                                      need_g ? gg.data_ptr<float>() : nullptr, d.P, d.N, d.d, d.Lq, d.Lg,
+                                      need_g ? gg.data_ptr<float>() : nullptr, d.P, d.N, d.channels, d.Lq, d.Lg,
                                       c10::cuda::getCurrentCUDAStream()),
                  "qaconv match_backward kernel launch");
   }

@@ -3,7 +3,7 @@
 The graph is read from the source with ``ast`` (nothing is imported); imports inside functions count
 like those at the top of a module. The layers, bottom first:
 
-    ops                                the matching op; imports nothing else of the package
+    ops, utils                         the matching op (imports nothing else of the package); matrix checks, safe file reading
     head, data, postprocess            the QAConv head; datasets; re-ranking and TLift
     losses                             class memory, cosine softmax
     models                             backbones, the GAP baseline
@@ -27,7 +27,7 @@ import pytest
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "qaconv_ext"
 
 LAYERS: Tuple[Tuple[str, ...], ...] = (
-    ("ops",),
+    ("ops", "utils"),
     ("head", "data", "postprocess"),
     ("losses",),
     ("models",),
@@ -272,7 +272,7 @@ def test_checker_finds_cycles_upward_imports_and_subcommand_imports(tmp_path):
     text = "\n".join(layering)
     assert "qaconv_ext/ops/helpers.py:2: qaconv_ext.ops.helpers imports qaconv_ext.viz.draw: ops may import only " \
            "nothing else of the package" in text
-    assert "qaconv_ext.viz.draw imports qaconv_ext.evaluation: viz may import only ops, data, head" in text
+    assert "qaconv_ext.viz.draw imports qaconv_ext.evaluation: viz may import only ops, utils, data, head" in text
     assert "qaconv_ext.evaluation imports qaconv_ext.viz" in text
     assert "qaconv_ext.cli.eval imports the sub-command qaconv_ext.cli.train" in text
     assert len(layering) == 4, layering   # cli -> ops, head -> ops, train -> common are fine

@@ -22,6 +22,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ..utils.torch_files import TorchFileError, load_torch_file
+
 __all__ = [
     "CHECKPOINT_NAME",
     "save_checkpoint",
@@ -109,25 +111,8 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> str:
     return path
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TorchFileError):
     """A checkpoint that is missing or cannot be turned into a model (the message says why)."""
-
-
-def _looks_like_torch_file(path: str) -> bool:
-    """Starts like a zip archive (``torch.save`` since PyTorch 1.6, also when damaged) or a pickle
-    stream of protocol 2+ (the legacy format)."""
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    return head == b"PK" or head[:1] == b"\x80"
-
-
-def _reason(exc: BaseException) -> str:
-    """The informative line of a ``torch.load`` error (not its advice to load with ``weights_only=False``)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for ln in lines:
-        if ln.startswith("WeightsUnpickler error:"):
-            return ln[len("WeightsUnpickler error:"):].strip().split(". ")[0]
-    return lines[0].split(". ")[0] if lines else type(exc).__name__
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
@@ -140,17 +125,10 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) ->
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(missing_checkpoint_message(path))
-    if not _looks_like_torch_file(path):
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True,
-                          mmap=mmap and zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: holds objects that safe (weights_only) loading refuses: "
-                              f"{_reason(exc)}") from exc
-    except Exception as exc:  # noqa: BLE001 - report any reading problem with the path
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupted?): "
-                              f"{_reason(exc)}") from exc
+        ckpt = load_torch_file(path, map_location=map_location, mmap=mmap)
+    except TorchFileError as exc:
+        raise CheckpointError(str(exc)) from exc.__cause__
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(ckpt).__name__}")
     return ckpt

@@ -6,7 +6,7 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .._matrix_checks import check_matrix
+from ..utils.matrix_checks import check_matrix
 from .protocol import junk_mask
 
 __all__ = ["evaluate_rank"]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..utils.torch_files import TorchFileError, load_torch_file
 from .resnet import RESNET_SPECS, resnet
 
 __all__ = ["ReIDBackbone", "FeatureMapAdapter", "build_backbone", "load_pretrained", "feature_map_size",
@@ -99,16 +100,17 @@ class PretrainedWeightsError(ValueError):
 
 def _read_weights(path: str) -> Any:
     """The object saved in ``path``, read with ``torch.load(weights_only=True)``; one-line errors."""
-    from ..engine.checkpoint import CheckpointError, load_checkpoint
-
     if os.path.isdir(path):
         raise PretrainedWeightsError(f"pretrained weights: {path} is a folder, not a weights file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights not found: {path} (give a local file; nothing is downloaded)")
     try:
-        return load_checkpoint(path)
-    except CheckpointError as exc:
+        state = load_torch_file(path, what="PyTorch checkpoint")
+    except TorchFileError as exc:
         raise PretrainedWeightsError(f"pretrained weights: {exc}") from None
+    if not isinstance(state, dict):
+        raise PretrainedWeightsError(f"pretrained weights: {path}: expected a dict, got {type(state).__name__}")
+    return state
 
 
 def load_pretrained(backbone: ReIDBackbone, path: str) -> Dict[str, Any]:

@@ -36,7 +36,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from .._matrix_checks import check_matrix
+from ..utils.matrix_checks import check_matrix
 
 __all__ = ["k_reciprocal_rerank"]
 

@@ -1,8 +1,11 @@
 """Binds the ``qaconv_ext::*`` dispatcher ops: native kernels, fake kernels, autograd, fallbacks.
 
 The schemas and the CPU/CUDA kernels come from the compiled ``qaconv_ext._C``. This module adds what
-PyTorch wants from Python: fake (meta) kernels for ``torch.compile``, autograd formulas, and a chunked
-PyTorch implementation for CUDA tensors when the extension was built without CUDA.
+PyTorch wants from Python: fake (meta) kernels for ``torch.compile``, autograd formulas, and a
+chunked PyTorch implementation for CUDA tensors when the extension was built without CUDA (and for
+every device, with the schemas of :data:`SCHEMAS`, when the compiled module is missing). The compiled
+kernels validate their inputs in C++; the kernels written here apply the same rules through
+:mod:`.checks`.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .checks import check_pair
+from .checks import check_backward, check_head, check_pair
+from .dtypes import accumulation_dtype
 
 Tensor = torch.Tensor
 
@@ -27,13 +31,20 @@ except ImportError as exc:  # not built: keep the package usable through the ref
     NATIVE_CUDA = False
     _IMPORT_ERROR = exc
 
+# The operator schemas as csrc/ops.cpp defines them; a build without the compiled module defines them
+# from here (tests/test_ops.py checks that the two agree).
+SCHEMAS = {
+    "match": "match(Tensor query, Tensor gallery, bool with_indices) -> (Tensor, Tensor)",
+    "score": "score(Tensor query, Tensor gallery, Tensor weight, Tensor? bias) -> Tensor",
+    "match_backward": "match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery, "
+                      "bool[2] output_mask=[True, True]) -> (Tensor, Tensor)",
+}
+
 _LIB = None
 if not NATIVE:
     _LIB = torch.library.Library("qaconv_ext", "DEF")
-    _LIB.define("match(Tensor query, Tensor gallery, bool with_indices) -> (Tensor, Tensor)")
-    _LIB.define("score(Tensor query, Tensor gallery, Tensor weight, Tensor? bias) -> Tensor")
-    _LIB.define("match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery,"
-                " bool[2] output_mask=[True, True]) -> (Tensor, Tensor)")
+    for _schema in SCHEMAS.values():
+        _LIB.define(_schema)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,6 +64,7 @@ def _warn_fallback(device_type: str) -> None:
 
 
 def _fallback_match(query: Tensor, gallery: Tensor, with_indices: bool) -> Tuple[Tensor, Tensor]:
+    check_pair(query, gallery)
     _warn_fallback(query.device.type)
     if with_indices:
         values, indices = reference.qaconv_match(query, gallery, return_indices=True)
@@ -63,12 +75,15 @@ def _fallback_match(query: Tensor, gallery: Tensor, with_indices: bool) -> Tuple
 
 
 def _fallback_score(query: Tensor, gallery: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _, _, _, Lq, Lg = check_pair(query, gallery)
+    check_head(weight, bias, Lq + Lg, query)
     _warn_fallback(query.device.type)
     return reference.qaconv_score(query, gallery, weight, bias).contiguous()
 
 
 def _fallback_backward(grad_values: Tensor, indices: Tensor, query: Tensor, gallery: Tensor,
                        output_mask: Sequence[bool] = (True, True)) -> Tuple[Tensor, Tensor]:
+    check_backward(grad_values, indices, query, gallery)
     _warn_fallback(query.device.type)
     return reference.match_backward(grad_values, indices, query, gallery, output_mask=output_mask)
 
@@ -85,10 +100,6 @@ for _key in _fallback_keys:
 # ----------------------------------------------------------------------------------------------
 # Fake kernels: shapes, dtypes and strides of the outputs, for torch.compile and meta tensors.
 # ----------------------------------------------------------------------------------------------
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("qaconv_ext::match")
 def _match_fake(query: Tensor, gallery: Tensor, with_indices: bool) -> Tuple[Tensor, Tensor]:
     P, N, _, Lq, Lg = check_pair(query, gallery)
@@ -99,13 +110,15 @@ def _match_fake(query: Tensor, gallery: Tensor, with_indices: bool) -> Tuple[Ten
 
 @torch.library.register_fake("qaconv_ext::score")
 def _score_fake(query: Tensor, gallery: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    P, N, _, _, _ = check_pair(query, gallery)
-    return query.new_empty((P, N), dtype=_score_dtype(query.dtype))
+    P, N, _, Lq, Lg = check_pair(query, gallery)
+    check_head(weight, bias, Lq + Lg, query)
+    return query.new_empty((P, N), dtype=accumulation_dtype(query.dtype))
 
 
 @torch.library.register_fake("qaconv_ext::match_backward")
 def _backward_fake(grad_values: Tensor, indices: Tensor, query: Tensor, gallery: Tensor,
                    output_mask: Sequence[bool] = (True, True)) -> Tuple[Tensor, Tensor]:
+    check_backward(grad_values, indices, query, gallery)
     need_q, need_g = output_mask
     return (query.new_empty(query.shape if need_q else (0,)),
             gallery.new_empty(gallery.shape if need_g else (0,)))
@@ -154,9 +167,9 @@ def _score_backward(ctx, grad: Tensor):
     if need_q or need_g or need_w:
         values, indices = torch.ops.qaconv_ext.match(query, gallery, True)
         if need_w:
-            grad_w = torch.einsum("pn,pnk->k", grad, values.to(grad.dtype)).to(weight.dtype)
+            grad_w = torch.einsum("pn,pnk->k", grad, values.to(grad.dtype)).to(weight.dtype).reshape(weight.shape)
         if need_q or need_g:
-            grad_values = grad[:, :, None] * weight.to(grad.dtype)[None, None, :]
+            grad_values = grad[:, :, None] * weight.reshape(-1).to(grad.dtype)[None, None, :]
             grad_q, grad_g = torch.ops.qaconv_ext.match_backward(grad_values, indices, query, gallery,
                                                                  [need_q, need_g])
             grad_q = grad_q if need_q else None

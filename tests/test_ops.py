@@ -269,6 +269,63 @@ def test_gradcheck_float64(gen):
     assert torch.autograd.gradcheck(lambda a, b, c: qaconv_ext.qaconv_score(a, b, c, 0.1), (q, g, w))
 
 
+def _well_separated(q, g, gap=1e-5):
+    """Whether every row and column maximum of S beats the runner-up by ``gap`` (finite differences
+    then never cross an argmax)."""
+    S = reference.similarity(q.detach().cpu().double(), g.detach().cpu().double())
+    top_row, top_col = S.topk(2, dim=3).values, S.topk(2, dim=2).values
+    return bool((top_row[..., 0] - top_row[..., 1] > gap).all() and (top_col[:, :, 0] - top_col[:, :, 1] > gap).all())
+
+
+def test_gradgradcheck_float64(gen):
+    # second (and, through match_backward's own gradient, third) derivatives of both ops
+    q = unit_maps(2, 3, 2, 2, torch.float64, gen).requires_grad_()
+    g = unit_maps(3, 3, 1, 3, torch.float64, gen).requires_grad_()
+    assert _well_separated(q, g)
+    w = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, c: qaconv_ext.qaconv_match(a, c), (q, g))
+    assert torch.autograd.gradgradcheck(lambda a, c, v, u: qaconv_ext.qaconv_score(a, c, v, u), (q, g, w, b))
+    values, indices = torch.ops.qaconv_ext.match(q.detach(), g.detach(), True)
+    upstream = torch.randn(values.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    for mask in ([True, True], [True, False], [False, True]):
+        def backward(u, a, c, mask=mask):
+            return tuple(t for t, m in zip(torch.ops.qaconv_ext.match_backward(u, indices, a, c, mask), mask) if m)
+
+        assert torch.autograd.gradcheck(backward, (upstream, q, g))
+        assert torch.autograd.gradgradcheck(backward, (upstream, q, g))
+
+
+def _gradient_penalty(score_fn, q, g, w, on):
+    """d/d(q, g, w) of the squared norms of d score.sum() / d(the maps named in ``on``)."""
+    q, g, w = (t.detach().clone().requires_grad_() for t in (q, g, w))
+    maps = [{"q": q, "g": g}[name] for name in on]
+    first = torch.autograd.grad(score_fn(q, g, w).sum(), maps, create_graph=True)
+    penalty = sum(d.pow(2).sum() for d in first)
+    return torch.autograd.grad(penalty, (q, g, w), allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("on", ["q", "qg"])
+@pytest.mark.parametrize("device, dtype", device_dtypes([torch.float64, torch.float32]))
+def test_gradient_penalty_matches_the_reference(device, dtype, on, gen):
+    # second-order gradients through the ops equal those through the reference's own autograd
+    q = unit_maps(4, 8, 3, 2, dtype, gen, device)
+    g = unit_maps(5, 8, 2, 3, dtype, gen, device)
+    assert _well_separated(q, g)  # every device's argmax is the reference's
+    w = torch.randn(12, generator=gen, dtype=torch.float64).to(device, torch.promote_types(dtype, torch.float32))
+    got = _gradient_penalty(lambda a, c, v: qaconv_ext.qaconv_score(a, c, v, 0.5), q, g, w, on)
+    got_match = _gradient_penalty(lambda a, c, v: qaconv_ext.qaconv_match(a, c) @ v.to(a.dtype), q, g, w, on)
+    qr, gr, wr = (t.cpu().double() for t in (q, g, w))
+    ref = _gradient_penalty(lambda a, c, v: reference.qaconv_match(a, c) @ v + 0.5, qr, gr, wr, on)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, a, b, c in zip("qgw", got, got_match, ref):
+        if on == "q" and name == "q":  # d(score)/dq does not depend on q itself (bilinear, fixed argmax)
+            assert c.abs().max() == 0 and a.abs().max() == 0 and b.abs().max() == 0
+            continue
+        assert c.abs().max() > 0.1, name  # the input takes part in the penalty
+        assert rel_err(a, c) <= tol and rel_err(b, c) <= tol, name
+
+
 def test_opcheck(device, gen):
     q = unit_maps(3, 8, 3, 2, torch.float32, gen, device).requires_grad_()
     g = unit_maps(4, 8, 2, 3, torch.float32, gen, device).requires_grad_()
@@ -284,6 +341,8 @@ def test_opcheck(device, gen):
     torch.library.opcheck(torch.ops.qaconv_ext.match_backward.default, (upstream, indices, q.detach(), g.detach()))
     torch.library.opcheck(torch.ops.qaconv_ext.match_backward.default,
                           (upstream, indices, q.detach(), g.detach(), [True, False]))
+    torch.library.opcheck(torch.ops.qaconv_ext.match_backward.default,
+                          (upstream.requires_grad_(), indices, q, g))  # its own autograd
 
 
 def test_torch_compile_fullgraph(device, gen):

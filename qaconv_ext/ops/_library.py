@@ -1,11 +1,11 @@
 """Binds the ``qaconv_ext::*`` dispatcher ops: native kernels, fake kernels, autograd, fallbacks.
 
 The schemas and the CPU/CUDA kernels come from the compiled ``qaconv_ext._C``. This module adds what
-PyTorch wants from Python: fake (meta) kernels for ``torch.compile``, autograd formulas, and a
-chunked PyTorch implementation for CUDA tensors when the extension was built without CUDA (and for
-every device, with the schemas of :data:`SCHEMAS`, when the compiled module is missing). The compiled
-kernels validate their inputs in C++; the kernels written here apply the same rules through
-:mod:`.checks`.
+PyTorch wants from Python: fake (meta) kernels for ``torch.compile``, autograd formulas (to any
+order), and a chunked PyTorch implementation for CUDA tensors when the extension was built without
+CUDA (and for every device, with the schemas of :data:`SCHEMAS`, when the compiled module is missing).
+The compiled kernels validate their inputs in C++; the kernels written here apply the same rules
+through :mod:`.checks`.
 """
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ def _backward_fake(grad_values: Tensor, indices: Tensor, query: Tensor, gallery:
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd: the sparse gather/scatter through the argmax; score recomputes match in its backward.
+# Autograd: the sparse gather/scatter through the argmax; score recomputes match in its backward;
+# match_backward is differentiable in turn.
 # ----------------------------------------------------------------------------------------------
 def _match_setup_context(ctx, inputs, output) -> None:
     query, gallery, with_indices = inputs
@@ -149,6 +150,44 @@ def _match_backward(ctx, grad_values: Tensor, _grad_indices: Optional[Tensor]):
 
 
 torch.library.register_autograd("qaconv_ext::match", _match_backward, setup_context=_match_setup_context)
+
+
+# match_backward is linear in grad_values and in each map: grad_query depends on (grad_values, gallery)
+# only, grad_gallery on (grad_values, query) only, both through the fixed argmax indices. Its own
+# gradients are therefore match_backward again (with the incoming gradient in place of the other map)
+# and, for grad_values, the similarities at the indices (a gather and a dot). This gives second- and
+# higher-order derivatives of qaconv_match and qaconv_score, e.g. for gradient penalties.
+def _backward_setup_context(ctx, inputs, output) -> None:
+    grad_values, indices, query, gallery, output_mask = inputs
+    ctx.output_mask = tuple(bool(m) for m in output_mask)
+    ctx.save_for_backward(grad_values, indices, query, gallery)
+
+
+def _backward_backward(ctx, grad_of_gq: Optional[Tensor], grad_of_gg: Optional[Tensor]):
+    grad_values, indices, query, gallery = ctx.saved_tensors
+    need_gv, _, need_q, need_g = ctx.needs_input_grad[:4]
+    # a gradient switched off in output_mask was an empty [0] tensor: nothing flows back through it
+    dq = grad_of_gq if ctx.output_mask[0] else None
+    dg = grad_of_gg if ctx.output_mask[1] else None
+    out_gv = out_q = out_g = None
+    if need_gv:
+        terms = []
+        if dq is not None:
+            terms.append(reference.similarity_at(dq.to(query.dtype), gallery, indices))
+        if dg is not None:
+            terms.append(reference.similarity_at(query, dg.to(gallery.dtype), indices))
+        out_gv = sum(terms).to(grad_values.dtype) if terms else torch.zeros_like(grad_values)
+    if need_q and dg is not None:
+        out_q = torch.ops.qaconv_ext.match_backward(grad_values, indices, query, dg.to(gallery.dtype),
+                                                    [True, False])[0]
+    if need_g and dq is not None:
+        out_g = torch.ops.qaconv_ext.match_backward(grad_values, indices, dq.to(query.dtype), gallery,
+                                                    [False, True])[1]
+    return out_gv, None, out_q, out_g, None
+
+
+torch.library.register_autograd("qaconv_ext::match_backward", _backward_backward,
+                                setup_context=_backward_setup_context)
 
 
 def _score_setup_context(ctx, inputs, output) -> None:

@@ -62,8 +62,8 @@ def qaconv_score(query: Tensor, gallery: Tensor, weight: Tensor,
         bias: optional scalar (number or one-element tensor).
 
     Returns:
-        ``[P, N]`` float32 scores (float64 for float64 inputs). Differentiable in all four inputs; the
-        backward recomputes the matching with indices instead of storing it.
+        ``[P, N]`` float32 scores (float64 for float64 inputs). Differentiable in all four inputs, to
+        any order; the backward recomputes the matching with indices instead of storing it.
 
     Raises:
         TypeError / ValueError naming the problem, as :func:`qaconv_match`, and for a weight that is

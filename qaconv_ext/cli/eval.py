@@ -14,14 +14,15 @@ ROW_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
 
 def load_trained(path: str, arch: Optional[str] = None, neck: Optional[int] = None, height: Optional[int] = None,
-                 width: Optional[int] = None, layout: Optional[str] = None
+                 width: Optional[int] = None, layout: Optional[str] = None, **overrides: Any
                  ) -> Tuple[nn.Module, Optional[nn.Module], Dict[str, Any]]:
-    """:func:`qaconv_ext.engine.load_trained`, with its errors as the command's exit message."""
+    """:func:`qaconv_ext.engine.load_trained` (``overrides``: ``ibn``, ``neck_type``, ``preprocess``), with
+    its errors as the command's exit message."""
     from ..engine import CheckpointError
     from ..engine import load_trained as load
 
     try:
-        return load(path, arch=arch, neck=neck, height=height, width=width, layout=layout)
+        return load(path, arch=arch, neck=neck, height=height, width=width, layout=layout, **overrides)
     except CheckpointError as exc:
         raise SystemExit(f"qaconv eval: {exc}") from None
 
@@ -72,11 +73,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "eval", help="evaluate a trained model on a dataset",
         description="Extract features, score the query set against the gallery with the fused QAConv op and report "
                     "Rank-1/5/10, mAP and mINP (Market-1501 protocol). Reads this package's checkpoints and those "
-                    "of the public QAConv code (give --arch, --height, --width for the latter).")
+                    "of the public QAConv code (any version; the backbone is inferred from the weights; give --height and "
+                    "--width for public models trained at another size than 384 x 128).")
     add_data_args(p)
     add_model_args(p, defaults=False)
-    p.add_argument("--checkpoint", default=None, help="checkpoint file (or a folder holding checkpoint.pt)")
-    p.add_argument("--checkpoint-dir", default=None, help="folder holding checkpoint.pt (alternative to --checkpoint)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint file (or a folder holding checkpoint.pt or the public code's checkpoint.pth.tar)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="folder holding checkpoint.pt or checkpoint.pth.tar (alternative to --checkpoint)")
     add_postprocess_args(p)
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.set_defaults(func=run)
@@ -91,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "qaconv eval")
     if args.pretrained:
         print("qaconv eval: --pretrained is ignored (the checkpoint holds the trained weights)")
-    backbone, head, cfg = load_trained(path, args.arch, args.neck, args.height, args.width, args.layout)
+    backbone, head, cfg = load_trained(path, args.arch, args.neck, args.height, args.width, args.layout, ibn=args.ibn,
+                                       neck_type=args.neck_type, preprocess=args.preprocess)
     note_postprocessing(head, args.rerank, args.tlift)
     ds = load_dataset(args.dataset, args.data_root, args.combine_all, verbose=True)
     rows = evaluate_trained(backbone, head, cfg, ds, device=device, batch_size=args.batch_size,

@@ -13,8 +13,8 @@ from .output import write_json
 
 DATASET_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "synthetic-a", "synthetic-b", "folder")
 
-#: The options that define the model's shapes; a resumed run takes them from the checkpoint.
-MODEL_OPTIONS = ("method", "arch", "neck", "layout", "height", "width")
+#: The options that define the model and its inputs; a resumed run takes them from the checkpoint.
+MODEL_OPTIONS = ("method", "arch", "ibn", "neck", "neck_type", "layout", "height", "width", "preprocess", "augment")
 
 
 def default_data_root() -> Optional[str]:
@@ -101,9 +101,26 @@ def add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     """
     from ..models import ARCHITECTURES
 
+    from ..data.transforms import AUGMENTATIONS, PREPROCESS_PRESETS
+    from ..models import NECK_TYPES
+
     md = model_defaults()
     d = (lambda k: f"(default: {md[k]})") if defaults else (lambda k: "(default: from the checkpoint)")  # noqa: E731
+    inferred = "(default: {})".format("none" if defaults else "inferred from the checkpoint's weights")
     p.add_argument("--arch", choices=ARCHITECTURES, default=None, help=f"backbone {d('arch')}")
+    p.add_argument("--ibn", choices=("a", "b", "none"), default=None,
+                   help=f"IBN-Net variant of a ResNet-18/34/50/101 trunk (QAConv 2.x uses b) {inferred}")
+    p.add_argument("--neck-type", choices=NECK_TYPES, default=None,
+                   help="neck: bn = 3x3 conv + BatchNorm (public v1.x), bias = 3x3 conv with bias (v2.1+) "
+                        + (f"(default: {md['neck_type']})" if defaults else inferred))
+    p.add_argument("--preprocess", choices=PREPROCESS_PRESETS, default=None,
+                   help="input preset: public = bicubic resize, [0, 1] (the paper's code); imagenet = bilinear, "
+                        "ImageNet mean/std " + (f"(default: {md['preprocess']})" if defaults else
+                                               "(default: the checkpoint's; public for public checkpoints)"))
+    if defaults:
+        p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                       help=f"training augmentation: eccv = flip + random occlusion; v2 = QAConv 2.x (pad + crop, "
+                            f"rotation, colour jitter, flip, occlusion) (default: {md['augment']})")
     p.add_argument("--pretrained", default=None, metavar="PATH",
                    help="local file with ImageNet weights in torchvision naming (nothing is downloaded)")
     p.add_argument("--neck", type=positive_int, default=None, help=f"neck channels {d('neck')}")
@@ -167,6 +184,8 @@ def settle_model_options(args: argparse.Namespace, saved: Optional[Dict[str, Any
     defaults = model_defaults()
     conflicts, adopted = [], []
     for key in MODEL_OPTIONS:
+        if not hasattr(args, key):
+            continue
         given, old = getattr(args, key), saved.get(key)
         if given is None:
             setattr(args, key, defaults[key] if old is None else old)
@@ -228,6 +247,8 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
     settle_model_options(args)
     return TrainConfig(
         method=args.method, arch=args.arch, pretrained=args.pretrained, neck=args.neck, layout=args.layout,
+        ibn=None if args.ibn in (None, "none") else args.ibn, neck_type=args.neck_type,
+        preprocess=args.preprocess, augment=args.augment,
         height=args.height, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         base_lr_mult=args.base_lr_mult, step_size=args.step_size, weight_decay=args.weight_decay,
         random_block=not args.no_random_block, flip=not args.no_flip, freeze_bn=args.freeze_bn,
@@ -248,10 +269,15 @@ def _resume_config(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     if path is None:
         raise SystemExit(f"qaconv train: --resume: {missing_checkpoint_message(target)}")
     try:
-        saved = load_checkpoint(path, mmap=True).get("config") or {}
+        ckpt = load_checkpoint(path, mmap=True)
     except CheckpointError as exc:
         raise SystemExit(f"qaconv train: --resume: {exc}") from None
-    return {"path": path, "config": dict(saved)}
+    if "config" not in ckpt and "format" not in ckpt and "model" in ckpt:
+        raise SystemExit(f"qaconv train: --resume: {path} was written by the public QAConv code; it can be "
+                         f"evaluated (qaconv eval --checkpoint {path}) but not resumed here")
+    saved = dict(ckpt.get("config") or {})
+    saved.setdefault("preprocess", "imagenet")   # checkpoints from before the presets used ImageNet mean/std
+    return {"path": path, "config": saved}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,11 @@
 """Training: configuration, the training loop with exact resume, and checkpoints."""
 from .checkpoint import (
     CHECKPOINT_NAME,
+    PUBLIC_CHECKPOINT_NAME,
     CheckpointError,
     capture_rng_state,
     find_checkpoint,
+    infer_backbone,
     load_checkpoint,
     load_public_qaconv,
     load_trained,
@@ -25,4 +27,5 @@ __all__ = [
     "TrainConfig", "Trainer", "run_training", "build_model", "build_optimizer", "build_scheduler", "build_train_loader",
     "seed_everything", "CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "find_checkpoint",
     "capture_rng_state", "restore_rng_state", "load_public_qaconv", "load_trained", "CheckpointError",
+    "PUBLIC_CHECKPOINT_NAME", "infer_backbone",
 ]

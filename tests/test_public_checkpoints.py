@@ -217,3 +217,13 @@ def test_own_checkpoints_record_their_preset(tmp_path, gen):
     assert load_trained(old, preprocess="public")[2]["preprocess"] == "public"
     with pytest.raises(ValueError, match="^unknown preprocess 'raw'; valid: public, imagenet$"):
         load_trained(old, preprocess="raw")
+
+
+def test_train_refuses_ibn_for_trunks_without_it(tmp_path):
+    from qaconv_ext import cli
+
+    with pytest.raises(SystemExit, match=r"^qaconv train: --ibn b: IBN-Net exists for resnet18, resnet34, resnet50, "
+                                         r"resnet101, not for --arch resnet152$"):
+        cli.main(["train", "--dataset", "market1501", "--data-root", str(tmp_path), "--arch", "resnet152", "--ibn", "b",
+                  "--checkpoint-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

@@ -94,15 +94,14 @@ def positive_int(text: str) -> int:
 
 
 def add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """``--arch``, ``--pretrained``, ``--neck``, ``--layout``, ``--height``, ``--width``, ``--batch-size``, ``--device``.
+    """``--arch``, ``--ibn``, ``--neck-type``, ``--preprocess`` (``--augment`` for training), ``--pretrained``,
+    ``--neck``, ``--layout``, ``--height``, ``--width``, ``--batch-size``, ``--device``.
 
     The model options parse to None when not given (so that ``train --resume`` can take them from the
     checkpoint); their help names the training default, or with ``defaults=False`` the checkpoint.
     """
-    from ..models import ARCHITECTURES
-
     from ..data.transforms import AUGMENTATIONS, PREPROCESS_PRESETS
-    from ..models import NECK_TYPES
+    from ..models import ARCHITECTURES, NECK_TYPES
 
     md = model_defaults()
     d = (lambda k: f"(default: {md[k]})") if defaults else (lambda k: "(default: from the checkpoint)")  # noqa: E731
@@ -122,7 +121,7 @@ def add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
                        help=f"training augmentation: eccv = flip + random occlusion; v2 = QAConv 2.x (pad + crop, "
                             f"rotation, colour jitter, flip, occlusion) (default: {md['augment']})")
     p.add_argument("--pretrained", default=None, metavar="PATH",
-                   help="local file with ImageNet weights in torchvision naming (nothing is downloaded)")
+                   help="local file with ImageNet weights in torchvision or IBN-Net naming (nothing is downloaded)")
     p.add_argument("--neck", type=positive_int, default=None, help=f"neck channels {d('neck')}")
     p.add_argument("--layout", choices=("v2", "eccv"), default=None, help=f"QAConv head layout {d('layout')}")
     p.add_argument("--height", type=positive_int, default=None, help=f"input height {d('height')}")
@@ -244,7 +243,12 @@ def config_from_args(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
     given: the defaults, see :func:`settle_model_options`)."""
     from ..engine import TrainConfig
 
+    from ..models import IBN_ARCHITECTURES
+
     settle_model_options(args)
+    if args.ibn not in (None, "none") and args.arch not in IBN_ARCHITECTURES:
+        raise SystemExit(f"qaconv train: --ibn {args.ibn}: IBN-Net exists for {', '.join(IBN_ARCHITECTURES)}, "
+                         f"not for --arch {args.arch}")
     return TrainConfig(
         method=args.method, arch=args.arch, pretrained=args.pretrained, neck=args.neck, layout=args.layout,
         ibn=None if args.ibn in (None, "none") else args.ibn, neck_type=args.neck_type,

@@ -227,3 +227,28 @@ def test_train_refuses_ibn_for_trunks_without_it(tmp_path):
         cli.main(["train", "--dataset", "market1501", "--data-root", str(tmp_path), "--arch", "resnet152", "--ibn", "b",
                   "--checkpoint-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_names_trunk_and_preset_conflicts(tmp_path):
+    """--resume takes ibn/neck type/preset from the checkpoint; a plain trunk conflicts with --ibn b, and a
+    checkpoint from before the presets counts as imagenet."""
+    import argparse
+
+    from qaconv_ext.cli.train import _resume_config, settle_model_options
+
+    def args(**given):
+        keys = ("method", "arch", "neck", "layout", "height", "width", "ibn", "neck_type", "preprocess", "augment")
+        return argparse.Namespace(**{k: given.get(k) for k in keys})
+
+    plain = {"arch": "resnet50", "ibn": None, "neck_type": "bn", "preprocess": "public"}
+    with pytest.raises(SystemExit, match=r"--ibn b \(checkpoint: none\)"):
+        settle_model_options(args(ibn="b"), plain)
+    a = args()
+    adopted = settle_model_options(a, plain)
+    assert (a.ibn, a.neck_type, a.preprocess) == ("none", "bn", "public") and "--neck-type bn" in adopted
+    with pytest.raises(SystemExit, match=r"--preprocess public \(checkpoint: imagenet\)"):
+        settle_model_options(args(preprocess="public"), {"arch": "small", "preprocess": "imagenet"})
+    old = _save(str(tmp_path / "old" / "checkpoint.pt"), {"format": "qaconv-ext/1", "model": {},
+                                                           "config": {"arch": "small"}})
+    got = _resume_config(argparse.Namespace(resume=old, checkpoint_dir=str(tmp_path)))
+    assert got["config"]["preprocess"] == "imagenet"

@@ -14,7 +14,7 @@ from .output import write_json
 DATASET_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "synthetic-a", "synthetic-b", "folder")
 
 #: The options that define the model and its inputs; a resumed run takes them from the checkpoint.
-MODEL_OPTIONS = ("method", "arch", "ibn", "neck", "neck_type", "layout", "height", "width", "preprocess", "augment")
+MODEL_OPTIONS = ("method", "arch", "neck", "layout", "height", "width", "ibn", "neck_type", "preprocess", "augment")
 
 
 def default_data_root() -> Optional[str]:
@@ -186,12 +186,15 @@ def settle_model_options(args: argparse.Namespace, saved: Optional[Dict[str, Any
         if not hasattr(args, key):
             continue
         given, old = getattr(args, key), saved.get(key)
+        if key == "ibn" and saved:   # a checkpoint's plain trunk is a setting too
+            old = old or "none"
+        flag = "--" + key.replace("_", "-")
         if given is None:
             setattr(args, key, defaults[key] if old is None else old)
             if old is not None:
-                adopted.append(f"--{key} {old}")
+                adopted.append(f"{flag} {old}")
         elif old is not None and given != old:
-            conflicts.append(f"--{key} {given} (checkpoint: {old})")
+            conflicts.append(f"{flag} {given} (checkpoint: {old})")
     if conflicts:
         raise SystemExit(f"{command}: --resume: the checkpoint was trained with other model options: "
                          f"{', '.join(conflicts)}; drop them to continue it, or use another --checkpoint-dir")

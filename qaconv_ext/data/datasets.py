@@ -13,8 +13,9 @@ Time stamps (seconds):
   camera over train, query and gallery (junk excluded; 0 for a session without images).
   ``session_offsets="public"`` (the default) computes the offsets as the paper's public code does:
   ``O[s] = M[s-1] + 2 O[s-1]`` when session ``s-1`` has images, else ``O[s-1]`` (it takes the maximum
-  of session ``s-1`` after that session was shifted, then adds ``O[s-1]`` once more), which spreads
-  later sessions apart; the paper's TLift results use these times. ``"cumulative"`` uses
+  of session ``s-1`` after that session was shifted, then adds ``O[s-1]`` once more): sessions 1 and
+  2 abut, later ones start ``O[s-1]`` frames after the previous one ended; the paper's TLift results
+  use these times. ``"cumulative"`` uses
   ``O[s] = M[s-1] + O[s-1]``: the sessions of a camera abut, as if recorded back to back. The two
   agree for cameras with at most two sessions.
 * DukeMTMC-reID, names ``PPPP_cC_fFFFFFFF.jpg``: seconds = (frame + offset[C]) / 59.94 with the

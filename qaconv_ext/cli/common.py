@@ -24,7 +24,7 @@ __all__ = [
 DATASET_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "synthetic-a", "synthetic-b", "folder")
 
 #: The options that define the model's shapes; a resumed run takes them from the checkpoint.
-MODEL_OPTIONS = ("method", "arch", "neck", "layout", "height", "width")
+MODEL_OPTIONS = ("method", "arch", "neck", "layout", "height", "width", "ibn", "neck_type", "preprocess", "augment")
 
 #: The QAConv model the picture commands (``match``, ``rank``) read unless told otherwise.
 DEFAULT_CHECKPOINT = os.path.join("runs", "demo", "qaconv.pt")
@@ -115,18 +115,34 @@ def model_defaults() -> Dict[str, Any]:
 
 
 def add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """``--arch``, ``--pretrained``, ``--neck``, ``--layout``, ``--height``, ``--width``, ``--batch-size``, ``--device``.
+    """``--arch``, ``--ibn``, ``--neck-type``, ``--preprocess`` (``--augment`` for training), ``--pretrained``,
+    ``--neck``, ``--layout``, ``--height``, ``--width``, ``--batch-size``, ``--device``.
 
     The model options parse to None when not given (so that ``train --resume`` can take them from the
     checkpoint); their help names the training default, or with ``defaults=False`` the checkpoint.
     """
-    from ..models import ARCHITECTURES
+    from ..data.transforms import AUGMENTATIONS, PREPROCESS_PRESETS
+    from ..models import ARCHITECTURES, NECK_TYPES
 
     md = model_defaults()
     d = (lambda k: f"(default: {md[k]})") if defaults else (lambda k: "(default: from the checkpoint)")  # noqa: E731
+    inferred = "(default: {})".format("none" if defaults else "inferred from the checkpoint's weights")
     p.add_argument("--arch", choices=ARCHITECTURES, default=None, help=f"backbone {d('arch')}")
+    p.add_argument("--ibn", choices=("a", "b", "none"), default=None,
+                   help=f"IBN-Net variant of a ResNet-18/34/50/101 trunk (QAConv 2.x uses b) {inferred}")
+    p.add_argument("--neck-type", choices=NECK_TYPES, default=None,
+                   help="neck: bn = 3x3 conv + BatchNorm (public v1.x), bias = 3x3 conv with bias (v2.1+) "
+                        + (f"(default: {md['neck_type']})" if defaults else inferred))
+    p.add_argument("--preprocess", choices=PREPROCESS_PRESETS, default=None,
+                   help="input preset: public = bicubic resize, [0, 1] (the paper's code); imagenet = bilinear, "
+                        "ImageNet mean/std " + (f"(default: {md['preprocess']})" if defaults else
+                                               "(default: the checkpoint's; public for public checkpoints)"))
+    if defaults:
+        p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                       help=f"training augmentation: eccv = flip + random occlusion; v2 = QAConv 2.x (pad + crop, "
+                            f"rotation, colour jitter, flip, occlusion) (default: {md['augment']})")
     p.add_argument("--pretrained", default=None, metavar="PATH",
-                   help="local file with ImageNet weights in torchvision naming (nothing is downloaded)")
+                   help="local file with ImageNet weights in torchvision or IBN-Net naming (nothing is downloaded)")
     p.add_argument("--neck", type=positive_int, default=None, help=f"neck channels {d('neck')}")
     p.add_argument("--layout", choices=("v2", "eccv"), default=None, help=f"QAConv head layout {d('layout')}")
     p.add_argument("--height", type=positive_int, default=None, help=f"input height {d('height')}")

@@ -21,15 +21,18 @@ __all__ = ["register", "run"]
 COMMAND = "qaconv eval"
 DESCRIPTION = ("Extract features, score the query set against the gallery with the fused QAConv op and report "
                "Rank-1/5/10, mAP and mINP (Market-1501 protocol). Reads this package's checkpoints and those "
-               "of the public QAConv code (give --arch, --height, --width for the latter).")
+               "of the public QAConv code (any version; the backbone is inferred from the weights; give --height and "
+               "--width for public models trained at another size than 384 x 128).")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` sub-command."""
     p = add_dataset_command(subparsers, "eval", "evaluate a trained model on a dataset", DESCRIPTION,
                             defaults=False)
-    p.add_argument("--checkpoint", default=None, help="checkpoint file (or a folder holding checkpoint.pt)")
-    p.add_argument("--checkpoint-dir", default=None, help="folder holding checkpoint.pt (alternative to --checkpoint)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint file (or a folder holding checkpoint.pt or the public code's checkpoint.pth.tar)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="folder holding checkpoint.pt or checkpoint.pth.tar (alternative to --checkpoint)")
     add_postprocess_args(p)
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.set_defaults(func=run)
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if args.pretrained:
         print(f"{COMMAND}: --pretrained is ignored (the checkpoint holds the trained weights)")
     backbone, head, cfg = load_model_or_exit(path, COMMAND, arch=args.arch, neck=args.neck, height=args.height,
-                                             width=args.width, layout=args.layout)
+                                             width=args.width, layout=args.layout, ibn=args.ibn,
+                                             neck_type=args.neck_type, preprocess=args.preprocess)
     note_postprocessing(head, args.rerank, args.tlift, COMMAND)
     ds = load_dataset(args.dataset, args.data_root, args.combine_all, verbose=True)
     rows = evaluate_trained(backbone, head, ds, int(cfg["height"]), int(cfg["width"]), device=device,

@@ -52,13 +52,18 @@ def settle_model_options(args: argparse.Namespace, saved: Optional[Dict[str, Any
     defaults = model_defaults()
     conflicts, adopted = [], []
     for key in MODEL_OPTIONS:
+        if not hasattr(args, key):
+            continue
         given, old = getattr(args, key), saved.get(key)
+        if key == "ibn" and saved:   # a checkpoint's plain trunk is a setting too
+            old = old or "none"
+        flag = "--" + key.replace("_", "-")
         if given is None:
             setattr(args, key, defaults[key] if old is None else old)
             if old is not None:
-                adopted.append(f"--{key} {old}")
+                adopted.append(f"{flag} {old}")
         elif old is not None and given != old:
-            conflicts.append(f"--{key} {given} (checkpoint: {old})")
+            conflicts.append(f"{flag} {given} (checkpoint: {old})")
     if conflicts:
         raise SystemExit(f"{command}: --resume: the checkpoint was trained with other model options: "
                          f"{', '.join(conflicts)}; drop them to continue it, or use another --checkpoint-dir")
@@ -104,8 +109,15 @@ def config_from_args(args: argparse.Namespace, device: str) -> "TrainConfig":  #
     are settled (:func:`settle_model_options`), for ``device`` (:func:`resolve_device`)."""
     from ..engine import TrainConfig
 
+    from ..models import IBN_ARCHITECTURES
+
+    if args.ibn not in (None, "none") and args.arch not in IBN_ARCHITECTURES:
+        raise SystemExit(f"{COMMAND}: --ibn {args.ibn}: IBN-Net exists for {', '.join(IBN_ARCHITECTURES)}, "
+                         f"not for --arch {args.arch}")
     return TrainConfig(
         method=args.method, arch=args.arch, pretrained=args.pretrained, neck=args.neck, layout=args.layout,
+        ibn=None if args.ibn in (None, "none") else args.ibn, neck_type=args.neck_type,
+        preprocess=args.preprocess, augment=args.augment,
         height=args.height, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         base_lr_mult=args.base_lr_mult, step_size=args.step_size, weight_decay=args.weight_decay,
         random_block=not args.no_random_block, flip=not args.no_flip, freeze_bn=args.freeze_bn,
@@ -126,10 +138,15 @@ def _resume_config(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     if path is None:
         raise SystemExit(f"{COMMAND}: --resume: {missing_checkpoint_message(target)}")
     try:
-        saved = load_checkpoint(path, mmap=True).get("config") or {}
+        ckpt = load_checkpoint(path, mmap=True)
     except CheckpointError as exc:
         raise SystemExit(f"{COMMAND}: --resume: {exc}") from None
-    return {"path": path, "config": dict(saved)}
+    if "config" not in ckpt and "format" not in ckpt and "model" in ckpt:
+        raise SystemExit(f"{COMMAND}: --resume: {path} was written by the public QAConv code; it can be "
+                         f"evaluated (qaconv eval --checkpoint {path}) but not resumed here")
+    saved = dict(ckpt.get("config") or {})
+    saved.setdefault("preprocess", "imagenet")   # checkpoints from before the presets used ImageNet mean/std
+    return {"path": path, "config": saved}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -112,7 +112,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, step_size: int, gamma: flo
 
 def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
                        generator: Optional[torch.Generator] = None) -> DataLoader:
-    """Shuffled, ``drop_last`` loader over training records with flip + Random Block (per ``cfg``).
+    """Shuffled, ``drop_last`` loader over training records with ``cfg``'s preset and augmentation.
 
     ``generator`` (default: seeded from ``cfg.seed``) drives the shuffling and the worker seeds; its
     state goes into checkpoints.
@@ -123,7 +123,7 @@ def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
         generator = torch.Generator()
         generator.manual_seed(int(cfg.seed))
     ds = ImageDataset(records, build_train_transform(cfg.height, cfg.width, random_block=cfg.random_block,
-                                                     flip=cfg.flip))
+                                                     flip=cfg.flip, preprocess=cfg.preprocess, augment=cfg.augment))
     if len(ds) < cfg.batch_size:
         raise ValueError(f"{len(ds)} training images is less than one batch of {cfg.batch_size}")
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.workers,
@@ -137,7 +137,9 @@ def build_model(cfg: TrainConfig, num_classes: int) -> Tuple[nn.Module, nn.Modul
     from ..losses import ClassMemoryLoss, CosineSoftmaxLoss
     from ..models import build_backbone, feature_map_size
 
-    backbone = build_backbone(cfg.arch, pretrained_path=cfg.pretrained, neck=cfg.neck)
+    backbone = build_backbone(cfg.arch, pretrained_path=cfg.pretrained, neck=cfg.neck, ibn=cfg.ibn,
+                              neck_type=cfg.neck_type)
+    backbone.preprocess = cfg.preprocess
     d, h, w = feature_map_size(backbone, cfg.height, cfg.width)
     if cfg.method == "qaconv":
         criterion: nn.Module = ClassMemoryLoss(QAConv(d, h, w, layout=cfg.layout), num_classes, d, h, w)

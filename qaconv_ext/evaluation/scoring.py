@@ -48,12 +48,13 @@ BASELINE_ROW = "Baseline (GAP + cosine)"
 def extract_features(model: nn.Module, records: Records, height: int, width: int, batch_size: int = 64,
                      device: Union[str, torch.device] = "cpu", workers: int = 0, progress: bool = True,
                      desc: str = "features", amp: Optional[bool] = None,
-                     out_device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+                     out_device: Union[str, torch.device] = "cpu", preprocess: Optional[str] = None) -> torch.Tensor:
     """Run ``model`` (eval mode, no grad) over the images of ``records`` -> float32 ``[N, ...]``.
 
-    ``records`` are :class:`~qaconv_ext.data.Record` s or image paths; images are
-    resized to ``height x width`` and normalised as in testing. ``amp``: fp16 autocast on CUDA
-    (default on for CUDA). The result is on ``out_device``.
+    ``records`` are :class:`~qaconv_ext.data.Record` s or image paths; images are resized to
+    ``height x width`` and scaled with the test transform of ``preprocess`` (default: the model's
+    ``preprocess`` attribute, which training and checkpoint loading set, else ``"public"``).
+    ``amp``: fp16 autocast on CUDA (default on for CUDA). The result is on ``out_device``.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -62,7 +63,9 @@ def extract_features(model: nn.Module, records: Records, height: int, width: int
 
     device = torch.device(device)
     use_amp = bool(device.type == "cuda" if amp is None else amp) and device.type == "cuda"
-    loader = DataLoader(ImageDataset(list(records), build_test_transform(height, width)), batch_size=batch_size,
+    preprocess = preprocess or getattr(model, "preprocess", None) or "public"
+    loader = DataLoader(ImageDataset(list(records), build_test_transform(height, width, preprocess)),
+                        batch_size=batch_size,
                         shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()

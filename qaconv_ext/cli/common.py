@@ -16,7 +16,8 @@ from torch import nn
 __all__ = [
     "DATASET_CHOICES", "MODEL_OPTIONS", "DEFAULT_CHECKPOINT",
     "default_data_root", "default_synthetic_root", "load_dataset",
-    "positive_int", "add_data_args", "add_model_args", "add_postprocess_args", "add_dataset_command",
+    "positive_int", "add_data_args", "add_model_args", "add_postprocess_args", "add_rerank_mode_arg",
+    "add_dataset_command",
     "add_checkpoint_args", "model_defaults",
     "resolve_device", "load_model_or_exit", "load_qaconv", "note_postprocessing", "print_table", "write_json",
 ]
@@ -104,6 +105,14 @@ def add_postprocess_args(p: argparse.ArgumentParser) -> None:
     """``--rerank``, ``--tlift``."""
     p.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
     p.add_argument("--tlift", action="store_true", help="also report re-ranking + TLift (needs time stamps)")
+
+
+def add_rerank_mode_arg(p: argparse.ArgumentParser) -> None:
+    """``--rerank-mode dense|sparse``: how re-ranking gets the gallery-gallery scores."""
+    p.add_argument("--rerank-mode", choices=("dense", "sparse"), default="dense",
+                   help="dense: build the gallery x gallery score matrix (fast, 4 G^2 bytes); sparse: stream its "
+                        "rows from the fused op in blocks, never holding it (for large galleries, e.g. MSMT17) "
+                        "(default: %(default)s)")
 
 
 def model_defaults() -> Dict[str, Any]:
@@ -253,3 +262,4 @@ def write_json(path: str, obj: Any) -> str:
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2)
     return path
+

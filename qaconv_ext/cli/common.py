@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from typing import Any, Dict, Optional, Tuple
 
 from torch import nn
@@ -20,6 +21,7 @@ __all__ = [
     "add_dataset_command",
     "add_checkpoint_args", "model_defaults",
     "resolve_device", "load_model_or_exit", "load_qaconv", "note_postprocessing", "print_table", "write_json",
+    "error_line", "image_record",
 ]
 
 DATASET_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "synthetic-a", "synthetic-b", "folder")
@@ -263,3 +265,25 @@ def write_json(path: str, obj: Any) -> str:
         json.dump(obj, fh, indent=2)
     return path
 
+
+def error_line(exc: BaseException) -> str:
+    """The message of ``exc`` as one line (for an error re-raised from a data-loading worker, which
+    carries the worker's traceback: its last line, without the exception's name)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1:
+        return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
+    return lines[0] if lines else type(exc).__name__
+
+
+#: Identity and camera in Market-1501 / DukeMTMC-reID style file names (``0002_c3s1_000451_01.jpg``).
+_NAME_RE = re.compile(r"(?P<pid>-?\d+)_c(?P<cam>\d+)")
+
+
+def image_record(path: str) -> Any:
+    """A :class:`~qaconv_ext.data.Record` of an image file: absolute path; identity and 0-based camera read
+    from names like ``0002_c3s1_000451_01.jpg``, else unknown (-1); no time."""
+    from ..data import Record
+
+    m = _NAME_RE.match(os.path.splitext(os.path.basename(path))[0])
+    pid, cam = (int(m.group("pid")), int(m.group("cam")) - 1) if m else (-1, -1)
+    return Record(os.path.abspath(path), pid, cam, None)

@@ -1,4 +1,9 @@
-"""What the CPU benchmarks share: the machine's description, the process's resident memory (Linux), JSON output."""
+"""What the benchmarks share: the machine's description, the process's resident memory (Linux), JSON output.
+
+Where results go: ``--json PATH`` if given; ``--update-results`` writes the committed file in
+``benchmarks/results/`` (the figures the README quotes); by default a new folder of this run,
+``runs/bench/<date-time>/``, so a run never overwrites the committed results by accident.
+"""
 from __future__ import annotations
 
 import datetime as _dt
@@ -7,7 +12,13 @@ import os
 import platform
 from typing import Any, Dict, Optional, Sequence
 
-__all__ = ["cpu_name", "machine_record", "status_kib", "reset_peak_rss", "write_json"]
+__all__ = ["cpu_name", "machine_record", "status_kib", "reset_peak_rss", "write_json", "add_output_args",
+           "output_path", "RESULTS_DIR", "RUNS_DIR"]
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(_REPO, "benchmarks", "results")  # committed: the README's figures
+RUNS_DIR = os.path.join(_REPO, "runs", "bench")             # one folder per run, not committed
+_this_run: Dict[str, str] = {}
 
 
 def cpu_name() -> str:
@@ -65,3 +76,33 @@ def write_json(path: str, obj: Any) -> None:
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2)
         fh.write("\n")
+
+
+def add_output_args(parser: Any, name: str) -> None:
+    """Add ``--json`` and ``--update-results`` for a benchmark whose result file is called ``name``."""
+    parser.add_argument("--json", default=None,
+                        help=f"where to write the results ('' to skip; default: runs/bench/<date-time>/{name})")
+    parser.add_argument("--update-results", action="store_true",
+                        help=f"write the committed benchmarks/results/{name} (the README's figures) instead")
+
+
+def output_path(args: Any, name: str) -> str:
+    """The result file of this run: ``--json``, else the committed one with ``--update-results``, else
+    ``name`` in a new folder ``runs/bench/<date-time>/`` (created once per process, never reused)."""
+    if args.json is not None:
+        return args.json
+    if args.update_results:
+        return os.path.join(RESULTS_DIR, name)
+    if RUNS_DIR not in _this_run:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        for k in range(1, 1000):
+            folder = os.path.join(RUNS_DIR, stamp if k == 1 else f"{stamp}-{k}")
+            try:
+                os.makedirs(folder)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise RuntimeError(f"no free run folder for {stamp} under {RUNS_DIR}")
+        _this_run[RUNS_DIR] = folder
+    return os.path.join(_this_run[RUNS_DIR], name)

@@ -52,7 +52,10 @@ def test_sparse_rerank_mode_equals_dense():
     # the distances themselves, with the rows computed on demand
     rows = score_rows(head, gf, gallery_chunk=64)
     s_gg = self_score_blocks(head, gf, progress=False)
-    assert torch.allclose(rows(10, 50), s_gg[10:50], rtol=1e-5, atol=1e-5)
+    block = rows(10, 50)
+    assert torch.allclose(block, s_gg[10:50], rtol=1e-5, atol=1e-5)
+    r, c = torch.tensor([10, 49, 10, 33]), torch.tensor([5, 159, 7, 33])
+    assert torch.equal(rows.entries(r.numpy(), c.numpy()), block[r - 10, c])  # the same values as the rows
     d_dense = rerank_distance(dense.scores["qg"], dense.scores["qq"], s_gg)
     d_sparse = rerank_distance(dense.scores["qg"], dense.scores["qq"], rows, mode="sparse")
     assert np.allclose(d_sparse, d_dense, atol=1e-5)

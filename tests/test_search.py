@@ -278,18 +278,24 @@ def test_damaged_indexes_are_refused_with_one_line(built, tmp_path):
     with pytest.raises(GalleryIndexError, match=r"is not a gallery index \(no manifest.json\)"):
         GalleryIndex.open(tmp_path / "empty")
     maps = os.path.join(path, "maps.f16")
-    full = os.path.getsize(maps)
+    original = open(maps, "rb").read()
+    full = len(original)
     os.truncate(maps, full - 3)
     with pytest.raises(GalleryIndexError, match=r"maps.f16 is truncated: .* the manifest's 60 maps need"):
         GalleryIndex.open(path)
     os.truncate(maps, full)  # back to size, but the last map's bytes are now zeros
     with pytest.raises(GalleryIndexError, match="maps.f16 is damaged"):
         GalleryIndex.open(path, verify=True)
+    open(maps, "wb").write(original)
+    assert len(GalleryIndex.open(path, verify=True)) == 60
     rec = os.path.join(path, "records.jsonl")
     text = open(rec).read()
     open(rec, "w").write(text.replace("00003.jpg", "00004.jpg"))
+    damaged = GalleryIndex.open(path)  # records are read on first use, and checked then
     with pytest.raises(GalleryIndexError, match="records.jsonl is damaged"):
-        GalleryIndex.open(path)
+        damaged.records
+    with pytest.raises(GalleryIndexError, match="records.jsonl is damaged"):
+        GalleryIndex.open(path, verify=True)
     man = os.path.join(path, "manifest.json")
     open(man, "w").write('{"format": "qaconv-ext-index/1", "count": ')
     with pytest.raises(GalleryIndexError, match="manifest.json is damaged"):

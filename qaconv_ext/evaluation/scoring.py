@@ -179,7 +179,37 @@ def score_rows(head: nn.Module, fea: torch.Tensor, gallery_chunk: int = 8192,
                 out[:, g0:g1] = qaconv_score(a, fea[g0:g1].to(device, non_blocking=True), weight, bias).float().cpu()
         return out
 
+    def entries(r: np.ndarray, c: np.ndarray) -> torch.Tensor:
+        """The single logits ``[r[i], c[i]]`` (the same values as in ``rows``), one call per distinct row."""
+        r_t, c_t = torch.as_tensor(np.asarray(r), dtype=torch.int64), torch.as_tensor(np.asarray(c), dtype=torch.int64)
+        out = torch.empty(r_t.shape[0], dtype=torch.float32)
+        if r_t.numel() == 0:
+            return out
+        order = torch.argsort(r_t, stable=True)
+        rs, counts = torch.unique_consecutive(r_t[order], return_counts=True)
+        with torch.no_grad():
+            at = 0
+            for row, n in zip(rs.tolist(), counts.tolist()):
+                sel = order[at:at + n]
+                out[sel] = qaconv_score(fea[row:row + 1].to(device), fea[c_t[sel]].to(device), weight, bias
+                                        ).float().cpu().reshape(-1)
+                at += n
+        return out
+
+    rows.entries = entries  # type: ignore[attr-defined]
     return rows
+
+
+class _DistanceRows:
+    """Row blocks (and single entries, when the scores offer them) of ``score_to_distance(scores)``."""
+
+    def __init__(self, score_rows: ScoreRows) -> None:
+        self.score_rows = score_rows
+        if getattr(score_rows, "entries", None) is not None:
+            self.entries = lambda r, c: score_to_distance(score_rows.entries(r, c))  # type: ignore
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        return score_to_distance(self.score_rows(start, stop))
 
 
 def _folded(head: nn.Module, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -235,16 +265,16 @@ def rerank_distance(score_qg: torch.Tensor, score_qq: torch.Tensor, score_gg: Un
     blocks go into :func:`qaconv_ext.postprocess.k_reciprocal_rerank`; returns ``[P, G]`` distances.
 
     ``score_gg`` is the ``[G, G]`` matrix or a callable ``rows(start, stop)`` returning its rows (e.g.
-    :func:`score_rows`); with ``mode="sparse"`` and a callable, no ``[G, G]`` matrix is ever held
-    (the query-gallery distances are converted a block of rows at a time as well).
+    :func:`score_rows`, whose ``entries(r, c)`` also serves single look-ups); with ``mode="sparse"`` and a
+    callable, no ``[G, G]`` matrix is ever held (the query-gallery distances are converted a block of
+    rows at a time as well).
     """
     from ..postprocess import k_reciprocal_rerank
 
     if mode not in RERANK_MODES:
         raise ValueError(f"mode: expected one of {RERANK_MODES}, got {mode!r}")
     if callable(score_gg):
-        rows = score_gg
-        dist_gg: Any = lambda start, stop: score_to_distance(rows(start, stop))  # noqa: E731
+        dist_gg: Any = _DistanceRows(score_gg)
     else:
         dist_gg = score_to_distance(score_gg)
     dist_qg = _distance_by_rows(score_qg) if mode == "sparse" else score_to_distance(score_qg)

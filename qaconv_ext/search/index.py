@@ -79,10 +79,18 @@ class GalleryIndex:
     :meth:`open`; ``len(index)`` is the number of committed maps, ``index.records[i]`` the
     :class:`~qaconv_ext.data.Record` of map ``i`` (path, pid, camid, time; -1/None when unknown)."""
 
-    def __init__(self, path: str, manifest: Dict[str, Any], records: List[Record]) -> None:
+    def __init__(self, path: str, manifest: Dict[str, Any]) -> None:
         self.path = path
         self.manifest = manifest
-        self.records = records
+        self._records: Optional[List[Record]] = None
+
+    @property
+    def records(self) -> List[Record]:
+        """The record of every map (read and checked against the checksums on first use)."""
+        if self._records is None:
+            self._records = [Record(p, -1 if pid is None else pid, -1 if cam is None else cam, t)
+                             for p, pid, cam, t in read_records(self.path, self.manifest)]
+        return self._records
 
     # ------------------------------------------------------------------------------------------
     # properties
@@ -151,19 +159,19 @@ class GalleryIndex:
              verify: bool = False) -> "GalleryIndex":
         """Open the index at ``path``.
 
-        Checks the manifest, that every data file holds the committed bytes, and the records' checksums;
-        with ``verify`` also the checksums of all maps and descriptors (reads everything). With ``head``
-        or ``checkpoint``, checks that the index was made by that model (else the error names the
-        model it was made with). Raises :class:`GalleryIndexError`.
+        Checks the manifest and that every data file holds the committed bytes; with ``verify`` also
+        every checksum (reads all maps, descriptors and records). The records are read, and checked
+        against their checksums, when :attr:`records` is first used. With ``head`` or ``checkpoint``,
+        checks that the index was made by that model (else the error names the model it was made with).
+        Raises :class:`GalleryIndexError`.
         """
         path = os.path.abspath(os.fspath(path))
         manifest = read_manifest(path)
         check_sizes(path, manifest)
-        records = [Record(p, -1 if pid is None else pid, -1 if cam is None else cam, t)
-                   for p, pid, cam, t in read_records(path, manifest)]
+        index = cls(path, manifest)
         if verify:
             verify_segments(path, manifest)
-        index = cls(path, manifest, records)
+            index.records  # noqa: B018 - reads and checks them
         if checkpoint is not None:
             check_checkpoint(path, index.model, os.fspath(checkpoint))
             if not index.model.get("checkpoint"):
@@ -176,7 +184,7 @@ class GalleryIndex:
     def refresh(self) -> "GalleryIndex":
         """Re-read the manifest and records (e.g. after another process appended); returns ``self``."""
         fresh = GalleryIndex.open(self.path)
-        self.manifest, self.records = fresh.manifest, fresh.records
+        self.manifest, self._records = fresh.manifest, None
         return self
 
     def verify(self) -> None:

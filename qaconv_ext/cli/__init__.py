@@ -1,4 +1,5 @@
-"""The ``qaconv`` command line: ``train``, ``eval``, ``demo``, ``bench`` (and ``match``, ``rank``).
+"""The ``qaconv`` command line: ``train``, ``eval``, ``demo``, ``bench`` (and ``match``, ``rank``, ``index``,
+``search``).
 
 Each sub-command lives in a module of this package exposing ``register(subparsers)``, which adds
 its parser and sets ``func=run``.
@@ -13,7 +14,7 @@ from typing import List, Optional
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 #: Sub-command modules, in the order ``qaconv --help`` lists them.
-SUBCOMMANDS = ("train", "eval", "demo", "bench", "match", "rank")
+SUBCOMMANDS = ("train", "eval", "demo", "bench", "match", "rank", "index", "search")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="qaconv",
-        description="QAConv person re-identification: train, evaluate, demo, benchmark the fused matching op.")
+        description="QAConv person re-identification: train, evaluate, demo, benchmark the fused matching op, "
+                    "index and search a gallery.")
     parser.add_argument("--version", action="version", version=f"qaconv-ext {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from typing import Any, Dict, Optional, Tuple
 
 from torch import nn
@@ -16,9 +17,11 @@ from torch import nn
 __all__ = [
     "DATASET_CHOICES", "MODEL_OPTIONS", "DEFAULT_CHECKPOINT",
     "default_data_root", "default_synthetic_root", "load_dataset",
-    "positive_int", "add_data_args", "add_model_args", "add_postprocess_args", "add_dataset_command",
+    "positive_int", "add_data_args", "add_model_args", "add_postprocess_args", "add_rerank_mode_arg",
+    "add_dataset_command",
     "add_checkpoint_args", "model_defaults",
     "resolve_device", "load_model_or_exit", "load_qaconv", "note_postprocessing", "print_table", "write_json",
+    "error_line", "image_record",
 ]
 
 DATASET_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "synthetic-a", "synthetic-b", "folder")
@@ -104,6 +107,14 @@ def add_postprocess_args(p: argparse.ArgumentParser) -> None:
     """``--rerank``, ``--tlift``."""
     p.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
     p.add_argument("--tlift", action="store_true", help="also report re-ranking + TLift (needs time stamps)")
+
+
+def add_rerank_mode_arg(p: argparse.ArgumentParser) -> None:
+    """``--rerank-mode dense|sparse``: how re-ranking gets the gallery-gallery scores."""
+    p.add_argument("--rerank-mode", choices=("dense", "sparse"), default="dense",
+                   help="dense: build the gallery x gallery score matrix (fast, 4 G^2 bytes); sparse: stream its "
+                        "rows from the fused op in blocks, never holding it (for large galleries, e.g. MSMT17) "
+                        "(default: %(default)s)")
 
 
 def model_defaults() -> Dict[str, Any]:
@@ -269,3 +280,26 @@ def write_json(path: str, obj: Any) -> str:
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2)
     return path
+
+
+def error_line(exc: BaseException) -> str:
+    """The message of ``exc`` as one line (for an error re-raised from a data-loading worker, which
+    carries the worker's traceback: its last line, without the exception's name)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1:
+        return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
+    return lines[0] if lines else type(exc).__name__
+
+
+#: Identity and camera in Market-1501 / DukeMTMC-reID style file names (``0002_c3s1_000451_01.jpg``).
+_NAME_RE = re.compile(r"(?P<pid>-?\d+)_c(?P<cam>\d+)")
+
+
+def image_record(path: str) -> Any:
+    """A :class:`~qaconv_ext.data.Record` of an image file: absolute path; identity and 0-based camera read
+    from names like ``0002_c3s1_000451_01.jpg``, else unknown (-1); no time."""
+    from ..data import Record
+
+    m = _NAME_RE.match(os.path.splitext(os.path.basename(path))[0])
+    pid, cam = (int(m.group("pid")), int(m.group("cam")) - 1) if m else (-1, -1)
+    return Record(os.path.abspath(path), pid, cam, None)

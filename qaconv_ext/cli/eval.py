@@ -8,6 +8,7 @@ from typing import Any
 from .common import (
     add_dataset_command,
     add_postprocess_args,
+    add_rerank_mode_arg,
     load_dataset,
     load_model_or_exit,
     note_postprocessing,
@@ -34,6 +35,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None,
                    help="folder holding checkpoint.pt or checkpoint.pth.tar (alternative to --checkpoint)")
     add_postprocess_args(p)
+    add_rerank_mode_arg(p)
     p.add_argument("--json", default=None, help="write the rows as JSON here")
     p.set_defaults(func=run)
     return p
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset, args.data_root, args.combine_all, verbose=True)
     rows = evaluate_trained(backbone, head, ds, int(cfg["height"]), int(cfg["width"]), device=device,
                             batch_size=args.batch_size, workers=args.workers, rerank=args.rerank,
-                            tlift=args.tlift, progress=not args.no_progress)
+                            tlift=args.tlift, progress=not args.no_progress, rerank_mode=args.rerank_mode)
     print_table(rows, f"{os.path.basename(cfg['checkpoint'])} on {args.dataset}")
     if args.json:
         print(f"results: {write_json(args.json, rows)}")

@@ -125,3 +125,19 @@ def stuck_rank_worker(env, out: str, sleep_s: float) -> None:
         (Path(out) / "error.txt").write_text(f"{time.perf_counter() - t0:.3f}\n{e}")
         os._exit(0)
     raise AssertionError("the gather returned although rank 1 never joined")
+
+
+def cli_worker(env, out: str, argvs: Sequence[Sequence[str]]) -> None:
+    """``qaconv`` with ``argvs[rank]`` on each rank; each rank's exit status (or exit message) and stdout saved."""
+    import contextlib
+    import io
+
+    from qaconv_ext import cli
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            rc = cli.main(list(argvs[env.rank]))
+        except SystemExit as e:
+            rc = str(e.code)
+    (Path(out) / f"rank{env.rank}.out").write_text(f"{rc}\n{buf.getvalue()}")

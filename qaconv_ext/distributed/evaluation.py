@@ -6,14 +6,14 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..evaluation.scoring import (QACONV_ROW, RR_ROW, TLIFT_ROW, QAConvEvaluation, rank_metrics,
+from ..evaluation.scoring import (BASELINE_ROW, QACONV_ROW, RR_ROW, TLIFT_ROW, QAConvEvaluation, rank_metrics,
                                   rerank_distance, self_score_blocks, tlift_distance)
 from ..evaluation.trained import metric_rows
 from .collectives import all_gather_rows
 from .env import rank
 from .scoring import sharded_extract_features, sharded_score_blocks, sharded_self_score_blocks
 
-__all__ = ["sharded_evaluate_qaconv", "sharded_evaluate_trained"]
+__all__ = ["sharded_evaluate_qaconv", "sharded_evaluate_baseline", "sharded_evaluate_trained"]
 
 
 def sharded_evaluate_qaconv(backbone: nn.Module, head: nn.Module, query: Sequence[Any], gallery: Sequence[Any],
@@ -58,12 +58,32 @@ def sharded_evaluate_qaconv(backbone: nn.Module, head: nn.Module, query: Sequenc
     return QAConvEvaluation(rows=results, scores=scores)
 
 
-def sharded_evaluate_trained(backbone: nn.Module, head: nn.Module, dataset: Any, height: int, width: int, *,
+def sharded_evaluate_baseline(backbone: nn.Module, query: Sequence[Any], gallery: Sequence[Any], height: int,
+                              width: int, *, batch_size: int = 64, device: Union[str, torch.device] = "cpu",
+                              workers: int = 0, progress: bool = True) -> Optional[Dict[str, Any]]:
+    """:func:`~qaconv_ext.evaluation.evaluate_baseline` with the feature extraction split across ranks
+    (rank 0 returns the metrics, the others ``None``)."""
+    from ..models.baseline import GAPCosine
+
+    model = GAPCosine(backbone).to(device)
+    show = progress and rank() == 0
+    q = sharded_extract_features(model, query, height, width, batch_size, device, workers, show, "query features")
+    g = sharded_extract_features(model, gallery, height, width, batch_size, device, workers, show,
+                                 "gallery features")
+    return rank_metrics(1.0 - q @ g.t(), query, gallery) if rank() == 0 else None
+
+
+def sharded_evaluate_trained(backbone: nn.Module, head: Optional[nn.Module], dataset: Any, height: int, width: int, *,
                              device: Union[str, torch.device] = "cpu", batch_size: int = 64, workers: int = 0,
                              rerank: bool = False, tlift: bool = False,
                              progress: bool = True) -> Optional[Dict[str, Dict[str, float]]]:
-    """:func:`~qaconv_ext.evaluation.metric_rows` of :func:`sharded_evaluate_qaconv` on
-    ``dataset.query`` against ``dataset.gallery`` (rank 0; ``None`` on the other ranks)."""
+    """:func:`~qaconv_ext.evaluation.evaluate_trained` across the process group: the
+    :func:`~qaconv_ext.evaluation.metric_rows` of :func:`sharded_evaluate_qaconv` (``head`` given) or of
+    :func:`sharded_evaluate_baseline` (``head`` None) on rank 0; ``None`` on the other ranks."""
+    if head is None:
+        m = sharded_evaluate_baseline(backbone, dataset.query, dataset.gallery, int(height), int(width),
+                                      batch_size=batch_size, device=device, workers=workers, progress=progress)
+        return None if m is None else metric_rows({BASELINE_ROW: m})
     ev = sharded_evaluate_qaconv(backbone, head, dataset.query, dataset.gallery, int(height), int(width),
                                  batch_size=batch_size, device=device, workers=workers, rerank=rerank,
                                  tlift=tlift, progress=progress)

@@ -141,3 +141,50 @@ def cli_worker(env, out: str, argvs: Sequence[Sequence[str]]) -> None:
         except SystemExit as e:
             rc = str(e.code)
     (Path(out) / f"rank{env.rank}.out").write_text(f"{rc}\n{buf.getvalue()}")
+
+
+def training_setup(seed: int = 5, n: int = 64, classes: int = 6):
+    """A small QAConv model, its optimiser and a fixed set of images and labels (no augmentation)."""
+    from qaconv_ext.engine import TrainConfig
+    from qaconv_ext.engine.trainer import build_model, build_optimizer
+
+    cfg = TrainConfig(arch="small", neck=8, height=32, width=16, batch_size=32, lr=0.05)
+    torch.manual_seed(seed)
+    backbone, criterion = build_model(cfg, classes)
+    optimizer = build_optimizer(backbone, criterion, cfg.lr, 1.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    images = torch.randn(n, 3, 32, 16, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    return backbone, criterion, optimizer, images, labels
+
+
+def train_steps(rank: int, world: int, dist_hook=None, epochs: int = 1):
+    """Train the :func:`training_setup` model ``epochs`` epochs of batch 32 (``32 / world`` per rank)."""
+    from qaconv_ext.distributed import ShardedBatchSampler
+    from qaconv_ext.engine import Trainer
+
+    backbone, criterion, optimizer, images, labels = training_setup()
+    sampler = ShardedBatchSampler(len(images), 32, rank, world, torch.Generator().manual_seed(0))
+    trainer = Trainer(backbone, criterion, optimizer, device="cpu", progress=False, log=lambda s: None,
+                      dist=dist_hook)
+    for e in range(epochs):
+        loader = [(images[idx], labels[idx]) for idx in sampler]
+        trainer.history.append(trainer.train_epoch(loader, e, epochs))
+    return trainer
+
+
+def training_worker(env, out: str, sync_bn: bool, runs) -> None:
+    """2 ranks x batch 16 with the gathered batch, for each ``(dtype name, epochs)`` of ``runs``; each rank
+    saves its model, criterion and history per run."""
+    from qaconv_ext.distributed import DistributedTraining
+
+    hook = DistributedTraining(env, sync_bn=sync_bn)
+    for dtype, epochs in runs:
+        torch.set_default_dtype(getattr(torch, dtype))
+        try:
+            trainer = train_steps(env.rank, env.world_size, hook, epochs=epochs)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        torch.save({"model": trainer.model.state_dict(), "criterion": trainer.criterion.state_dict(),
+                    "loss": [h["loss"] for h in trainer.history], "acc": [h["acc"] for h in trainer.history]},
+                   Path(out) / f"train_{dtype}_{env.rank}.pt")

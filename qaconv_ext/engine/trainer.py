@@ -178,6 +178,9 @@ class Trainer:
         progress: show tqdm bars.
         max_bad_steps: consecutive batches with a non-finite loss after which :class:`TrainingDiverged`
             is raised (fewer are skipped and counted).
+        dist: training across processes (:class:`qaconv_ext.distributed.DistributedTraining`): it wraps
+            the model and the criterion for the step, gathers each step's batch from all ranks before
+            the loss, and only its main rank writes checkpoints. None: one process.
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
@@ -186,7 +189,7 @@ class Trainer:
                  loader_generator: Optional[torch.Generator] = None, checkpoint_dir: Optional[str] = None,
                  config: Union[TrainConfig, Dict[str, Any], None] = None, progress: bool = True,
                  log: Callable[[str], None] = print, checkpoint_name: str = CHECKPOINT_NAME,
-                 max_bad_steps: int = MAX_BAD_STEPS) -> None:
+                 max_bad_steps: int = MAX_BAD_STEPS, dist: Optional[Any] = None) -> None:
         if int(max_bad_steps) != max_bad_steps or max_bad_steps < 1:
             raise ValueError(f"max_bad_steps: must be a positive integer, got {max_bad_steps}")
         self.max_bad_steps = int(max_bad_steps)
@@ -211,6 +214,10 @@ class Trainer:
         self.log = log
         self.epoch = 0
         self.history: List[Dict[str, float]] = []
+        self.dist = dist
+        # the modules called in a step (wrapped for data parallelism); self.model/self.criterion stay plain
+        self._step_model, self._step_criterion = (dist.prepare(self.model, self.criterion) if dist is not None
+                                                  else (self.model, self.criterion))
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -251,8 +258,10 @@ class Trainer:
             targets = batch[1].to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                feature = self.model(images)
-                loss_vec, acc_vec = self.criterion(feature, targets)
+                feature = self._step_model(images)
+                if self.dist is not None:
+                    feature, targets = self.dist.gather(feature, targets)
+                loss_vec, acc_vec = self._step_criterion(feature, targets)
             finite = torch.isfinite(loss_vec)
             n = int(finite.sum())
             if n < finite.numel():
@@ -337,7 +346,7 @@ class Trainer:
                        if stats["skipped_batches"] else "")
             self.log(f"epoch {self.epoch}/{epochs}: loss {stats['loss']:.4f}, acc {100 * stats['acc']:.1f}%, "
                      f"lr [{lr}], {stats['time']:.1f} s{skipped}")
-            if self.checkpoint_path:
+            if self.checkpoint_path and (self.dist is None or self.dist.is_main):
                 save_checkpoint(self.state_dict(), self.checkpoint_path)  # state checked above
         return self.history
 

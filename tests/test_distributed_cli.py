@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import distributed_workers as workers
 from qaconv_ext import cli
@@ -39,10 +40,14 @@ def trained(tmp_path_factory):
             put("bounding_box_test", pid, 2, 50 * pid + 25 + k, k, color)
     put("bounding_box_test", 0, 1, 7, 0, rng.integers(0, 255, size=3))
     ck = base / "ck"
-    assert cli.main(["train", "--dataset", "market1501", "--data-root", str(root), "--arch", "small", "--neck", "8",
-                     "--height", str(H), "--width", str(W), "--batch-size", "8", "--workers", "0", "--device",
-                     "cpu", "--no-progress", "--epochs", "1", "--checkpoint-dir", str(ck)]) == 0
+    assert cli.main(_train_argv(str(root), ck)) == 0
     return str(root), str(ck / "checkpoint.pt")
+
+
+def _train_argv(root, ck, *extra):
+    return ["train", "--dataset", "market1501", "--data-root", root, "--arch", "small", "--neck", "8",
+            "--height", str(H), "--width", str(W), "--batch-size", "8", "--workers", "0", "--device", "cpu",
+            "--no-progress", "--epochs", "1", "--no-random-block", "--no-flip", "--checkpoint-dir", str(ck), *extra]
 
 
 def _eval_argv(root, ck, json_path, dataset="market1501"):
@@ -79,3 +84,35 @@ def test_different_dataset_across_ranks_stops_at_start(trained, tmp_path):
         assert "different options" in rc and "dataset = 'market1501' / 'dukemtmcreid'" in rc
         assert "\n" not in rc
     assert not (tmp_path / "r.json").exists()
+
+
+def test_two_process_training_matches_one_process_and_resumes(trained, tmp_path):
+    """torchrun-style training of the same run (no augmentation, --sync-bn): one checkpoint, written by
+    rank 0, that matches the one-process checkpoint; --resume continues on both ranks."""
+    root, one_path = trained
+    ck = tmp_path / "ck2"
+    argv = _train_argv(root, ck, "--sync-bn")
+    workers.spawn(workers.cli_worker, 2, str(tmp_path), [argv, argv])
+    rc0, out0 = (tmp_path / "rank0.out").read_text().split("\n", 1)
+    rc1, out1 = (tmp_path / "rank1.out").read_text().split("\n", 1)
+    assert rc0 == rc1 == "0" and out1 == "" and "x 2 processes" in out0
+    assert sorted(p.name for p in ck.iterdir()) == ["checkpoint.pt"]
+    two = torch.load(ck / "checkpoint.pt", weights_only=True)
+    one = torch.load(one_path, weights_only=True)
+    assert two["config"]["world_size"] == 2 and two["config"]["sync_bn"] is True
+    assert len(two["rng_ranks"]) == 2
+    for part in ("model", "criterion"):
+        for k, ref in one[part].items():
+            got = two[part][k]
+            if ref.is_floating_point():
+                assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), f"{part}.{k}"
+            else:
+                assert torch.equal(got, ref), f"{part}.{k}"
+    assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-5)
+
+    argv = _train_argv(root, ck, "--sync-bn", "--resume")
+    argv[argv.index("--epochs") + 1] = "2"
+    workers.spawn(workers.cli_worker, 2, str(tmp_path), [argv, argv])
+    assert (tmp_path / "rank0.out").read_text().split("\n", 1)[0] == "0"
+    assert "resumed" in (tmp_path / "rank0.out").read_text()
+    assert torch.load(ck / "checkpoint.pt", weights_only=True)["epoch"] == 2

@@ -167,3 +167,38 @@ class DistributedTraining:
     def gather(self, feature: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """:func:`gather_batch`."""
         return gather_batch(feature, target)
+
+    def batch_sampler(self, num_samples: int, global_batch: int, generator: torch.Generator) -> ShardedBatchSampler:
+        """This rank's :class:`ShardedBatchSampler` (the loader must use the same ``generator``)."""
+        return ShardedBatchSampler(num_samples, global_batch, self.env.rank, self.env.world_size, generator)
+
+    def seed_rank(self, seed: int) -> None:
+        """Seed the global generators per rank (rank 0 keeps ``seed``): each rank draws its own
+        augmentations. Call after the model is built (every rank builds the same one)."""
+        if self.env.rank:
+            import random
+
+            import numpy as np
+
+            s = int(seed) + 1_000_003 * self.env.rank
+            random.seed(s)
+            np.random.seed(s % (2 ** 32))
+            torch.manual_seed(s)
+
+    def checkpoint_state(self, state: dict) -> Optional[dict]:
+        """On the main rank ``state`` with ``rng_ranks`` (every rank's RNG states, in rank order) added;
+        ``None`` on the others. Every rank must call it (the states are gathered)."""
+        from .collectives import all_gather_objects
+
+        states = all_gather_objects(state["rng"])
+        if not self.env.is_main:
+            return None
+        return {**state, "rng_ranks": states, "world_size": self.env.world_size}
+
+    def rank_rng_state(self, ckpt: dict, default: Any) -> Any:
+        """This rank's RNG states from a checkpoint written across the same number of ranks, else
+        ``default`` (the main rank's)."""
+        ranks = ckpt.get("rng_ranks")
+        if ranks and len(ranks) == self.env.world_size:
+            return ranks[self.env.rank]
+        return default

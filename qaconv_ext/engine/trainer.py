@@ -111,11 +111,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, step_size: int, gamma: flo
 
 
 def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
-                       generator: Optional[torch.Generator] = None) -> DataLoader:
+                       generator: Optional[torch.Generator] = None, batch_sampler: Optional[Any] = None
+                       ) -> DataLoader:
     """Shuffled, ``drop_last`` loader over training records with flip + Random Block (per ``cfg``).
 
     ``generator`` (default: seeded from ``cfg.seed``) drives the shuffling and the worker seeds; its
-    state goes into checkpoints.
+    state goes into checkpoints. ``batch_sampler``: draws the batches instead (e.g. this process's
+    part of each global batch when training across processes), with the same ``generator``.
     """
     from ..data import ImageDataset, build_train_transform
 
@@ -126,6 +128,9 @@ def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
                                                      flip=cfg.flip))
     if len(ds) < cfg.batch_size:
         raise ValueError(f"{len(ds)} training images is less than one batch of {cfg.batch_size}")
+    if batch_sampler is not None:
+        return DataLoader(ds, batch_sampler=batch_sampler, num_workers=cfg.workers, generator=generator,
+                          pin_memory=cfg.device.startswith("cuda"), persistent_workers=False)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.workers,
                       generator=generator, pin_memory=cfg.device.startswith("cuda"),
                       persistent_workers=False)
@@ -346,8 +351,10 @@ class Trainer:
                        if stats["skipped_batches"] else "")
             self.log(f"epoch {self.epoch}/{epochs}: loss {stats['loss']:.4f}, acc {100 * stats['acc']:.1f}%, "
                      f"lr [{lr}], {stats['time']:.1f} s{skipped}")
-            if self.checkpoint_path and (self.dist is None or self.dist.is_main):
-                save_checkpoint(self.state_dict(), self.checkpoint_path)  # state checked above
+            if self.checkpoint_path:
+                state = self.state_dict() if self.dist is None else self.dist.checkpoint_state(self.state_dict())
+                if state is not None:  # across processes: the main rank writes, with every rank's RNG states
+                    save_checkpoint(state, self.checkpoint_path)  # state checked above
         return self.history
 
     # ------------------------------------------------------------------------------------------
@@ -379,8 +386,11 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch = int(ckpt["epoch"])
         self.history = [dict(h) for h in ckpt.get("history", [])]
-        if restore_rng and ckpt.get("rng") is not None:
-            restore_rng_state(ckpt["rng"], self.loader_generator)
+        rng = ckpt.get("rng")
+        if self.dist is not None:
+            rng = self.dist.rank_rng_state(ckpt, rng)
+        if restore_rng and rng is not None:
+            restore_rng_state(rng, self.loader_generator)
 
     def save(self, path: Optional[str] = None) -> str:
         """Write a checkpoint atomically (default: :attr:`checkpoint_path`). A state with NaN or Inf
@@ -402,30 +412,38 @@ class Trainer:
 def run_training(cfg: TrainConfig, train_records: Sequence[Any], num_classes: int, *,
                  checkpoint_dir: Optional[str] = None, checkpoint_name: str = CHECKPOINT_NAME,
                  resume: Optional[str] = None, extra_config: Optional[Dict[str, Any]] = None,
-                 progress: bool = True, log: Callable[[str], None] = print) -> Trainer:
+                 progress: bool = True, log: Callable[[str], None] = print, dist: Optional[Any] = None) -> Trainer:
     """Build everything from ``cfg`` and train to ``cfg.epochs``; returns the trainer.
 
     ``resume``: a checkpoint file or folder to continue from (exactly). ``extra_config`` entries are
     stored next to the config in checkpoints (e.g. dataset paths for the picture commands).
+    ``dist``: train across processes (:class:`qaconv_ext.distributed.DistributedTraining`; ``cfg.batch_size``
+    is then the global batch, split across the ranks).
     """
     seed_everything(cfg.seed)
     backbone, criterion = build_model(cfg, num_classes)
     generator = torch.Generator()
     generator.manual_seed(int(cfg.seed))
-    loader = build_train_loader(train_records, cfg, generator)
+    sampler = None
+    if dist is not None:
+        sampler = dist.batch_sampler(len(train_records), cfg.batch_size, generator)
+        dist.seed_rank(cfg.seed)  # the same model everywhere; augmentations drawn per rank
+    loader = build_train_loader(train_records, cfg, generator, sampler)
     optimizer = build_optimizer(backbone, criterion, cfg.lr, cfg.trunk_lr_mult, cfg.momentum, cfg.weight_decay,
                                 cfg.nesterov)
     scheduler = build_scheduler(optimizer, cfg.step_size, cfg.gamma)
     config = cfg.to_dict()
     config.update({"backbone": cfg.arch, "num_classes": int(num_classes)})
     config.update(extra_config or {})
+    if dist is not None:
+        config.update(world_size=int(dist.world_size), sync_bn=bool(dist.sync_bn))
     if cfg.method == "qaconv":
         m = criterion.matcher
         config.update(feature_height=m.height, feature_width=m.width, num_features=m.num_features)
     trainer = Trainer(backbone, criterion, optimizer, scheduler, device=cfg.device, amp=cfg.amp,
                       clip_grad=cfg.clip_grad, freeze_bn=cfg.freeze_bn, loader_generator=generator,
                       checkpoint_dir=checkpoint_dir, checkpoint_name=checkpoint_name, config=config,
-                      progress=progress, log=log)
+                      progress=progress, log=log, dist=dist)
     if resume:
         done = trainer.resume(resume)
         log(f"resumed from {resume} after epoch {done}")

@@ -46,15 +46,16 @@ def spawn(fn: Callable, world: int, *args: Any, timeout_s: float = 60.0) -> None
 
 
 def maps(seed: int, n: int, d: int = 8, h: int = 4, w: int = 3) -> torch.Tensor:
+    """Random unit feature maps; 4 x 3 locations unless told."""
     g = torch.Generator().manual_seed(seed)
     return torch.nn.functional.normalize(torch.randn(n, d, h, w, generator=g), dim=1)
 
 
-def head(layout: str, seed: int = 3):
+def head(layout: str, seed: int = 3, hw=(4, 3)):
     from qaconv_ext.head import QAConv
 
     torch.manual_seed(seed)
-    h = QAConv(8, 4, 3, layout=layout)
+    h = QAConv(8, *hw, layout=layout)
     with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
         for m in h.modules():
             if isinstance(m, torch.nn.BatchNorm1d):
@@ -76,11 +77,16 @@ def score_worker(env, out: str, layout: str, P: int, N: int) -> None:
     rows = torch.arange(len(part) * 2, dtype=torch.float32).view(-1, 2) + 100 * env.rank
     gathered = gather_rows(rows)
     everywhere = all_gather_rows(rows)
+    # 3 x 2 locations: the last bit may depend on the pair's place in the call (the parent checks closeness)
+    q6, g6 = maps(3, P, h=3, w=2), maps(4, 2 * N - 1, h=3, w=2)
+    part6 = shard_range(len(g6), env.rank, env.world_size)
+    qg6 = sharded_score_blocks(head(layout, hw=(3, 2)), q6, g6[part6.start:part6.stop], progress=False)
     torch.save({"everywhere": everywhere}, Path(out) / f"rank{env.rank}.pt")
     if env.rank == 0:
-        torch.save({"qg": qg, "gg": gg, "gathered": gathered}, Path(out) / "result.pt")
+        torch.save({"qg": qg, "gg": gg, "gathered": gathered, "qg6": qg6, "start6": part6.stop},
+                   Path(out) / "result.pt")
     else:
-        assert qg is None and gg is None and gathered is None
+        assert qg is None and gg is None and gathered is None and qg6 is None
 
 
 def options_worker(env, out: str) -> None:

@@ -42,6 +42,10 @@ def test_sharded_scores_equal_one_process_bit_for_bit(tmp_path, layout):
     q, g = workers.maps(1, P), workers.maps(2, N)
     assert torch.equal(got["qg"], score_blocks(h, q, g, progress=False))
     assert torch.equal(got["gg"], self_score_blocks(h, g, chunk=3, progress=False))
+    q6, g6 = workers.maps(3, P, h=3, w=2), workers.maps(4, 2 * N - 1, h=3, w=2)
+    ref6 = score_blocks(workers.head(layout, hw=(3, 2)), q6, g6, progress=False)
+    assert got["start6"] == 11 and got["qg6"].shape == ref6.shape
+    assert torch.allclose(got["qg6"], ref6, rtol=1e-6, atol=1e-6)  # h * w not a multiple of 4: to rounding
     rows = torch.cat([torch.arange(12.).view(6, 2), torch.arange(10.).view(5, 2) + 100])
     assert torch.equal(got["gathered"], rows)
     for r in range(2):

@@ -14,7 +14,6 @@ from .sharding import shard_range
 
 __all__ = ["sharded_extract_features", "sharded_score_blocks", "sharded_self_score_blocks"]
 
-
 def sharded_extract_features(model: nn.Module, records: Sequence[Any], height: int, width: int,
                              batch_size: int = 64, device: Union[str, torch.device] = "cpu", workers: int = 0,
                              progress: bool = True, desc: str = "features", gather: bool = True,
@@ -23,7 +22,7 @@ def sharded_extract_features(model: nn.Module, records: Sequence[Any], height: i
     (shards start on batch boundaries, so every batch is one of the one-process run).
 
     ``gather``: return the features of all records on every rank (rank order = record order);
-    otherwise only this rank's shard (``shard_range(len(records), rank, world, batch_size)``).
+    otherwise only this rank's shard (``shard_range(len(records), rank, world, align=batch_size)``).
     """
     part = shard_range(len(records), rank(), world_size(), align=batch_size)
     recs = [records[i] for i in part]
@@ -47,6 +46,11 @@ def sharded_score_blocks(head: nn.Module, query_fea: torch.Tensor, local_gallery
     order make the gallery) and scores it with :func:`~qaconv_ext.evaluation.score_blocks`. Rank
     ``dst`` returns the assembled ``[P, N]`` float32 CPU scores, the other ranks ``None``;
     ``dst=None`` returns them on every rank. In one process this is ``score_blocks``.
+
+    On the CPU the scores equal those of one process bit for bit when ``h * w`` is a multiple of 4
+    (24 x 8 and every map size of this package's models). Otherwise a score may differ in its last
+    bit: the CPU kernel's per-pair GEMM then rounds depending on where the pair's tile sits in memory,
+    which depends on the gallery's size and the pair's position in the call.
     """
     local = score_blocks(head, query_fea, local_gallery_fea, query_chunk, gallery_chunk, progress, desc, device)
     if world_size() == 1:

@@ -81,12 +81,24 @@ def score_worker(env, out: str, layout: str, P: int, N: int) -> None:
     q6, g6 = maps(3, P, h=3, w=2), maps(4, 2 * N - 1, h=3, w=2)
     part6 = shard_range(len(g6), env.rank, env.world_size)
     qg6 = sharded_score_blocks(head(layout, hw=(3, 2)), q6, g6[part6.start:part6.stop], progress=False)
+    from qaconv_ext.distributed import sharded_topk
+
+    gt = tie_gallery(g)
+    top = {k: sharded_topk(h, q, gt[part.start:part.stop], k, progress=False) for k in (1, 4, 7, 20)}
     torch.save({"everywhere": everywhere}, Path(out) / f"rank{env.rank}.pt")
     if env.rank == 0:
-        torch.save({"qg": qg, "gg": gg, "gathered": gathered, "qg6": qg6, "start6": part6.stop},
+        torch.save({"qg": qg, "gg": gg, "gathered": gathered, "qg6": qg6, "start6": part6.stop, "top": top},
                    Path(out) / "result.pt")
     else:
         assert qg is None and gg is None and gathered is None and qg6 is None
+        assert all(t is None for t in top.values())
+
+
+def tie_gallery(g: torch.Tensor) -> torch.Tensor:
+    """``g`` with image 8 a copy of image 2 (equal scores on two ranks: ties across shards)."""
+    g = g.clone()
+    g[8] = g[2]
+    return g
 
 
 def options_worker(env, out: str) -> None:

@@ -6,7 +6,7 @@ import torch
 import pytest
 
 import distributed_workers as workers
-from qaconv_ext.distributed import option_mismatches, shard_range, shard_sizes
+from qaconv_ext.distributed import option_mismatches, shard_range, shard_sizes, topk_rows
 from qaconv_ext.evaluation import score_blocks, self_score_blocks
 
 
@@ -25,6 +25,13 @@ def test_shard_range_covers_once_in_rank_order(n, world, align):
 def test_shard_range_rejects_bad_rank():
     with pytest.raises(ValueError):
         shard_range(4, 2, 2)
+
+
+def test_topk_rows_best_first_ties_in_column_order():
+    s = torch.tensor([[0.5, 0.75, 0.5, 0.125], [0.0, 0.0, 1.0, 0.0]])
+    v, i = topk_rows(s, 3, offset=10)
+    assert i.tolist() == [[11, 10, 12], [12, 10, 11]] and v.tolist() == [[0.75, 0.5, 0.5], [1.0, 0.0, 0.0]]
+    assert topk_rows(s, 9)[0].shape == (2, 4)
 
 
 def test_option_mismatches_names_the_differing_options():
@@ -46,6 +53,11 @@ def test_sharded_scores_equal_one_process_bit_for_bit(tmp_path, layout):
     ref6 = score_blocks(workers.head(layout, hw=(3, 2)), q6, g6, progress=False)
     assert got["start6"] == 11 and got["qg6"].shape == ref6.shape
     assert torch.allclose(got["qg6"], ref6, rtol=1e-6, atol=1e-6)  # h * w not a multiple of 4: to rounding
+    full_t = score_blocks(h, q, workers.tie_gallery(g), progress=False)
+    for k, (values, index) in got["top"].items():
+        ref_v, ref_i = topk_rows(full_t, k)
+        assert values.shape == (P, min(k, N)) and torch.equal(values, ref_v) and torch.equal(index, ref_i)
+    assert (got["top"][20][1] == 2).nonzero()[:, 1].lt((got["top"][20][1] == 8).nonzero()[:, 1]).all()
     rows = torch.cat([torch.arange(12.).view(6, 2), torch.arange(10.).view(5, 2) + 100])
     assert torch.equal(got["gathered"], rows)
     for r in range(2):

@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from ..evaluation.scoring import _blocks, _folded, extract_features, score_blocks
-from .collectives import all_gather_rows, gather_rows
+from .collectives import all_gather_objects, all_gather_rows, gather_rows
 from .env import rank, world_size
 from .sharding import shard_range
 
-__all__ = ["sharded_extract_features", "sharded_score_blocks", "sharded_self_score_blocks"]
+__all__ = ["sharded_extract_features", "sharded_score_blocks", "sharded_self_score_blocks", "topk_rows",
+           "sharded_topk"]
 
 def sharded_extract_features(model: nn.Module, records: Sequence[Any], height: int, width: int,
                              batch_size: int = 64, device: Union[str, torch.device] = "cpu", workers: int = 0,
@@ -112,3 +113,36 @@ def sharded_self_score_blocks(head: nn.Module, fea: torch.Tensor, chunk: int = 1
             pos += k
         offset += sizes[r]
     return out
+
+
+def topk_rows(scores: torch.Tensor, k: int, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest scores of every row ``[P, N]`` and their column indices (plus ``offset``), best
+    first; equal scores in column order. ``k`` is capped at ``N``."""
+    k = min(int(k), scores.shape[1])
+    cols = torch.arange(scores.shape[1], dtype=torch.long).expand(scores.shape[0], -1)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), cols.gather(1, order) + offset
+
+
+def sharded_topk(head: nn.Module, query_fea: torch.Tensor, local_gallery_fea: torch.Tensor, k: int,
+                 query_chunk: int = 512, gallery_chunk: int = 2048, progress: bool = True,
+                 desc: str = "QAConv scores", device: Union[str, torch.device, None] = None,
+                 dst: int = 0) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Every query's ``k`` best gallery images when the ``[P, N]`` scores are too large for one rank:
+    each rank scores its gallery shard (shards in rank order make the gallery) and keeps its ``k`` best
+    per query; rank ``dst`` merges them into ``(scores [P, k], gallery indices [P, k])``, best first,
+    ties in gallery order -- :func:`topk_rows` of the whole score matrix. ``None`` on the other ranks."""
+    local = score_blocks(head, query_fea, local_gallery_fea, query_chunk, gallery_chunk, progress, desc, device)
+    sizes = all_gather_objects(int(local_gallery_fea.shape[0]))
+    offset = sum(sizes[:rank()])
+    values, index = topk_rows(local, k, offset)
+    if world_size() == 1:
+        return values, index
+    # gather along the query axis's transpose: rows are candidates, so shards of different k concatenate
+    all_values = gather_rows(values.t().contiguous(), dst)
+    all_index = gather_rows(index.t().contiguous(), dst)
+    if all_values is None or all_index is None:
+        return None
+    cand_v, cand_i = all_values.t(), all_index.t()  # [P, sum of k_r], in rank order = gallery order
+    order = topk_rows(cand_v, k)[1]
+    return cand_v.gather(1, order), cand_i.gather(1, order)

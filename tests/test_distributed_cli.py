@@ -116,3 +116,27 @@ def test_two_process_training_matches_one_process_and_resumes(trained, tmp_path)
     assert (tmp_path / "rank0.out").read_text().split("\n", 1)[0] == "0"
     assert "resumed" in (tmp_path / "rank0.out").read_text()
     assert torch.load(ck / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_two_process_resume_continues_exactly_with_augmentation(trained, tmp_path):
+    """Random Block and flips on: 2 epochs in one go equal 1 epoch + --resume, bit for bit (each rank
+    restores its own RNG states)."""
+    root, _ = trained
+
+    def argv(ck, epochs, *extra):
+        a = [x for x in _train_argv(root, ck, "--sync-bn", *extra) if x not in ("--no-random-block", "--no-flip")]
+        a[a.index("--epochs") + 1] = str(epochs)
+        return a
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for args in (argv(straight, 2), argv(resumed, 1), argv(resumed, 2, "--resume")):
+        workers.spawn(workers.cli_worker, 2, str(tmp_path), [args, args])
+        assert (tmp_path / "rank0.out").read_text().split("\n", 1)[0] == "0"
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for part in ("model", "criterion"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+    r0, r1 = a["rng_ranks"]
+    assert not torch.equal(r0["torch"], r1["torch"])  # the ranks draw their own augmentations

@@ -74,17 +74,17 @@ def test_two_ranks_with_sync_bn_equal_one_process(tmp_path):
 
 
 def test_without_sync_bn_the_backbone_statistics_are_per_rank(tmp_path):
-    """Without --sync-bn the ranks still agree (parameters and memory), but the result differs from
-    one process: the backbone's BatchNorms normalise each rank's 16 images by themselves."""
-    workers.spawn(workers.training_worker, 2, str(tmp_path), False, [("float64", 1)])
-    r0 = torch.load(tmp_path / "train_float64_0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "train_float64_1.pt", weights_only=True)
-    for k in r0["criterion"]:
-        assert torch.equal(r0["criterion"][k], r1["criterion"][k])
-    torch.set_default_dtype(torch.float64)
-    try:
-        one = workers.train_steps(0, 1, None, epochs=1)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    """Without --sync-bn the ranks still agree on the parameters and the memory (the backbone's running
+    BatchNorm statistics are each rank's own until DistributedDataParallel broadcasts rank 0's at the
+    next step), but the result differs from one process by far more than rounding: the backbone's
+    BatchNorms normalise each rank's 16 images by themselves."""
+    workers.spawn(workers.training_worker, 2, str(tmp_path), False, [("float32", 1)])
+    r0 = torch.load(tmp_path / "train_float32_0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "train_float32_1.pt", weights_only=True)
+    for part in ("model", "criterion"):
+        for k in r0[part]:
+            if part == "criterion" or not ("running_" in k or "num_batches" in k):
+                assert torch.equal(r0[part][k], r1[part][k]), f"{part}.{k}"
+    one = workers.train_steps(0, 1, None, epochs=1)
     with pytest.raises(AssertionError):
-        _close(r0["model"], one.model.state_dict(), "model", 1e-10)
+        _close(r0["model"], one.model.state_dict(), "model", 1e-3)

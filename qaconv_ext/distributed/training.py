@@ -172,6 +172,16 @@ class DistributedTraining:
         """This rank's :class:`ShardedBatchSampler` (the loader must use the same ``generator``)."""
         return ShardedBatchSampler(num_samples, global_batch, self.env.rank, self.env.world_size, generator)
 
+    def shard_loader(self, loader: Any, global_batch: int, generator: torch.Generator) -> Any:
+        """A loader over ``loader``'s dataset (same workers, pinning) yielding this rank's part of each
+        global batch (:meth:`batch_sampler`); ``generator`` must be ``loader``'s."""
+        from torch.utils.data import DataLoader
+
+        return DataLoader(loader.dataset, batch_sampler=self.batch_sampler(len(loader.dataset), global_batch,
+                                                                           generator),
+                          num_workers=loader.num_workers, generator=generator, pin_memory=loader.pin_memory,
+                          persistent_workers=False)
+
     def seed_rank(self, seed: int) -> None:
         """Seed the global generators per rank (rank 0 keeps ``seed``): each rank draws its own
         augmentations. Call after the model is built (every rank builds the same one)."""

@@ -111,13 +111,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, step_size: int, gamma: flo
 
 
 def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
-                       generator: Optional[torch.Generator] = None, batch_sampler: Optional[Any] = None
-                       ) -> DataLoader:
+                       generator: Optional[torch.Generator] = None) -> DataLoader:
     """Shuffled, ``drop_last`` loader over training records with flip + Random Block (per ``cfg``).
 
     ``generator`` (default: seeded from ``cfg.seed``) drives the shuffling and the worker seeds; its
-    state goes into checkpoints. ``batch_sampler``: draws the batches instead (e.g. this process's
-    part of each global batch when training across processes), with the same ``generator``.
+    state goes into checkpoints.
     """
     from ..data import ImageDataset, build_train_transform
 
@@ -128,9 +126,6 @@ def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
                                                      flip=cfg.flip))
     if len(ds) < cfg.batch_size:
         raise ValueError(f"{len(ds)} training images is less than one batch of {cfg.batch_size}")
-    if batch_sampler is not None:
-        return DataLoader(ds, batch_sampler=batch_sampler, num_workers=cfg.workers, generator=generator,
-                          pin_memory=cfg.device.startswith("cuda"), persistent_workers=False)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.workers,
                       generator=generator, pin_memory=cfg.device.startswith("cuda"),
                       persistent_workers=False)
@@ -424,11 +419,10 @@ def run_training(cfg: TrainConfig, train_records: Sequence[Any], num_classes: in
     backbone, criterion = build_model(cfg, num_classes)
     generator = torch.Generator()
     generator.manual_seed(int(cfg.seed))
-    sampler = None
+    loader = build_train_loader(train_records, cfg, generator)
     if dist is not None:
-        sampler = dist.batch_sampler(len(train_records), cfg.batch_size, generator)
+        loader = dist.shard_loader(loader, cfg.batch_size, generator)  # this rank's part of each batch
         dist.seed_rank(cfg.seed)  # the same model everywhere; augmentations drawn per rank
-    loader = build_train_loader(train_records, cfg, generator, sampler)
     optimizer = build_optimizer(backbone, criterion, cfg.lr, cfg.trunk_lr_mult, cfg.momentum, cfg.weight_decay,
                                 cfg.nesterov)
     scheduler = build_scheduler(optimizer, cfg.step_size, cfg.gamma)

@@ -75,8 +75,8 @@ def sharded_evaluate_baseline(backbone: nn.Module, query: Sequence[Any], gallery
 
 def sharded_evaluate_trained(backbone: nn.Module, head: Optional[nn.Module], dataset: Any, height: int, width: int, *,
                              device: Union[str, torch.device] = "cpu", batch_size: int = 64, workers: int = 0,
-                             rerank: bool = False, tlift: bool = False,
-                             progress: bool = True) -> Optional[Dict[str, Dict[str, float]]]:
+                             rerank: bool = False, tlift: bool = False, progress: bool = True,
+                             rerank_mode: str = "dense") -> Optional[Dict[str, Dict[str, float]]]:
     """:func:`~qaconv_ext.evaluation.evaluate_trained` across the process group: the
     :func:`~qaconv_ext.evaluation.metric_rows` of :func:`sharded_evaluate_qaconv` (``head`` given) or of
     :func:`sharded_evaluate_baseline` (``head`` None) on rank 0; ``None`` on the other ranks."""
@@ -86,5 +86,5 @@ def sharded_evaluate_trained(backbone: nn.Module, head: Optional[nn.Module], dat
         return None if m is None else metric_rows({BASELINE_ROW: m})
     ev = sharded_evaluate_qaconv(backbone, head, dataset.query, dataset.gallery, int(height), int(width),
                                  batch_size=batch_size, device=device, workers=workers, rerank=rerank,
-                                 tlift=tlift, progress=progress)
+                                 tlift=tlift, progress=progress, rerank_mode=rerank_mode)
     return None if ev is None else metric_rows(ev.rows)

@@ -42,13 +42,33 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``qaconv eval``."""
-    from ..evaluation import evaluate_trained
+    """Entry point of ``qaconv eval``; under ``torchrun`` the work is split across the ranks and rank 0
+    prints and writes the results."""
+    from ..distributed import join_if_launched, main_rank_output, shutdown
 
     path = args.checkpoint or args.checkpoint_dir
     if not path:
         raise SystemExit(f"{COMMAND}: give --checkpoint FILE or --checkpoint-dir DIR")
     device = resolve_device(args.device, COMMAND)
+    env = join_if_launched(device, _shared_options(args, path), COMMAND)
+    try:
+        with main_rank_output(env):
+            return _evaluate(args, path, device if env is None else str(env.device), env)
+    finally:
+        if env is not None:
+            shutdown()
+
+
+def _shared_options(args: argparse.Namespace, path: str) -> dict:
+    """The options every rank must agree on."""
+    keys = ("dataset", "data_root", "combine_all", "arch", "neck", "height", "width", "layout", "batch_size",
+            "rerank", "tlift")
+    return {"checkpoint": os.path.abspath(path), **{k: getattr(args, k, None) for k in keys}}
+
+
+def _evaluate(args: argparse.Namespace, path: str, device: str, env: Any) -> int:
+    from ..evaluation import evaluate_trained
+
     if args.pretrained:
         print(f"{COMMAND}: --pretrained is ignored (the checkpoint holds the trained weights)")
     backbone, head, cfg = load_model_or_exit(path, COMMAND, arch=args.arch, neck=args.neck, height=args.height,
@@ -56,10 +76,19 @@ def run(args: argparse.Namespace) -> int:
                                              neck_type=args.neck_type, preprocess=args.preprocess)
     note_postprocessing(head, args.rerank, args.tlift, COMMAND)
     ds = load_dataset(args.dataset, args.data_root, args.combine_all, verbose=True)
-    rows = evaluate_trained(backbone, head, ds, int(cfg["height"]), int(cfg["width"]), device=device,
-                            batch_size=args.batch_size, workers=args.workers, rerank=args.rerank,
-                            tlift=args.tlift, progress=not args.no_progress, rerank_mode=args.rerank_mode)
-    print_table(rows, f"{os.path.basename(cfg['checkpoint'])} on {args.dataset}")
+    kwargs = dict(device=device, batch_size=args.batch_size, workers=args.workers, rerank=args.rerank,
+                  tlift=args.tlift, progress=not args.no_progress, rerank_mode=args.rerank_mode)
+    if env is None:
+        rows = evaluate_trained(backbone, head, ds, int(cfg["height"]), int(cfg["width"]), **kwargs)
+    else:
+        from ..distributed import sharded_evaluate_trained
+
+        rows = sharded_evaluate_trained(backbone, head, ds, int(cfg["height"]), int(cfg["width"]), **kwargs)
+        if not env.is_main:
+            return 0
+    where = "" if env is None else f" ({env.world_size} processes)"
+    print_table(rows, f"{os.path.basename(cfg['checkpoint'])} on {args.dataset}{where}")
     if args.json:
-        print(f"results: {write_json(args.json, rows)}")
+        out = rows if env is None else {**rows, "world_size": env.world_size}
+        print(f"results: {write_json(args.json, out)}")
     return 0

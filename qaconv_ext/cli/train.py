@@ -99,6 +99,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--test-root", default=None,
                    help="its folder (default: --data-root when both datasets are synthetic or both real, "
                         "else as --data-root's default)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: the backbone's BatchNorms use the statistics of the global batch")
     add_postprocess_args(p)
     p.set_defaults(func=run)
     return p
@@ -150,14 +152,29 @@ def _resume_config(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``qaconv train``.
-
-    Everything that can fail before the first epoch is checked first: the device, the checkpoint to
-    resume and its model options, the training and the test dataset.
-    """
-    from ..engine import run_training
+    """Entry point of ``qaconv train``; under ``torchrun`` training is data-parallel across the ranks
+    (``--batch-size`` is the global batch) and rank 0 prints and writes the checkpoint."""
+    from ..distributed import DistributedTraining, join_if_launched, main_rank_output, shutdown
 
     device = resolve_device(args.device, COMMAND)
+    options = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    env = join_if_launched(device, options, COMMAND)
+    try:
+        with main_rank_output(env):
+            dist = None if env is None else DistributedTraining(env, sync_bn=args.sync_bn)
+            return _train(args, device if env is None else str(env.device), dist)
+    finally:
+        if env is not None:
+            shutdown()
+
+
+def _train(args: argparse.Namespace, device: str, dist: Any) -> int:
+    """Everything that can fail before the first epoch is checked first: the device, the checkpoint to
+    resume and its model options, the training and the test dataset."""
+    from ..engine import run_training
+
+    if args.sync_bn and dist is None:
+        print(f"{COMMAND}: note: --sync-bn applies to training across processes (torchrun); ignored")
     resume = _resume_config(args)
     adopted = settle_model_options(args, resume["config"] if resume else None)
     if adopted:
@@ -173,21 +190,27 @@ def run(args: argparse.Namespace) -> int:
     if args.test_dataset:
         test = load_dataset(args.test_dataset, resolve_test_root(args), verbose=True, option="--test-root")
         extra.update(test_dataset=args.test_dataset, test_root=test.root)
-    print("training " + ", ".join(cfg.summary()) + f" on {cfg.device}; {len(ds.train)} images, "
+    where = "" if dist is None else f" x {dist.world_size} processes"
+    print("training " + ", ".join(cfg.summary()) + f" on {cfg.device}{where}; {len(ds.train)} images, "
           f"{ds.num_train_pids} identities")
     t0 = time.time()
     trainer = run_training(cfg, ds.train, ds.num_train_pids, checkpoint_dir=args.checkpoint_dir,
                            resume=resume["path"] if resume else None, extra_config=extra,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress and (dist is None or dist.is_main), dist=dist)
     print(f"trained in {time.time() - t0:.0f} s; checkpoint: {trainer.checkpoint_path}")
     if test is not None:
         from ..evaluation import evaluate_trained
 
         head = getattr(trainer.criterion, "matcher", None)
         note_postprocessing(head, args.rerank, args.tlift, COMMAND)
-        rows = evaluate_trained(trainer.model, head, test, cfg.height, cfg.width, device=cfg.device,
-                                batch_size=max(64, cfg.batch_size), workers=cfg.workers, rerank=args.rerank,
-                                tlift=args.tlift, progress=not args.no_progress)
+        evaluate = evaluate_trained
+        if dist is not None:
+            from ..distributed import sharded_evaluate_trained as evaluate
+        rows = evaluate(trainer.model, head, test, cfg.height, cfg.width, device=cfg.device,
+                        batch_size=max(64, cfg.batch_size), workers=cfg.workers, rerank=args.rerank,
+                        tlift=args.tlift, progress=not args.no_progress)
+        if rows is None:  # not the main rank
+            return 0
         print_table(rows, f"{args.dataset} -> {args.test_dataset}")
         out = write_json(os.path.join(args.checkpoint_dir, f"results_{args.test_dataset}.json"), rows)
         print(f"results: {out}")

@@ -11,6 +11,7 @@ Fixed seeds throughout.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -255,3 +256,30 @@ def test_evaluation_scores_bfloat16_maps_under_cpu_autocast(layout):
     direct_self = qaconv_ext.qaconv_score(g.bfloat16(), g.bfloat16(), weight.float(), bias.float())
     assert (mixed_self - direct_self).abs().max().item() <= 1e-6 * direct_self.abs().max().item()
     assert not torch.equal(mixed, plain)
+
+
+def test_match_benchmark_runs(tmp_path, monkeypatch):
+    # plumbing of benchmarks/bench_match.py on a tiny problem (timings mean nothing here)
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    monkeypatch.syspath_prepend(bench)
+    import bench_match
+
+    try:
+        out = tmp_path / "match.json"
+        rec = bench_match.main(["--queries", "3", "--gallery", "20", "--height", "4", "--width", "3",
+                                "--channels", "16", "--repeats", "1", "--mm-size", "64", "--sweep-gflop", "0.02",
+                                "--methods", "fused score", "fused score bfloat16", "gemm bfloat16",
+                                "map-size sweep", "--json", str(out)])
+    finally:
+        sys.modules.pop("bench_match", None)
+        sys.modules.pop("_machine", None)
+    assert json.loads(out.read_text())["benchmark"] == "cpu_match"
+    res = rec["results"]
+    assert res["fused score"]["dtype"] == "float32" and res["fused score bfloat16"]["dtype"] == "bfloat16"
+    assert res["gemm bfloat16"]["gflops"] > 0 and res["fused score bfloat16"]["fraction_of_gemm"] > 0
+    assert rec["bfloat16_vs_float32_pairs_per_s"]["score"] > 0
+    assert [(r["height"], r["width"], r["channels"]) for r in rec["sweep"]] == [(12, 4, 128), (24, 8, 128),
+                                                                             (48, 16, 128)]
+    for row in rec["sweep"]:
+        assert row["bfloat16_score_max_rel_diff"] < 0.05  # bfloat16 maps: scores to about 1e-2
+    assert rec["sweep_fraction_of_24x8"]["24x8 d=128 float32"] == 1.0

@@ -5,8 +5,6 @@ Install with ``pip install --no-build-isolation -e .`` so the build uses the tor
 """
 import glob
 import os
-import platform
-from setuptools.errors import CompileError
 
 from setuptools import find_packages, setup
 
@@ -46,29 +44,35 @@ def _isa_unit(path: str):
     return next((unit for suffix, unit in ISA_UNITS.items() if path.endswith(suffix)), None)
 
 
-class _BuildExtension(cpp_extension.BuildExtension):
-    """Compiles the instruction-set units with their own flags and links them into the extension; a
-    compiler that lacks the flags (or a non-x86 machine) builds the library without them."""
+def _build_ext_command():
+    """torch's BuildExtension (with ninja) that also compiles the instruction-set units with their own
+    flags and links them in; a compiler without the flags (or a machine that is not x86-64) builds the
+    library without them, which then never selects those kernels."""
+    import platform
 
-    def build_extensions(self) -> None:
-        units = sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-        units = [p for p in units if _isa_unit(p) is not None]
-        x86 = platform.machine().lower() in ("x86_64", "amd64")
-        for ext in self.extensions:
-            for path in units:
-                flags, define = _isa_unit(path)
-                try:
-                    if not x86:
-                        raise CompileError(f"{platform.machine()} is not x86-64")
-                    objects = self.compiler.compile(
-                        [os.path.relpath(path, HERE)], output_dir=self.build_temp, include_dirs=ext.include_dirs,
-                        extra_postargs=["-O3", "-std=c++17", "-fPIC"] + flags)
-                except CompileError as exc:
-                    print(f"qaconv-ext: building without {os.path.basename(path)} ({exc})")
-                    continue
-                ext.extra_objects = list(ext.extra_objects or []) + objects
-                ext.define_macros = list(ext.define_macros or []) + [(define, "1")]
-        super().build_extensions()
+    from setuptools.errors import CompileError
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        def build_extensions(self) -> None:
+            units = [p for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))) if _isa_unit(p)]
+            x86 = platform.machine().lower() in ("x86_64", "amd64")
+            for ext in self.extensions:
+                for path in units:
+                    flags, define = _isa_unit(path)
+                    try:
+                        if not x86:
+                            raise CompileError(f"{platform.machine()} is not x86-64")
+                        objects = self.compiler.compile([os.path.relpath(path, HERE)], output_dir=self.build_temp,
+                                                        include_dirs=ext.include_dirs,
+                                                        extra_postargs=["-O3", "-std=c++17", "-fPIC"] + flags)
+                    except CompileError as exc:
+                        print(f"qaconv-ext: building without {os.path.basename(path)} ({exc})")
+                        continue
+                    ext.extra_objects = list(ext.extra_objects or []) + objects
+                    ext.define_macros = list(ext.define_macros or []) + [(define, "1")]
+            super().build_extensions()
+
+    return BuildExtension.with_options(use_ninja=True)
 
 
 def _extension():
@@ -97,5 +101,5 @@ def _extension():
 setup(
     packages=find_packages(include=["qaconv_ext", "qaconv_ext.*"]),
     ext_modules=[_extension()],
-    cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _build_ext_command()},
 )

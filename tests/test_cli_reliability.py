@@ -206,6 +206,24 @@ def test_resume_continues_with_the_saved_batch_size_and_schedule(run2, tmp_path,
     assert (ck["config"]["epochs"], ck["config"]["batch_size"], ck["config"]["step_size"]) == (3, 8, 1)
 
 
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(run2, market, tmp_path, capsys):
+    """One epoch, then ``--resume --epochs 2`` with nothing else repeated: the same weights, class memory
+    and optimiser state as the two epochs of ``run2`` in one go."""
+    folder = tmp_path / "run"
+    assert _run(train_args(market, "--epochs", 1, "--batch-size", 8, "--lr", 0.02, "--step-size", 1,
+                           "--checkpoint-dir", folder)) == 0
+    assert _run(["train", "--resume", folder, "--epochs", 2, "--device", "cpu", "--no-progress"]) == 0
+    resumed = torch.load(folder / "checkpoint.pt", weights_only=True)
+    straight = torch.load(run2 / "checkpoint.pt", weights_only=True)
+    for part in ("model", "criterion"):
+        assert resumed[part].keys() == straight[part].keys()
+        for key, value in straight[part].items():
+            assert torch.equal(resumed[part][key], value), (part, key)
+    assert [g["lr"] for g in resumed["optimizer"]["param_groups"]] == \
+        [g["lr"] for g in straight["optimizer"]["param_groups"]]
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+
+
 def test_resume_refuses_options_that_contradict_the_run(run2, market, tmp_path, capsys, no_training):
     folder = copy_run(run2, tmp_path / "run", epochs=3)
     before = (folder / "checkpoint.pt").read_bytes()

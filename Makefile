@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qaconv-built
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: all setup demo test test-fast bench nvcc-check clean
+.PHONY: all setup demo test test-fast bench nvcc-check dist-check clean
 
 all: test
 
@@ -27,6 +27,11 @@ bench: $(STAMP)
 
 nvcc-check: $(STAMP)
 	bash tools/nvcc_check.sh $(PY)
+
+# The sdist and a wheel built from it, each installed into a fresh virtual environment and run from
+# outside the repository (compiles the extension twice: a few minutes).
+dist-check: $(STAMP)
+	bash tools/check_dist.sh $(PY)
 
 clean:
 	rm -rf build *.egg-info qaconv_ext/_C*.so $(STAMP)

@@ -36,10 +36,11 @@ bench=0
 # Every step has its own time limit, so one slow step cannot take the others' results with it; each
 # benchmark writes its own JSON.
 if step tests; then
-  timeout 300 $PY -m pytest -q --maxfail=25 tests/test_cuda.py tests/test_tlift.py tests/test_engine.py 2>&1 \
-    | tee "$OUT/gpu_tests.log" | tail -25
+  # the op contract's cuda cases (test_ops*.py take the device as a parameter), then its cpu cases
+  timeout 300 $PY -m pytest -q --maxfail=25 tests/test_cuda.py tests/test_tlift.py tests/test_engine.py \
+    tests/test_ops.py tests/test_ops_fuzz.py -k "not test_ops or cuda" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
   tests=${PIPESTATUS[0]}
-  timeout 120 $PY -m pytest -q tests/test_ops.py 2>&1 | tail -3
+  timeout 120 $PY -m pytest -q tests/test_ops.py tests/test_ops_fuzz.py -k "not cuda" 2>&1 | tail -3
 fi
 if step bench; then
   timeout 120 $PY benchmarks/bench_tlift.py --device cuda --json "$OUT/tlift_gpu.json" 2>&1 | tail -5

@@ -81,7 +81,7 @@ class TinyResNet(nn.Module):
 @torch.no_grad()
 def feature_maps(backbone: nn.Module, paths, height: int, width: int, batch_size: int = 64) -> torch.Tensor:
     """[B, d, h, w] channel-L2-normalised maps, as QAConv expects."""
-    tf = build_test_transform(height, width)
+    tf = build_test_transform(height, width, preprocess="imagenet")   # torchreid-style models expect mean/std
     out = []
     for i in range(0, len(paths), batch_size):
         x = torch.stack([tf(read_image(p)) for p in paths[i:i + batch_size]])

@@ -47,7 +47,8 @@ def _run(argv):
 def test_parser_lists_subcommands():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == set(cli.SUBCOMMANDS) == {"train", "eval", "demo", "bench", "match", "rank"}
+    assert set(sub.choices) == set(cli.SUBCOMMANDS) == {"train", "eval", "demo", "bench", "match", "rank",
+                                                               "index", "search"}
 
 
 def test_no_command_prints_help(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from qaconv_ext.data import (
     build_test_transform,
     read_image,
 )
+from qaconv_ext.data.datasets import market_cumulative_frames, market_session_frames
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -88,8 +90,12 @@ def test_market_records_times_and_labels(tmp_path):
     # camera 1: session 2 is offset by the largest session-1 frame over all splits (500, junk ignored)
     assert q["0011_c1s2_000050_00.jpg"].time == pytest.approx((500 + 50) / 25)
     assert q["0011_c1s2_000050_00.jpg"].pid == 11 and q["0011_c1s2_000050_00.jpg"].camid == 0
-    # camera 2: session 3 is offset by max(s1) + max(s2) = 40 + 90 (the 90 is a gallery image)
-    assert q["0011_c2s3_000007_00.jpg"].time == pytest.approx((40 + 90 + 7) / 25)
+    # camera 2, public offsets: O[2] = max(s1) = 40; O[3] = max(s2) + 2 O[2] = 90 + 80 (the 90 is a gallery image)
+    assert q["0011_c2s3_000007_00.jpg"].time == pytest.approx((90 + 2 * 40 + 7) / 25)
+    # cumulative offsets: O[3] = max(s1) + max(s2) = 40 + 90
+    cumulative = _by_name(Market1501(str(base), session_offsets="cumulative").query)
+    assert cumulative["0011_c2s3_000007_00.jpg"].time == pytest.approx((40 + 90 + 7) / 25)
+    assert cumulative["0011_c1s2_000050_00.jpg"].time == q["0011_c1s2_000050_00.jpg"].time
 
     g = _by_name(ds.gallery)
     assert "-1_c1s1_009999_04.jpg" not in g
@@ -99,6 +105,62 @@ def test_market_records_times_and_labels(tmp_path):
     assert ds.has_time
     s = ds.summary()
     assert "train" in s and "gallery" in s and "distractors" in s
+
+
+def _shift_sessions_one_by_one(entries, reread_after_shift):
+    """Put sessions on one clock the long way: per camera, shift session s by the end of session s - 1
+    (its largest frame, read after that session was shifted or before) plus the offset of s - 1."""
+    frames = np.array([f for _, _, f in entries], dtype=np.int64)
+    raw = frames.copy()
+    cams = np.array([c for c, _, _ in entries])
+    sess = np.array([s for _, s, _ in entries])
+    for c in np.unique(cams):
+        offset = 0
+        for s in range(2, int(sess[cams == c].max()) + 1):
+            prev = (cams == c) & (sess == s - 1)
+            end = (frames if reread_after_shift else raw)[prev].max() if prev.any() else 0
+            offset = end + offset
+            frames[(cams == c) & (sess == s)] += offset
+    return frames.tolist()
+
+
+def test_market_session_offsets_equal_a_session_by_session_shift():
+    rng = np.random.default_rng(0)
+    entries = []
+    for cam in range(1, 7):
+        sessions = [s for s in range(1, 7) if rng.random() < 0.75] or [1]   # some sessions are empty
+        for s in sessions:
+            entries += [(cam, s, int(f)) for f in rng.integers(0, 150_000, rng.integers(1, 30))]
+    order = rng.permutation(len(entries))
+    entries = [entries[i] for i in order]
+    public = market_session_frames(entries)
+    assert public == _shift_sessions_one_by_one(entries, reread_after_shift=True)
+    cumulative = market_session_frames(entries, "cumulative")
+    assert cumulative == _shift_sessions_one_by_one(entries, reread_after_shift=False)
+    assert cumulative == market_cumulative_frames(entries)
+    assert public != cumulative                     # with up to six sessions the rules differ
+    # the closed form of the public rule: O[s] = M[s-1] + 2 O[s-1]
+    four = [(1, 1, 100), (1, 2, 200), (1, 3, 300), (1, 4, 0)]
+    assert market_session_frames(four) == [100, 300, 700, 1100]          # O = 0, 100, 400, 1100
+    assert market_session_frames(four, "cumulative") == [100, 300, 600, 600]   # O = 0, 100, 300, 600
+    with pytest.raises(ValueError, match="unknown session_offsets 'sum'; valid: public, cumulative"):
+        market_session_frames(four, "sum")
+
+
+def test_synthetic_network_times_agree_under_both_offset_rules(tmp_path):
+    """Two sessions per camera (the built-in network's default): both rules give the same times, so the
+    demo's TLift numbers do not depend on the choice; with three sessions they differ."""
+    from qaconv_ext.data import make_synthetic_network
+
+    tiny = dict(num_train_ids=8, num_test_ids=12, num_distractors=6, num_junk=4, images_per_visit=(1, 3),
+                group_interval=60.0, seed=3, workers=0, progress=False)
+    for sessions, same in ((2, True), (3, False)):
+        paths = make_synthetic_network(str(tmp_path / f"s{sessions}"), sessions_per_camera=sessions, **tiny)
+        for path in paths.values():
+            a, b = Market1501(path), Market1501(path, session_offsets="cumulative")
+            times_a = [r.time for r in a.train + a.query + a.gallery]
+            times_b = [r.time for r in b.train + b.query + b.gallery]
+            assert (times_a == times_b) is same
 
 
 def test_market_root_resolution_and_errors(tmp_path):

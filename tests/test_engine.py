@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import rel_err, unit_maps
+from helpers import rel_err, unit_maps
 from qaconv_ext import QAConv
 from qaconv_ext.data import Record
 from qaconv_ext.engine import (
@@ -90,7 +90,7 @@ def test_mixed_precision_training(tiny_records, device):
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the step updated the weights
     assert tr.criterion.class_memory.dtype == torch.float32 and bool(tr.criterion.valid_class.any())
     # the trunk runs in low precision, the neck and the normalisation (the matched features) in float32
-    images = torch.randn(2, 3, H, W, device=device)
+    images = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.autocast(device_type=device, dtype=tr.amp_dtype):
         fea = tr.model(images)
     assert fea.dtype == torch.float32

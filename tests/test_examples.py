@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import unit_maps
+from helpers import unit_maps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,6 +8,8 @@ like those at the top of a module. The layers, bottom first:
     losses                             class memory, cosine softmax
     models                             backbones, the GAP baseline
     engine, evaluation, viz            training; scoring and metrics; pictures (drawing only)
+    search                             the gallery index on disk and its search
+    distributed                        torch.distributed: sharded scoring and evaluation across ranks
     qaconv_ext (the package's top)     the public names
     cli                                the ``qaconv`` command
     __main__                           ``python -m qaconv_ext``
@@ -32,6 +34,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("losses",),
     ("models",),
     ("engine", "evaluation", "viz"),
+    ("search", "distributed"),
     ("qaconv_ext",),
     ("cli",),
     ("__main__",),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import rel_err, unit_maps
+from helpers import rel_err, unit_maps
 from qaconv_ext import ClassMemoryLoss, QAConv
 from qaconv_ext.losses import CosineSoftmaxLoss, focal_bce_with_logits
 

@@ -44,8 +44,7 @@ def random_problem(rng, num_q, num_g, num_ids, num_cams, distinct=True):
 
 
 @pytest.mark.parametrize("distinct", [True, False])
-def test_matches_loop(distinct):
-    rng = np.random.default_rng()
+def test_matches_loop(distinct, rng):
     dist, qp, gp, qc, gc = random_problem(rng, 40, 120, 15, 4, distinct)
     cmc, mAP, mINP = evaluate_rank(dist, qp, gp, qc, gc, max_rank=50, return_minp=True)
     ref_cmc, ref_map, ref_inp = loop_rank(dist, qp, gp, qc, gc, 50)
@@ -55,10 +54,9 @@ def test_matches_loop(distinct):
     assert abs(mINP - ref_inp) < 1e-9
 
 
-def test_torch_inputs_and_blocks(monkeypatch):
+def test_torch_inputs_and_blocks(monkeypatch, rng):
     import qaconv_ext.evaluation.metrics as metrics
 
-    rng = np.random.default_rng()
     dist, qp, gp, qc, gc = random_problem(rng, 30, 70, 10, 3)
     ref = evaluate_rank(dist, qp, gp, qc, gc, max_rank=10)
     monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 150)  # several row blocks

@@ -184,3 +184,143 @@ def test_bad_pretrained_files_give_one_line_errors(tmp_path, gen):
         build_backbone("resnet18", pretrained_path=str(tmp_path / "missing.pth"))
     with pytest.raises(PretrainedWeightsError, match="is a folder"):
         build_backbone("resnet18", pretrained_path=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# IBN-Net trunks and the two necks
+# ----------------------------------------------------------------------------------------------
+
+def _in_keys(sd):
+    return sorted(k for k in sd if ".IN." in k or k.startswith("base.bn1."))
+
+
+@pytest.mark.parametrize("arch,last", [("resnet50", (2, 3)), ("resnet101", (2, 3)), ("resnet18", (1, 1))])
+def test_ibn_b_places_instance_norm_in_the_stem_and_after_the_last_blocks_of_stages_1_2(arch, last):
+    sd = build_backbone(arch, ibn="b").state_dict()
+    width = 4 if arch != "resnet18" else 1
+    # the stem's bn1 is an affine InstanceNorm: weight and bias, no running statistics
+    assert "base.bn1.weight" in sd and "base.bn1.running_mean" not in sd
+    ins = sorted(k for k in sd if k.endswith(".IN.weight"))
+    assert ins == [f"base.layer1.{last[0]}.IN.weight", f"base.layer2.{last[1]}.IN.weight"]
+    assert sd[ins[0]].shape == (64 * width,) and sd[ins[1]].shape == (128 * width,)
+    assert not any(".bn1.IN." in k for k in sd)
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet101", "resnet34"])
+def test_ibn_a_splits_the_first_norm_of_every_block_of_stages_1_to_3(arch):
+    trunk = resnet(arch, "layer4", ibn="a")
+    sd = trunk.state_dict()
+    assert "bn1.running_mean" in sd                             # plain stem
+    for stage, planes in ((1, 64), (2, 128), (3, 256), (4, 512)):
+        layer = getattr(trunk, f"layer{stage}")
+        for i in range(len(layer)):
+            if stage < 4:
+                assert sd[f"layer{stage}.{i}.bn1.IN.weight"].shape == (planes // 2,)
+                assert sd[f"layer{stage}.{i}.bn1.BN.running_var"].shape == (planes - planes // 2,)
+                assert f"layer{stage}.{i}.bn1.running_mean" not in sd
+            else:
+                assert f"layer{stage}.{i}.bn1.running_mean" in sd
+    assert not any(k.split(".")[2:3] == ["IN"] for k in sd)
+
+
+def _randomise_norms(module, gen):
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0, 0.2, generator=gen)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+
+
+def test_ibn_blocks_compute_what_ibn_net_defines(gen):
+    """Float64 reference written out with torch.nn.functional: IBN-a's half-IN/half-BN first norm, IBN-b's
+    InstanceNorm on the residual sum before the ReLU, IBN-b's InstanceNorm stem."""
+    import torch.nn.functional as F
+
+    def inorm(x, m):
+        return F.instance_norm(x, weight=m.weight, bias=m.bias, eps=m.eps)
+
+    def bnorm(x, m):
+        return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+    x = torch.randn(2, 3, 64, 32, generator=gen, dtype=torch.float64)
+    for ibn in ("a", "b"):
+        trunk = resnet("resnet50", "layer2", ibn=ibn).double().eval()
+        _randomise_norms(trunk, gen)
+        stem_norm = inorm if ibn == "b" else bnorm
+        y = F.max_pool2d(F.relu(stem_norm(F.conv2d(x, trunk.conv1.weight, stride=2, padding=3), trunk.bn1)), 3, 2, 1)
+        for layer in (trunk.layer1, trunk.layer2):
+            for blk in layer:
+                if ibn == "a":
+                    h = F.conv2d(y, blk.conv1.weight)
+                    half = blk.bn1.half
+                    h = torch.cat([inorm(h[:, :half], blk.bn1.IN), bnorm(h[:, half:], blk.bn1.BN)], 1)
+                else:
+                    h = bnorm(F.conv2d(y, blk.conv1.weight), blk.bn1)
+                h = F.relu(h)
+                h = F.relu(bnorm(F.conv2d(h, blk.conv2.weight, stride=blk.stride, padding=1), blk.bn2))
+                h = bnorm(F.conv2d(h, blk.conv3.weight), blk.bn3)
+                short = y if blk.downsample is None else bnorm(
+                    F.conv2d(y, blk.downsample[0].weight, stride=blk.stride), blk.downsample[1])
+                h = h + short
+                if blk.IN is not None:
+                    h = inorm(h, blk.IN)
+                y = F.relu(h)
+        with torch.no_grad():
+            out = trunk(x)
+        assert torch.allclose(out, y, rtol=1e-10, atol=1e-10), ibn
+
+
+def test_neck_types(gen):
+    bn = build_backbone("resnet18", neck=16).state_dict()
+    assert "neck_bn.running_mean" in bn and "neck_conv.bias" not in bn
+    m = build_backbone("resnet18", neck=16, neck_type="bias").eval()
+    sd = m.state_dict()
+    assert "neck_conv.bias" in sd and not any(k.startswith("neck_bn") for k in sd)
+    with torch.no_grad():
+        m.neck_conv.bias.normal_(generator=gen)
+        x = torch.randn(2, 3, 64, 32, generator=gen)
+        ref = torch.nn.functional.normalize(
+            torch.nn.functional.conv2d(m.base(x).double(), m.neck_conv.weight.double(), m.neck_conv.bias.double(),
+                                       padding=1), dim=1)
+        assert torch.allclose(m(x).double(), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown neck_type 'gn'"):
+        build_backbone("small", neck_type="gn")
+
+
+def test_ibn_errors():
+    with pytest.raises(ValueError, match="IBN-Net .* not for resnet152"):
+        build_backbone("resnet152", ibn="a")
+    with pytest.raises(ValueError, match="not for small"):
+        build_backbone("small", ibn="b")
+    with pytest.raises(ValueError, match="unknown IBN type 'c'"):
+        build_backbone("resnet50", ibn="c")
+    assert build_backbone(name="resnet18", ibn="none", neck=8).base.ibn is None   # 'name' alias, 'none'
+
+
+def _ibn_imagenet_state(arch: str, ibn: str, gen: torch.Generator) -> dict:
+    """A state dict laid out like IBN-Net's released ImageNet weights (whole network, fc included)."""
+    trunk = resnet(arch, "layer4", ibn=ibn)
+    sd = {k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+          for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
+    sd["fc.weight"] = torch.randn(1000, trunk.out_channels, generator=gen)
+    sd["fc.bias"] = torch.randn(1000, generator=gen)
+    return sd
+
+
+@pytest.mark.parametrize("ibn", ["a", "b"])
+def test_ibn_imagenet_weights_from_local_file(tmp_path, gen, ibn):
+    sd = _ibn_imagenet_state("resnet50", ibn, gen)
+    path = tmp_path / f"resnet50_ibn_{ibn}.pth"
+    torch.save(sd, path)
+    m = build_backbone("resnet50", pretrained_path=str(path), ibn=ibn)
+    for k, v in m.base.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, sd[k]), k
+    with pytest.raises(ValueError, match=f"these weights are IBN-{ibn}, the trunk is a plain ResNet .*--ibn {ibn}"):
+        build_backbone("resnet50", pretrained_path=str(path))
+    other = "b" if ibn == "a" else "a"
+    with pytest.raises(ValueError, match=f"these weights are IBN-{ibn}, the trunk is IBN-{other}"):
+        build_backbone("resnet50", pretrained_path=str(path), ibn=other)

@@ -56,8 +56,7 @@ def random_distances(rng, P, G, dim=8, clusters=6, shift=0.0):
 
 @pytest.mark.parametrize("k1,k2,lam", [(20, 6, 0.3), (7, 3, 0.5), (5, 1, 0.2)])
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_matches_reference(k1, k2, lam, mode):
-    rng = np.random.default_rng()
+def test_matches_reference(k1, k2, lam, mode, rng):
     qg, qq, gg = random_distances(rng, 12, 40)
     ref = reference_rerank(qg, qq, gg, k1, k2, lam)
     out = k_reciprocal_rerank(qg, qq, gg, k1=k1, k2=k2, lambda_value=lam, mode=mode)
@@ -65,10 +64,9 @@ def test_matches_reference(k1, k2, lam, mode):
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
 
 
-def test_sparse_callable_blocks_and_lookups(monkeypatch):
+def test_sparse_callable_blocks_and_lookups(monkeypatch, rng):
     """Callable dist_gg, several row blocks, no extra kept neighbours: the second pass is exercised."""
     mod = importlib.import_module("qaconv_ext.postprocess.rerank")
-    rng = np.random.default_rng()
     qg, qq, gg = random_distances(rng, 10, 50)
     ref = reference_rerank(qg, qq, gg, 20, 6, 0.3)
     calls = []
@@ -126,8 +124,7 @@ def test_non_finite_distances_are_counted_and_located(mode):
         k_reciprocal_rerank(qg, qq, step, mode=mode)
 
 
-def test_improves_a_separable_problem():
-    rng = np.random.default_rng()
+def test_improves_a_separable_problem(rng):
     qg, qq, gg = random_distances(rng, 20, 80, clusters=4)
     out = k_reciprocal_rerank(qg, qq, gg, mode="sparse")
     assert np.isfinite(out).all()

@@ -48,8 +48,7 @@ def random_inputs(rng, n_p, n_g, n_cams, span, quantised=False):
 
 @pytest.mark.parametrize("quantised", [False, True])
 @pytest.mark.parametrize("K", [1, 3, 10])
-def test_matches_loop(quantised, K):
-    rng = np.random.default_rng()
+def test_matches_loop(quantised, K, rng):
     s, gc, gt, pc, pt = random_inputs(rng, 30, 45, 3, 600, quantised)
     kw = dict(tau=100, sigma=200, K=K, alpha=0.2)
     out = tlift(s, gc, gt, pc, pt, **kw)
@@ -58,9 +57,8 @@ def test_matches_loop(quantised, K):
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
 
 
-def test_small_gallery_cameras_and_float32_torch():
+def test_small_gallery_cameras_and_float32_torch(rng):
     # gallery cameras with fewer than K entries, a probe camera absent from the gallery
-    rng = np.random.default_rng()
     s, gc, gt, pc, pt = random_inputs(rng, 25, 12, 4, 300)
     pc[:3] = 7
     ref = loop_tlift(s, gc, gt, pc, pt, tau=80, sigma=150, K=10, alpha=0.1)
@@ -70,10 +68,9 @@ def test_small_gallery_cameras_and_float32_torch():
     np.testing.assert_allclose(out.double().numpy(), ref, rtol=0, atol=1e-6)
 
 
-def test_chunked(monkeypatch):
+def test_chunked(monkeypatch, rng):
     mod = importlib.import_module("qaconv_ext.postprocess.tlift")
 
-    rng = np.random.default_rng()
     s, gc, gt, pc, pt = random_inputs(rng, 40, 50, 2, 400, quantised=True)
     ref = loop_tlift(s, gc, gt, pc, pt, 100, 200, 10, 0.2)
     monkeypatch.setattr(mod, "_CHUNK_ELEMENTS", 64)
@@ -89,8 +86,7 @@ def test_weights_hand_checked():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
-    rng = np.random.default_rng()
+def test_cuda_matches_cpu(rng):
     s, gc, gt, pc, pt = random_inputs(rng, 60, 80, 3, 600, quantised=True)
     ref = loop_tlift(s, gc, gt, pc, pt, 100, 200, 10, 0.2)
     args = [torch.from_numpy(a).cuda() for a in (s, gc, gt, pc, pt)]
@@ -100,7 +96,7 @@ def test_cuda_matches_cpu():
 
 
 def test_errors():
-    s = np.random.rand(3, 4)
+    s = np.random.default_rng(0).random((3, 4))
     cams_g, t_g, cams_p, t_p = np.zeros(4, int), np.zeros(4), np.zeros(3, int), np.zeros(3)
     with pytest.raises(ValueError, match="gal_cam"):
         tlift(s, np.zeros(5, int), t_g, cams_p, t_p)

@@ -318,24 +318,24 @@ def test_inconsistent_sizes_are_named(gen):
 def test_bad_features_and_arguments(gen):
     fa = torch.randn(8, 4, 2, generator=gen)
     with pytest.raises(ValueError, match="channel counts differ"):
-        draw_correspondences(plain(32, 64), plain(32, 64), fa, torch.randn(6, 4, 2))
+        draw_correspondences(plain(32, 64), plain(32, 64), fa, torch.zeros(6, 4, 2))
     with pytest.raises(ValueError, match=r"fea_b: expected a feature map \[d, h, w\]"):
-        draw_correspondences(plain(32, 64), plain(32, 64), fa, torch.randn(8, 8))
+        draw_correspondences(plain(32, 64), plain(32, 64), fa, torch.zeros(8, 8))
     with pytest.raises(ValueError, match="batch of 2"):
-        draw_correspondences(plain(32, 64), plain(32, 64), fa, torch.randn(2, 8, 4, 2))
+        draw_correspondences(plain(32, 64), plain(32, 64), fa, torch.zeros(2, 8, 4, 2))
     with pytest.raises(ValueError, match="direction"):
         draw_correspondences(plain(32, 64), plain(32, 64), fa, fa, direction="sideways")
     with pytest.raises(ValueError, match="max_lines"):
         draw_correspondences(plain(32, 64), plain(32, 64), fa, fa, max_lines=-2)
-    values, indices = torch.rand(16), torch.zeros(16, dtype=torch.long)
+    values, indices = torch.rand(16, generator=gen), torch.zeros(16, dtype=torch.long)
     with pytest.raises(ValueError, match=r"values: expected La \+ Lb = 8 \+ 8 = 16"):
-        draw_matches(plain(32, 64), plain(32, 64), torch.rand(15), indices, (4, 2))
+        draw_matches(plain(32, 64), plain(32, 64), torch.zeros(15), indices, (4, 2))
     bad = indices.clone()
     bad[3] = 8
     with pytest.raises(ValueError, match="must index b's 8 locations"):
         draw_matches(plain(32, 64), plain(32, 64), values, bad, (4, 2))
     with pytest.raises(ValueError, match="one pair"):
-        draw_matches(plain(32, 64), plain(32, 64), torch.rand(2, 1, 16), indices.expand(2, 1, 16), (4, 2))
+        draw_matches(plain(32, 64), plain(32, 64), torch.zeros(2, 1, 16), indices.expand(2, 1, 16), (4, 2))
     # A head of another map size.
     head = QAConv(8, 6, 2).eval()
     with pytest.raises(ValueError, match="head's height x width"):

@@ -25,8 +25,8 @@ cuda::ScalarKind kind_of(const at::Tensor& x) {
     case at::kBFloat16:
       return cuda::ScalarKind::kBFloat16;
     default:
-      TORCH_CHECK(false, "qaconv: the CUDA kernels take float32, float16 or bfloat16 feature maps, got ",
-                  x.scalar_type(), " (float64 is supported on the CPU)");
+      TORCH_CHECK_TYPE(false, "qaconv: the CUDA kernels take float32, float16 or bfloat16 feature maps, got ",
+                       dtype_name(x.scalar_type()));  // check_pair refuses the others first
   }
   return cuda::ScalarKind::kFloat32;  // not reached
 }
@@ -143,9 +143,9 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cuda(const at::Tensor& grad_va
                                                        std::array<bool, 2> output_mask) {
   const MatchDims d = check_pair(query, gallery);
   check_backward(grad_values, indices, d);
+  TORCH_CHECK_VALUE(grad_values.device() == query.device(), "qaconv: grad_values is on ", grad_values.device(),
+                    ", features on ", query.device());
   const auto kind = check_cuda_inputs(query, d);
-  TORCH_CHECK(grad_values.device() == query.device(), "qaconv: grad_values on ", grad_values.device(),
-              ", features on ", query.device());
   const c10::cuda::CUDAGuard guard(query.device());
   const bool need_q = output_mask[0], need_g = output_mask[1];
   const bool work = d.P > 0 && d.N > 0 && (need_q || need_g);

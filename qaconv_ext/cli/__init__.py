@@ -1,4 +1,5 @@
-"""The ``qaconv`` command line: ``train``, ``eval``, ``demo``, ``bench`` (and ``match``, ``rank``).
+"""The ``qaconv`` command line: ``train``, ``eval``, ``demo``, ``bench`` (and ``match``, ``rank``, ``index``,
+``search``).
 
 Each sub-command lives in a module of this package exposing ``register(subparsers)``, which adds
 its parser and sets ``func=run``. Building the parsers imports no PyTorch (the sub-commands import
@@ -17,7 +18,7 @@ from typing import List, Optional
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 #: Sub-command modules, in the order ``qaconv --help`` lists them.
-SUBCOMMANDS = ("train", "eval", "demo", "bench", "match", "rank")
+SUBCOMMANDS = ("train", "eval", "demo", "bench", "match", "rank", "index", "search")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="qaconv",
-        description="QAConv person re-identification: train, evaluate, demo, benchmark the fused matching op. "
-                    "`qaconv COMMAND --help` describes a command.")
+        description="QAConv person re-identification: train, evaluate, demo, benchmark the fused matching op, "
+                    "index and search a gallery. `qaconv COMMAND --help` describes a command.")
     parser.add_argument("--version", action="version", version=f"qaconv-ext {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:

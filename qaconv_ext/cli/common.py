@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -19,28 +20,33 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 __all__ = [
-    "DATASET_CHOICES", "ARCHITECTURE_CHOICES", "TRAIN_DEFAULTS", "DEFAULT_CHECKPOINT",
-    "PICTURES_DIR", "PICTURE_EXTENSIONS", "BAD_INPUT", "FAILED",
+    "DATASET_CHOICES", "ARCHITECTURE_CHOICES", "NECK_TYPE_CHOICES", "PREPROCESS_CHOICES", "AUGMENT_CHOICES",
+    "TRAIN_DEFAULTS", "DEFAULT_CHECKPOINT", "PICTURES_DIR", "PICTURE_EXTENSIONS", "BAD_INPUT", "FAILED",
     "CommandError", "library_error", "run_command",
     "default_data_root", "default_synthetic_root", "load_dataset", "check_time_stamps",
     "positive_int", "non_negative_int", "positive_float", "non_negative_float", "output_file", "picture_path",
     "json_path", "check_writable_folder",
-    "add_data_args", "add_model_args", "add_postprocess_args", "add_dataset_command", "add_checkpoint_args",
-    "resolve_device", "load_model_or_exit", "load_qaconv", "evaluate_or_exit",
-    "note_postprocessing", "print_table", "write_json",
+    "add_data_args", "add_model_args", "add_postprocess_args", "add_rerank_mode_arg", "add_dataset_command",
+    "add_checkpoint_args", "resolve_device", "load_model_or_exit", "load_qaconv", "evaluate_or_exit",
+    "note_postprocessing", "print_table", "write_json", "error_line", "image_record",
 ]
 
 DATASET_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "synthetic-a", "synthetic-b", "folder")
 
-#: The backbones of :data:`qaconv_ext.models.ARCHITECTURES`, spelled out so that the parsers are built
-#: without importing PyTorch (a test keeps the two equal).
+#: The choices of the model options, spelled out so that the parsers are built without importing
+#: PyTorch (a test keeps them equal to the library's): :data:`qaconv_ext.models.ARCHITECTURES`,
+#: ``models.NECK_TYPES``, ``data.transforms.PREPROCESS_PRESETS`` and ``AUGMENTATIONS``.
 ARCHITECTURE_CHOICES = ("resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "small")
+NECK_TYPE_CHOICES = ("bn", "bias")
+PREPROCESS_CHOICES = ("public", "imagenet")
+AUGMENT_CHOICES = ("eccv", "v2")
 
 #: The defaults of :class:`qaconv_ext.engine.TrainConfig` that the help texts name (spelled out for the
 #: same reason; a test keeps them equal). A new run takes its defaults from ``TrainConfig`` itself.
-TRAIN_DEFAULTS: Dict[str, Any] = dict(method="qaconv", arch="resnet50", neck=128, layout="v2", height=384,
-                                      width=128, epochs=60, batch_size=32, lr=0.01, step_size=40,
-                                      weight_decay=5e-4, clip_grad=0.0, workers=2, seed=0)
+TRAIN_DEFAULTS: Dict[str, Any] = dict(method="qaconv", arch="resnet50", neck=128, layout="v2", neck_type="bn",
+                                      preprocess="public", augment="eccv", height=384, width=128, epochs=60,
+                                      batch_size=32, lr=0.01, step_size=40, weight_decay=5e-4, clip_grad=0.0,
+                                      workers=2, seed=0)
 
 #: The QAConv model the picture commands (``match``, ``rank``) read unless told otherwise.
 DEFAULT_CHECKPOINT = os.path.join("runs", "demo", "qaconv.pt")
@@ -311,19 +317,43 @@ def add_postprocess_args(p: argparse.ArgumentParser) -> None:
                    help="also report re-ranking + TLift (needs time stamps: refused for datasets without them)")
 
 
+def add_rerank_mode_arg(p: argparse.ArgumentParser) -> None:
+    """``--rerank-mode dense|sparse``: how re-ranking gets the gallery-gallery scores."""
+    p.add_argument("--rerank-mode", choices=("dense", "sparse"), default="dense",
+                   help="dense: build the gallery x gallery score matrix (fast, 4 G^2 bytes); sparse: stream its "
+                        "rows from the fused op in blocks, never holding it (for large galleries, e.g. MSMT17) "
+                        "(default: %(default)s)")
+
+
 def add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """``--arch``, ``--pretrained``, ``--neck``, ``--layout``, ``--height``, ``--width``, ``--batch-size``,
-    ``--device``, ``--workers``, ``--no-progress``.
+    """``--arch``, ``--ibn``, ``--neck-type``, ``--preprocess`` (``--augment`` for training), ``--pretrained``,
+    ``--neck``, ``--layout``, ``--height``, ``--width``, ``--batch-size``, ``--device``, ``--workers``,
+    ``--no-progress``.
 
     With ``defaults`` (``train``) every option but ``--device`` parses to None when not given: a new
     run then takes the training default (named in the help), a resumed run the checkpoint's value.
     Without (``eval``) the model options parse to None and come from the checkpoint; the batch size
     and the workers have plain defaults.
     """
-    d = (lambda k: f"(default: {TRAIN_DEFAULTS[k]})") if defaults else (lambda k: "(default: from the checkpoint)")  # noqa: E731
+    td = TRAIN_DEFAULTS
+    d = (lambda k: f"(default: {td[k]})") if defaults else (lambda k: "(default: from the checkpoint)")  # noqa: E731
+    inferred = "(default: {})".format("none" if defaults else "inferred from the checkpoint's weights")
     p.add_argument("--arch", choices=ARCHITECTURE_CHOICES, default=None, help=f"backbone {d('arch')}")
+    p.add_argument("--ibn", choices=("a", "b", "none"), default=None,
+                   help=f"IBN-Net variant of a ResNet-18/34/50/101 trunk (QAConv 2.x uses b) {inferred}")
+    p.add_argument("--neck-type", choices=NECK_TYPE_CHOICES, default=None,
+                   help="neck: bn = 3x3 conv + BatchNorm (public v1.x), bias = 3x3 conv with bias (v2.1+) "
+                        + (f"(default: {td['neck_type']})" if defaults else inferred))
+    p.add_argument("--preprocess", choices=PREPROCESS_CHOICES, default=None,
+                   help="input preset: public = bicubic resize, [0, 1] (the paper's code); imagenet = bilinear, "
+                        "ImageNet mean/std " + (f"(default: {td['preprocess']})" if defaults else
+                                               "(default: the checkpoint's; public for public checkpoints)"))
+    if defaults:
+        p.add_argument("--augment", choices=AUGMENT_CHOICES, default=None,
+                       help=f"training augmentation: eccv = flip + random occlusion; v2 = QAConv 2.x (pad + crop, "
+                            f"rotation, colour jitter, flip, occlusion) (default: {td['augment']})")
     p.add_argument("--pretrained", default=None, metavar="PATH",
-                   help="local file with ImageNet weights in torchvision naming (nothing is downloaded)")
+                   help="local file with ImageNet weights in torchvision or IBN-Net naming (nothing is downloaded)")
     p.add_argument("--neck", type=positive_int, default=None, help=f"neck channels {d('neck')}")
     p.add_argument("--layout", choices=("v2", "eccv"), default=None, help=f"QAConv head layout {d('layout')}")
     p.add_argument("--height", type=positive_int, default=None, help=f"input height {d('height')}")
@@ -446,13 +476,16 @@ def load_qaconv(path: str, device: str = "cpu", command: str = "qaconv"
     return backbone, head, cfg
 
 
-def evaluate_or_exit(command: str, *args: Any, **kwargs: Any) -> Dict[str, Dict[str, float]]:
-    """:func:`qaconv_ext.evaluation.evaluate_trained`; scores or distances that are not finite (which
-    the metrics refuse) end the command with one line and status :data:`FAILED`."""
-    from ..evaluation import evaluate_trained
+def evaluate_or_exit(command: str, *args: Any, evaluate: Optional[Callable[..., Any]] = None,
+                     **kwargs: Any) -> Any:
+    """``evaluate(*args, **kwargs)`` (default :func:`qaconv_ext.evaluation.evaluate_trained`); scores or
+    distances that are not finite (which the metrics refuse) end the command with one line and status
+    :data:`FAILED`."""
+    if evaluate is None:
+        from ..evaluation import evaluate_trained as evaluate
 
     try:
-        return evaluate_trained(*args, **kwargs)
+        return evaluate(*args, **kwargs)
     except ValueError as exc:
         if "not finite (NaN or Inf)" not in str(exc):
             raise
@@ -492,3 +525,26 @@ def write_json(path: str, obj: Any) -> str:
     with open(path, "w") as fh:
         json.dump(obj, fh, indent=2)
     return path
+
+
+def error_line(exc: BaseException) -> str:
+    """The message of ``exc`` as one line (for an error re-raised from a data-loading worker, which
+    carries the worker's traceback: its last line, without the exception's name)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1:
+        return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
+    return lines[0] if lines else type(exc).__name__
+
+
+#: Identity and camera in Market-1501 / DukeMTMC-reID style file names (``0002_c3s1_000451_01.jpg``).
+_NAME_RE = re.compile(r"(?P<pid>-?\d+)_c(?P<cam>\d+)")
+
+
+def image_record(path: str) -> Any:
+    """A :class:`~qaconv_ext.data.Record` of an image file: absolute path; identity and 0-based camera read
+    from names like ``0002_c3s1_000451_01.jpg``, else unknown (-1); no time."""
+    from ..data import Record
+
+    m = _NAME_RE.match(os.path.splitext(os.path.basename(path))[0])
+    pid, cam = (int(m.group("pid")), int(m.group("cam")) - 1) if m else (-1, -1)
+    return Record(os.path.abspath(path), pid, cam, None)

@@ -3,7 +3,9 @@
 A run lives in one folder (``--checkpoint-dir``, by default a new ``runs/train/<date>-<time>``): a
 folder that holds a checkpoint already is refused unless the run is continued (``--resume``) or
 replaced (``--overwrite``). ``--resume`` continues the run with the settings it was started with;
-the settings are those of :data:`RUN_OPTIONS` (see :func:`settle_run_options`).
+the settings are those of :data:`RUN_OPTIONS` (see :func:`settle_run_options`). Under ``torchrun``
+training is data-parallel across the ranks (``--batch-size`` is the global batch); rank 0 prints,
+chooses the run's folder and writes the checkpoint.
 """
 from __future__ import annotations
 
@@ -46,9 +48,12 @@ RUNS_DIR = os.path.join("runs", "train")
 #: The options that define a run, by name: the argparse ``dest`` and the field of
 #: :class:`~qaconv_ext.engine.TrainConfig` are the same. Each parses to None when not given; a new
 #: run then takes ``TrainConfig``'s default, a resumed run the checkpoint's value.
-RUN_OPTIONS = ("method", "arch", "pretrained", "neck", "layout", "height", "width", "epochs", "batch_size", "lr",
-               "base_lr_mult", "step_size", "weight_decay", "random_block", "flip", "freeze_bn", "clip_grad",
-               "amp", "workers", "seed")
+RUN_OPTIONS = ("method", "arch", "neck", "layout", "height", "width", "ibn", "neck_type", "preprocess", "augment",
+               "pretrained", "epochs", "batch_size", "lr", "base_lr_mult", "step_size", "weight_decay",
+               "random_block", "flip", "freeze_bn", "clip_grad", "amp", "workers", "seed")
+
+#: What a checkpoint that lacks a setting was trained with (it predates the option).
+_LEGACY = {"preprocess": "imagenet"}   # before the input presets, ImageNet mean/std
 
 #: How a setting is named in messages when that is not simply ``--<name>``.
 _LABELS = {"random_block": "Random Block (--no-random-block)", "flip": "flips (--no-flip)",
@@ -110,6 +115,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--test-root", default=None,
                    help="its folder (default: --data-root when both datasets are synthetic or both real, "
                         "else as --data-root's default)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: the backbone's BatchNorms use the statistics of the global batch")
     add_postprocess_args(p)
     p.set_defaults(func=run)
     return p
@@ -184,8 +191,11 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
         if found is None:
             raise CommandError(f"{COMMAND}: --resume: {missing_checkpoint_message(target)}")
         ckpt = _read_checkpoint(found, "--resume")
+        if "config" not in ckpt and "format" not in ckpt and "model" in ckpt:
+            raise CommandError(f"{COMMAND}: --resume: {found} was written by the public QAConv code; it can be "
+                               f"evaluated (qaconv eval --checkpoint {found}) but not resumed here")
         plan.resume, plan.done = found, int(ckpt.get("epoch", 0))
-        plan.saved = dict(ckpt.get("config") or {})
+        plan.saved = {**_LEGACY, **dict(ckpt.get("config") or {})}
         plan.scheduler = ckpt.get("scheduler")
         if plan.checkpoint_dir is None:
             plan.checkpoint_dir = os.path.dirname(os.path.abspath(found))
@@ -227,6 +237,8 @@ def _show(key: str, value: Any) -> str:
         return "on" if value else "off"
     if value is None:
         return {"amp": "auto", "pretrained": "none", "base_lr_mult": "auto"}.get(key, "none")
+    if key == "ibn" and value == "none":
+        return "none"
     return str(value)
 
 
@@ -238,12 +250,16 @@ def _as_option(key: str, value: Any) -> Optional[str]:
         return "--freeze-bn" if value else None
     if key == "amp":
         return None if value is None else ("--amp" if value else "--no-amp")
+    if key == "ibn":
+        return f"--ibn {value or 'none'}"
     if value is None:
         return None
     return f"--{key.replace('_', '-')} {value}"
 
 
 def _agrees(key: str, given: Any, saved: Any, saved_config: Dict[str, Any]) -> bool:
+    if key == "ibn":   # a plain trunk is a setting too: None in the config, "none" on the command line
+        return (given or "none") == (saved or "none")
     if key == "pretrained" and given is not None and saved is not None:
         return os.path.abspath(given) == os.path.abspath(saved)
     if key == "base_lr_mult" and saved is None:   # compare with the multiplier the run used
@@ -331,10 +347,15 @@ def config_from_args(args: argparse.Namespace, device: str, saved: Optional[Dict
     import dataclasses
 
     from ..engine import TrainConfig
+    from ..models import IBN_ARCHITECTURES
 
+    if args.ibn not in (None, "none") and args.arch not in IBN_ARCHITECTURES:
+        raise CommandError(f"{COMMAND}: --ibn {args.ibn}: IBN-Net exists for {', '.join(IBN_ARCHITECTURES)}, "
+                           f"not for --arch {args.arch}")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values: Dict[str, Any] = {k: v for k, v in (saved or {}).items() if k in fields}
     values.update({k: getattr(args, k) for k in RUN_OPTIONS})
+    values["ibn"] = None if args.ibn in (None, "none") else args.ibn
     if saved is None and args.pretrained:
         values["pretrained"] = os.path.abspath(args.pretrained)
     data_root = args.data_root or ""
@@ -396,13 +417,37 @@ def _lr_now(cfg: Any, plan: RunPlan) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``qaconv train``.
+    """Entry point of ``qaconv train``; under ``torchrun`` training is data-parallel across the ranks
+    (``--batch-size`` is the global batch) and rank 0 prints and writes the checkpoint."""
+    from ..distributed import DistributedTraining, join_if_launched, main_rank_output, shutdown
 
-    Everything that can fail before the first epoch is checked first: the device, the run's folder,
-    the checkpoint to resume and its settings, the pretrained weights, the training and the test
-    dataset.
-    """
     device = resolve_device(args.device, COMMAND)
+    options = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    env = join_if_launched(device, options, COMMAND)
+    try:
+        with main_rank_output(env):
+            dist = None if env is None else DistributedTraining(env, sync_bn=args.sync_bn)
+            return _run(args, device if env is None else str(env.device), dist)
+    finally:
+        if env is not None:
+            shutdown()
+
+
+def _claim_run_dir(dist: Any) -> str:
+    """A new :func:`new_run_dir`, made by rank 0 and shared with the other ranks."""
+    if dist is None:
+        return new_run_dir()
+    from ..distributed import all_gather_objects
+
+    return all_gather_objects(new_run_dir() if dist.is_main else None)[0]
+
+
+def _run(args: argparse.Namespace, device: str, dist: Any) -> int:
+    """Everything that can fail before the first epoch is checked first: the device, the run's folder,
+    the checkpoint to resume and its settings, the pretrained weights, the training and the test
+    dataset. Then train and, with ``--test-dataset``, evaluate."""
+    if args.sync_bn and dist is None:
+        print(f"{COMMAND}: note: --sync-bn applies to training across processes (torchrun); ignored")
     plan = plan_run(args)
     for line in settle_run_options(args, plan):
         print(line)
@@ -423,13 +468,13 @@ def run(args: argparse.Namespace) -> int:
         if args.tlift and cfg.method == "qaconv":
             check_time_stamps(test, args.test_dataset, COMMAND)
         extra.update(test_dataset=args.test_dataset, test_root=test.root)
-    folder = plan.checkpoint_dir or new_run_dir()
+    folder = plan.checkpoint_dir or _claim_run_dir(dist)
     print(f"run folder: {folder}" + ("" if plan.checkpoint_dir else " (new; --checkpoint-dir chooses one)"))
     try:
-        trainer = _train(cfg, ds, plan, folder, extra, args)
+        trainer = _train(cfg, ds, plan, folder, extra, args, dist)
     except BaseException:
-        if plan.checkpoint_dir is None:   # a new folder that got no checkpoint: leave nothing behind
-            try:
+        if plan.checkpoint_dir is None and (dist is None or dist.is_main):
+            try:   # a new folder that got no checkpoint: leave nothing behind
                 os.rmdir(folder)
             except OSError:
                 pass
@@ -437,26 +482,34 @@ def run(args: argparse.Namespace) -> int:
     if test is not None:
         head = getattr(trainer.criterion, "matcher", None)
         note_postprocessing(head, args.rerank, args.tlift, COMMAND)
-        rows = evaluate_or_exit(COMMAND, trainer.model, head, test, cfg.height, cfg.width, device=cfg.device,
-                                batch_size=max(64, cfg.batch_size), workers=cfg.workers, rerank=args.rerank,
-                                tlift=args.tlift, progress=not args.no_progress)
+        evaluate = None
+        if dist is not None:
+            from ..distributed import sharded_evaluate_trained as evaluate
+        rows = evaluate_or_exit(COMMAND, trainer.model, head, test, cfg.height, cfg.width, evaluate=evaluate,
+                                device=cfg.device, batch_size=max(64, cfg.batch_size), workers=cfg.workers,
+                                rerank=args.rerank, tlift=args.tlift, progress=not args.no_progress)
+        if rows is None:  # not the main rank
+            return 0
         print_table(rows, f"{cfg.dataset} -> {args.test_dataset}")
         out = write_json(os.path.join(folder, f"results_{args.test_dataset}.json"), rows)
         print(f"results: {out}")
     return 0
 
 
-def _train(cfg: Any, ds: Any, plan: RunPlan, folder: str, extra: Dict[str, Any], args: argparse.Namespace) -> Any:
+def _train(cfg: Any, ds: Any, plan: RunPlan, folder: str, extra: Dict[str, Any], args: argparse.Namespace,
+           dist: Any) -> Any:
     """Print the settings and train (:func:`qaconv_ext.engine.run_training`); returns the trainer."""
     from ..engine import run_training
 
-    print("training " + ", ".join(cfg.summary()) + f" on {cfg.device}; {len(ds.train)} images, "
+    where = "" if dist is None else f" x {dist.world_size} processes"
+    print("training " + ", ".join(cfg.summary()) + f" on {cfg.device}{where}; {len(ds.train)} images, "
           f"{ds.num_train_pids} identities")
     if plan.resume:
         print(f"continuing after epoch {plan.done} of {cfg.epochs}: learning rate of new layers now "
               f"{_lr_now(cfg, plan):g}")
     t0 = time.time()
     trainer = run_training(cfg, ds.train, ds.num_train_pids, checkpoint_dir=folder, resume=plan.resume,
-                           extra_config=extra, progress=not args.no_progress)
+                           extra_config=extra, progress=not args.no_progress and (dist is None or dist.is_main),
+                           dist=dist)
     print(f"trained in {time.time() - t0:.0f} s; checkpoint: {trainer.checkpoint_path}")
     return trainer

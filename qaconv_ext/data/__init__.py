@@ -22,12 +22,19 @@ from .synthetic import (
     plan_synthetic_network,
 )
 from .transforms import (
+    AUGMENTATIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PREPROCESS_PRESETS,
+    ColorJitter,
     RandomBlock,
+    RandomCrop,
     RandomHorizontalFlip,
+    RandomOcclusion,
+    RandomRotation,
     build_test_transform,
     build_train_transform,
+    check_preprocess,
     denormalize,
 )
 
@@ -37,7 +44,8 @@ __all__ = [
     "DatasetFormatError", "DATASETS", "build_dataset", "DUKE_FRAME_OFFSETS",
     "parse_market_name", "parse_duke_name", "parse_msmt_camera",
     "build_train_transform", "build_test_transform", "RandomBlock", "RandomHorizontalFlip",
-    "IMAGENET_MEAN", "IMAGENET_STD", "denormalize",
+    "RandomOcclusion", "RandomCrop", "RandomRotation", "ColorJitter",
+    "PREPROCESS_PRESETS", "AUGMENTATIONS", "check_preprocess", "IMAGENET_MEAN", "IMAGENET_STD", "denormalize",
     "make_synthetic_network", "plan_synthetic_network", "load_annotations", "contact_sheet",
     "SYNTHETIC_DEFAULTS",
 ]

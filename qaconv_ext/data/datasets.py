@@ -8,9 +8,16 @@ ascending order of their original number (``train_pid_map`` keeps the mapping).
 Time stamps (seconds):
 
 * Market-1501, names ``PPPP_cCsS_FFFFFF_NN.jpg``: each camera recorded several sessions whose frame
-  counters restart at zero. A cumulative frame number per camera is built by adding to every frame
-  the sum, over the camera's earlier sessions, of the largest frame number seen in that session
-  (over train, query and gallery, junk excluded); seconds = cumulative frame / 25.
+  counters restart at zero; session ``s`` of a camera is shifted by an offset ``O[s]`` (``O[1] = 0``)
+  and seconds = shifted frame / 25. ``M[s]`` is the largest frame number of session ``s`` of that
+  camera over train, query and gallery (junk excluded; 0 for a session without images).
+  ``session_offsets="public"`` (the default) computes the offsets as the paper's public code does:
+  ``O[s] = M[s-1] + 2 O[s-1]`` when session ``s-1`` has images, else ``O[s-1]`` (it takes the maximum
+  of session ``s-1`` after that session was shifted, then adds ``O[s-1]`` once more): sessions 1 and
+  2 abut, later ones start ``O[s-1]`` frames after the previous one ended; the paper's TLift results
+  use these times. ``"cumulative"`` uses
+  ``O[s] = M[s-1] + O[s-1]``: the sessions of a camera abut, as if recorded back to back. The two
+  agree for cameras with at most two sessions.
 * DukeMTMC-reID, names ``PPPP_cC_fFFFFFFF.jpg``: seconds = (frame + offset[C]) / 59.94 with the
   per-camera offsets :data:`DUKE_FRAME_OFFSETS` that align the eight cameras.
 * MSMT17 has no usable time stamps (``time`` is ``None``).
@@ -43,6 +50,8 @@ __all__ = [
     "parse_duke_name",
     "parse_msmt_camera",
     "market_cumulative_frames",
+    "market_session_frames",
+    "MARKET_SESSION_OFFSETS",
     "DUKE_FRAME_OFFSETS",
     "DUKE_FPS",
     "MARKET_FPS",
@@ -58,6 +67,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 SPLITS = ("train", "query", "gallery")
 _TEST_ONLY_HINT = "a test-only copy reads with splits=('query', 'gallery')"
 MARKET_FPS = 25.0
+#: How Market-1501 sessions are placed on one clock per camera (see the module doc).
+MARKET_SESSION_OFFSETS = ("public", "cumulative")
 DUKE_FPS = 59.94
 # Frame offsets that align the eight DukeMTMC cameras (camera 1..8) on one clock.
 DUKE_FRAME_OFFSETS = (5542, 3606, 27243, 31181, 0, 22401, 18967, 46765)
@@ -184,12 +195,16 @@ def parse_msmt_camera(path: str) -> int:
     return int(fields[2])
 
 
-def market_cumulative_frames(entries: Sequence[Tuple[int, int, int]]) -> List[int]:
-    """Cumulative frame number per camera for ``(camera, session, frame)`` triples.
+def market_session_frames(entries: Sequence[Tuple[int, int, int]], session_offsets: str = "public") -> List[int]:
+    """Frame numbers on one clock per camera for ``(camera, session, frame)`` triples.
 
-    Session ``s`` of camera ``c`` is shifted by the sum of the largest frame number of each of the
-    sessions ``1..s-1`` of ``c`` among ``entries`` (a session with no entry counts 0).
+    Session ``s`` of camera ``c`` is shifted by ``O[s]``, computed from the largest frame ``M[s']`` of
+    each earlier session among ``entries`` (0 for a session without entries):
+    ``"public"``: ``O[s] = M[s-1] + 2 O[s-1]`` if session ``s-1`` has entries, else ``O[s-1]`` (the
+    public QAConv reader); ``"cumulative"``: ``O[s] = M[s-1] + O[s-1]``; ``O[1] = 0``.
     """
+    if session_offsets not in MARKET_SESSION_OFFSETS:
+        raise ValueError(f"unknown session_offsets {session_offsets!r}; valid: {', '.join(MARKET_SESSION_OFFSETS)}")
     max_frame: Dict[Tuple[int, int], int] = {}
     for cam, session, frame in entries:
         key = (cam, session)
@@ -199,11 +214,20 @@ def market_cumulative_frames(entries: Sequence[Tuple[int, int, int]]) -> List[in
     cams = {c for c, _ in max_frame}
     for cam in cams:
         last = max(s for c, s in max_frame if c == cam)
-        total = 0
+        offset = 0
         for s in range(1, last + 1):
-            offsets[(cam, s)] = total
-            total += max_frame.get((cam, s), 0)
+            if s > 1 and (cam, s - 1) in max_frame:
+                previous_end = max_frame[(cam, s - 1)]
+                if session_offsets == "public":   # the maximum is read after session s-1 was shifted
+                    previous_end += offset
+                offset += previous_end
+            offsets[(cam, s)] = offset
     return [frame + offsets[(cam, session)] for cam, session, frame in entries]
+
+
+def market_cumulative_frames(entries: Sequence[Tuple[int, int, int]]) -> List[int]:
+    """:func:`market_session_frames` with ``session_offsets="cumulative"``: the sessions of a camera abut."""
+    return market_session_frames(entries, "cumulative")
 
 
 def _relabel(records: List[Record]) -> Tuple[List[Record], Dict[int, int]]:
@@ -316,8 +340,10 @@ class Market1501(ReIDDataset):
 
     ``root`` is the dataset folder (holding ``bounding_box_train``, ``query``,
     ``bounding_box_test``; only those of ``splits``) or a folder that contains it as
-    ``Market-1501-v15.09.15``, ``Market-1501`` or ``market1501``. Times follow the cumulative-session
-    rule of the module doc (over the splits read). ``splits``, ``skip_bad_images``: see the module doc.
+    ``Market-1501-v15.09.15``, ``Market-1501`` or ``market1501``. ``session_offsets``: how the sessions
+    of a camera are put on one clock, ``"public"`` (the public code's offsets, default) or
+    ``"cumulative"`` (see the module doc); offsets are computed over the splits read. ``splits``,
+    ``skip_bad_images``: see the module doc.
     """
 
     name = "market1501"
@@ -327,9 +353,12 @@ class Market1501(ReIDDataset):
     subdirs = ("bounding_box_train", "query", "bounding_box_test")
     fps = MARKET_FPS
 
-    def __init__(self, root: PathLike, verbose: bool = False, *, splits: Sequence[str] = SPLITS,
-                 skip_bad_images: bool = False) -> None:
+    def __init__(self, root: PathLike, verbose: bool = False, session_offsets: str = "public", *,
+                 splits: Sequence[str] = SPLITS, skip_bad_images: bool = False) -> None:
+        if session_offsets not in MARKET_SESSION_OFFSETS:
+            raise ValueError(f"unknown session_offsets {session_offsets!r}; valid: {', '.join(MARKET_SESSION_OFFSETS)}")
         super().__init__(splits, skip_bad_images)
+        self.session_offsets = session_offsets
         dirs = dict(zip(SPLITS, self.subdirs))
         self.root = _resolve_root(root, self.folder_names, _need_dirs(*(dirs[s] for s in self.splits)),
                                   self.display_name)
@@ -343,7 +372,7 @@ class Market1501(ReIDDataset):
                     continue
                 parsed[split].append((path, pid, cam, session, frame))
         everything = parsed["train"] + parsed["query"] + parsed["gallery"]
-        frames = market_cumulative_frames([(c, s, f) for _, _, c, s, f in everything])
+        frames = market_session_frames([(c, s, f) for _, _, c, s, f in everything], session_offsets)
         records = [Record(path, pid, cam - 1, fr / self.fps)
                    for (path, pid, cam, _, _), fr in zip(everything, frames)]
         n_tr, n_q = len(parsed["train"]), len(parsed["query"])

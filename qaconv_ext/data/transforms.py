@@ -1,9 +1,23 @@
-"""Image transforms written with Pillow and torch.
+"""Image transforms written with Pillow and torch, in two input presets.
 
-Training (the paper's recipe): resize to ``height x width`` (bilinear), random horizontal flip
-(p = 0.5), Random Block (a white square of side uniform in ``[1, 0.8 * width)`` pixels at a uniform
-position inside the image, on every image), to tensor, ImageNet mean/std normalisation.
-Testing: resize, to tensor, normalise.
+Presets (``preprocess``, :data:`PREPROCESS_PRESETS`):
+
+* ``"public"`` -- what the paper's public code feeds its networks in every version: resize with
+  Pillow's *bicubic* filter (what torchvision's ``Resize`` does on PIL images), ``[0, 1]`` floats,
+  no mean/std normalisation. The default, and the preset of checkpoints of the public code.
+* ``"imagenet"`` -- this package's earlier pipeline, kept exactly: bilinear resize, ``[0, 1]``, then
+  ImageNet mean/std. ``qaconv demo`` uses it.
+
+Training augmentation (``augment``, :data:`AUGMENTATIONS`):
+
+* ``"eccv"`` (the ECCV 2020 recipe). ``public``: horizontal flip (p = 0.5), bicubic resize, random
+  occlusion (:class:`RandomOcclusion`: a white square of side in ``[min_size * S, max_size * S)``,
+  ``S`` the shorter image side), to tensor. ``imagenet``: resize, flip, Random Block
+  (:class:`RandomBlock`: side in ``[1, 0.8 * width)``), to tensor, normalise.
+* ``"v2"`` (the QAConv 2.x recipe): resize, pad 10 black pixels + random crop back to size, flip,
+  rotation by up to 5 degrees (nearest neighbour, black corners), colour jitter (brightness,
+  contrast and saturation factors in ``[0.5, 2]``, hue shift in ``[-0.1, 0.1]``, in random order),
+  random occlusion, to tensor (normalised for ``imagenet``).
 
 Randomness: by default the random transforms draw from torch's global generator, which a
 ``DataLoader`` seeds differently in every worker (from ``torch.manual_seed`` of the main
@@ -21,12 +35,20 @@ import torch
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PREPROCESS_PRESETS",
+    "AUGMENTATIONS",
+    "check_preprocess",
     "Compose",
     "Resize",
     "ToTensor",
     "Normalize",
     "RandomHorizontalFlip",
     "RandomBlock",
+    "RandomOcclusion",
+    "Pad",
+    "RandomCrop",
+    "RandomRotation",
+    "ColorJitter",
     "build_train_transform",
     "build_test_transform",
     "denormalize",
@@ -34,6 +56,18 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Input presets: the public code's (bicubic, [0, 1]) and this package's earlier one (bilinear, ImageNet mean/std).
+PREPROCESS_PRESETS = ("public", "imagenet")
+#: Training augmentations: the ECCV 2020 recipe and the QAConv 2.x recipe.
+AUGMENTATIONS = ("eccv", "v2")
+_INTERPOLATION = {"public": "bicubic", "imagenet": "bilinear"}
+
+
+def check_preprocess(preprocess: str) -> str:
+    """``preprocess`` if it names a preset, else a ``ValueError`` listing the valid ones."""
+    if preprocess not in PREPROCESS_PRESETS:
+        raise ValueError(f"unknown preprocess {preprocess!r}; valid: {', '.join(PREPROCESS_PRESETS)}")
+    return preprocess
 
 ImageLike = Union["PIL.Image.Image", torch.Tensor]  # noqa: F821
 
@@ -55,22 +89,26 @@ class Compose:
 
 
 class Resize:
-    """Resize a PIL image to ``(height, width)`` with bilinear interpolation."""
+    """Resize a PIL image to ``(height, width)`` with Pillow's ``bilinear`` or ``bicubic`` filter."""
 
-    def __init__(self, height: int, width: int) -> None:
+    def __init__(self, height: int, width: int, interpolation: str = "bilinear") -> None:
         if height <= 0 or width <= 0:
             raise ValueError(f"size must be positive, got {height}x{width}")
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
         self.height, self.width = int(height), int(width)
+        self.interpolation = interpolation
 
     def __call__(self, img):
         from PIL import Image
 
         if img.size == (self.width, self.height):
             return img
-        return img.resize((self.width, self.height), Image.BILINEAR)
+        return img.resize((self.width, self.height),
+                          Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR)
 
     def __repr__(self) -> str:
-        return f"Resize({self.height}, {self.width})"
+        return f"Resize({self.height}, {self.width}, {self.interpolation!r})"
 
 
 class ToTensor:
@@ -141,6 +179,10 @@ class _RandomTransform:
     def _randint(self, low: int, high: int) -> int:
         """Uniform integer in ``[low, high)``."""
         return int(torch.randint(low, high, (), generator=self._generator()))
+
+    def _uniform_in(self, low: float, high: float) -> float:
+        """Uniform float in ``[low, high)``."""
+        return low + (high - low) * self._uniform()
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -229,24 +271,191 @@ class _PILToUint8:
         return "PILToUint8()"
 
 
-def build_train_transform(height: int, width: int, random_block: bool = True, flip: bool = True,
-                          generator: Optional[torch.Generator] = None,
-                          block_ratio: float = 0.8) -> Compose:
-    """Training transform: PIL image -> normalised float tensor ``[3, height, width]``.
+class RandomOcclusion(_RandomTransform):
+    """Paint a white square on every image: side ``s`` uniform among the integers of
+    ``[max(1, int(min_size * S)), int(max_size * S))`` with ``S = min(height, width)``, top-left
+    corner ``x0`` uniform in ``[0, width - s)``, ``y0`` in ``[0, height - s)`` (the public code's
+    random occlusion). ``max_size = 0`` leaves the image unchanged. PIL images or ``[C, H, W]``
+    tensors (white: 255 for uint8, 1.0 for float)."""
 
-    Resize (bilinear) -> horizontal flip (p = 0.5) -> Random Block (white square, side in
-    ``[1, block_ratio * width)``, every image) -> ``[0, 1]`` -> ImageNet mean/std.
-    ``generator``: optional ``torch.Generator`` for the random draws (default: torch's global one).
+    def __init__(self, min_size: float = 0.0, max_size: float = 0.8,
+                 generator: Optional[torch.Generator] = None) -> None:
+        super().__init__(generator)
+        if not 0.0 <= min_size <= max_size <= 1.0:
+            raise ValueError(f"need 0 <= min_size <= max_size <= 1, got {min_size}, {max_size}")
+        self.min_size, self.max_size = float(min_size), float(max_size)
+
+    def sample(self, height: int, width: int) -> Tuple[int, int, int]:
+        """Draw ``(top, left, side)`` for an image of ``height x width``."""
+        short = min(height, width)
+        low, high = max(1, int(short * self.min_size)), int(short * self.max_size)
+        if high <= low:
+            raise ValueError(f"RandomOcclusion: no side in [{low}, {high}) for a {height}x{width} image")
+        side = self._randint(low, high)
+        left = self._randint(0, width - side)
+        top = self._randint(0, height - side)
+        return top, left, side
+
+    def __call__(self, img: ImageLike) -> ImageLike:
+        if self.max_size == 0:
+            return img
+        if isinstance(img, torch.Tensor):
+            top, left, side = self.sample(*img.shape[-2:])
+            img = img.clone()
+            img[..., top:top + side, left:left + side] = 255 if img.dtype == torch.uint8 else 1.0
+            return img
+        w, h = img.size
+        top, left, side = self.sample(h, w)
+        img = img.copy()
+        img.paste((255,) * len(img.getbands()), (left, top, left + side, top + side))
+        return img
+
+    def __repr__(self) -> str:
+        return f"RandomOcclusion(min_size={self.min_size}, max_size={self.max_size})"
+
+
+class Pad:
+    """Add ``padding`` black pixels on every side of a PIL image."""
+
+    def __init__(self, padding: int = 10) -> None:
+        self.padding = int(padding)
+
+    def __call__(self, img):
+        from PIL import Image
+
+        p = self.padding
+        out = Image.new(img.mode, (img.width + 2 * p, img.height + 2 * p))
+        out.paste(img, (p, p))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Pad({self.padding})"
+
+
+class RandomCrop(_RandomTransform):
+    """Crop a ``height x width`` window at a uniform position (every position equally likely)."""
+
+    def __init__(self, height: int, width: int, generator: Optional[torch.Generator] = None) -> None:
+        super().__init__(generator)
+        self.height, self.width = int(height), int(width)
+
+    def __call__(self, img):
+        w, h = img.size
+        if h < self.height or w < self.width:
+            raise ValueError(f"RandomCrop: {w}x{h} image is smaller than the {self.width}x{self.height} crop")
+        top = self._randint(0, h - self.height + 1)
+        left = self._randint(0, w - self.width + 1)
+        return img.crop((left, top, left + self.width, top + self.height))
+
+    def __repr__(self) -> str:
+        return f"RandomCrop({self.height}, {self.width})"
+
+
+class RandomRotation(_RandomTransform):
+    """Rotate a PIL image about its centre by an angle uniform in ``[-degrees, degrees]`` (nearest
+    neighbour, same size, uncovered corners black)."""
+
+    def __init__(self, degrees: float = 5.0, generator: Optional[torch.Generator] = None) -> None:
+        super().__init__(generator)
+        self.degrees = float(degrees)
+
+    def __call__(self, img):
+        from PIL import Image
+
+        angle = self._uniform_in(-self.degrees, self.degrees)
+        return img.rotate(angle, resample=Image.NEAREST, expand=False, fillcolor=(0,) * len(img.getbands()))
+
+    def __repr__(self) -> str:
+        return f"RandomRotation({self.degrees})"
+
+
+def _shift_hue(img, hue: float):
+    """Rotate the hue of an RGB PIL image by ``hue`` turns (in [-0.5, 0.5]) in Pillow's 8-bit HSV."""
+    from PIL import Image
+
+    h, s, v = img.convert("HSV").split()
+    shifted = (np.asarray(h, dtype=np.int64) + int(hue * 255)) % 256
+    return Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8), "L"), s, v)).convert(img.mode)
+
+
+class ColorJitter(_RandomTransform):
+    """Random brightness, contrast and saturation factors (uniform in their ranges) and a hue shift,
+    applied in a random order with Pillow's ``ImageEnhance`` (``Brightness``, ``Contrast``, ``Color``)
+    and an HSV hue rotation."""
+
+    def __init__(self, brightness: Tuple[float, float] = (0.5, 2.0), contrast: Tuple[float, float] = (0.5, 2.0),
+                 saturation: Tuple[float, float] = (0.5, 2.0), hue: Tuple[float, float] = (-0.1, 0.1),
+                 generator: Optional[torch.Generator] = None) -> None:
+        super().__init__(generator)
+        if not -0.5 <= hue[0] <= hue[1] <= 0.5:
+            raise ValueError(f"hue range must lie in [-0.5, 0.5], got {hue}")
+        self.ranges = (tuple(brightness), tuple(contrast), tuple(saturation), tuple(hue))
+
+    def __call__(self, img):
+        from PIL import ImageEnhance
+
+        order = torch.randperm(4, generator=self._generator()).tolist()
+        factors = [self._uniform_in(lo, hi) for lo, hi in self.ranges]
+        ops = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+        for i in order:
+            img = ops[i](img).enhance(factors[i]) if i < 3 else _shift_hue(img, factors[3])
+        return img
+
+    def __repr__(self) -> str:
+        b, c, s, h = self.ranges
+        return f"ColorJitter(brightness={b}, contrast={c}, saturation={s}, hue={h})"
+
+
+def build_train_transform(height: int, width: int, random_block: bool = True, flip: bool = True,
+                          generator: Optional[torch.Generator] = None, block_ratio: float = 0.8, *,
+                          preprocess: str = "public", augment: str = "eccv",
+                          block_min_ratio: float = 0.0) -> Compose:
+    """Training transform: PIL image -> float tensor ``[3, height, width]`` (see the module doc).
+
+    Args:
+        preprocess: ``"public"`` (bicubic, ``[0, 1]``) or ``"imagenet"`` (bilinear, ImageNet mean/std).
+        augment: ``"eccv"`` or ``"v2"`` (the QAConv 2.x augmentations).
+        random_block: paint the white square (``public`` and ``v2``: :class:`RandomOcclusion` with
+            sides in ``[block_min_ratio, block_ratio)`` of the shorter side; ``imagenet`` + ``eccv``:
+            :class:`RandomBlock` with sides in ``[1, block_ratio * width)``).
+        flip: random horizontal flips (p = 0.5).
+        generator: optional ``torch.Generator`` for the random draws (default: torch's global one).
     """
-    steps: List[Callable] = [Resize(height, width), _PILToUint8()]
-    if flip:
-        steps.append(RandomHorizontalFlip(0.5, generator=generator))
-    if random_block:
-        steps.append(RandomBlock(block_ratio, generator=generator))
-    steps += [ToTensor(), Normalize()]
+    check_preprocess(preprocess)
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augment {augment!r}; valid: {', '.join(AUGMENTATIONS)}")
+    resize = Resize(height, width, _INTERPOLATION[preprocess])
+    if preprocess == "imagenet" and augment == "eccv":
+        # this package's original pipeline, kept draw for draw
+        steps: List[Callable] = [resize, _PILToUint8()]
+        if flip:
+            steps.append(RandomHorizontalFlip(0.5, generator=generator))
+        if random_block:
+            steps.append(RandomBlock(block_ratio, generator=generator))
+        return Compose(steps + [ToTensor(), Normalize()])
+    occlusion = RandomOcclusion(block_min_ratio, block_ratio, generator=generator)
+    flipper = RandomHorizontalFlip(0.5, generator=generator)
+    if augment == "eccv":  # the public v1.0 order: flip, resize, occlusion
+        steps = ([flipper] if flip else []) + [resize] + ([occlusion] if random_block else [])
+    else:
+        steps = [resize, Pad(10), RandomCrop(height, width, generator=generator)]
+        steps += ([flipper] if flip else []) + [RandomRotation(5.0, generator=generator),
+                                                ColorJitter(generator=generator)]
+        steps += [occlusion] if random_block else []
+    steps += [_PILToUint8(), ToTensor()]
+    if preprocess == "imagenet":
+        steps.append(Normalize())
     return Compose(steps)
 
 
-def build_test_transform(height: int, width: int) -> Compose:
-    """Test transform: PIL image -> resize (bilinear) -> normalised float tensor ``[3, H, W]``."""
-    return Compose([Resize(height, width), _PILToUint8(), ToTensor(), Normalize()])
+def build_test_transform(height: int, width: int, preprocess: str = "public") -> Compose:
+    """Test transform: PIL image -> float tensor ``[3, H, W]``.
+
+    ``"public"``: bicubic resize, ``[0, 1]`` (equals ``np.asarray(img.resize((W, H), Image.BICUBIC)) / 255``);
+    ``"imagenet"``: bilinear resize, ``[0, 1]``, ImageNet mean/std.
+    """
+    check_preprocess(preprocess)
+    steps: List[Callable] = [Resize(height, width, _INTERPOLATION[preprocess]), _PILToUint8(), ToTensor()]
+    if preprocess == "imagenet":
+        steps.append(Normalize())
+    return Compose(steps)

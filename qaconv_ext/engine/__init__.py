@@ -1,9 +1,11 @@
 """Training: configuration, the training loop with exact resume, and checkpoints."""
 from .checkpoint import (
     CHECKPOINT_NAME,
+    PUBLIC_CHECKPOINT_NAME,
     CheckpointError,
     capture_rng_state,
     find_checkpoint,
+    infer_backbone,
     load_checkpoint,
     load_public_qaconv,
     load_trained,
@@ -28,4 +30,5 @@ __all__ = [
     "seed_everything", "CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "find_checkpoint",
     "capture_rng_state", "restore_rng_state", "load_public_qaconv", "load_trained", "CheckpointError",
     "TrainingDiverged", "MAX_BAD_STEPS",
+    "PUBLIC_CHECKPOINT_NAME", "infer_backbone",
 ]

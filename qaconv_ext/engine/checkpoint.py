@@ -1,5 +1,11 @@
 """Checkpoints: atomic writes, ``weights_only`` loading, RNG states, public QAConv checkpoints.
 
+Checkpoints of the public QAConv code (``checkpoint.pth.tar``, every version from the ECCV 2020
+release to QAConv 2.x) are ``{"model": backbone state, "criterion": loss state (holding the head),
+"optim": ..., "epoch": ...}`` (v2.1+ adds ``final_epochs``, ``base_loss``, ``lr_stepped``);
+:func:`load_trained` infers the backbone from the names and shapes of the model state
+(:func:`infer_backbone`).
+
 A training checkpoint is a dict of tensors and plain Python containers only, so
 ``torch.load(path, weights_only=True)`` reads it. Layout (what :class:`~qaconv_ext.engine.Trainer`
 writes)::
@@ -17,7 +23,7 @@ import random
 import re
 import secrets
 import zipfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,9 +41,14 @@ __all__ = [
     "load_trained",
     "CheckpointError",
     "missing_checkpoint_message",
+    "infer_backbone",
+    "PUBLIC_CHECKPOINT_NAME",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: The file name the public QAConv code writes; ``find_checkpoint`` looks for it too.
+PUBLIC_CHECKPOINT_NAME = "checkpoint.pth.tar"
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".tar")
 FORMAT = "qaconv-ext/1"
 
 
@@ -135,24 +146,29 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) ->
 
 
 def missing_checkpoint_message(path: str) -> str:
-    """Why ``path`` gives no checkpoint: a folder without ``checkpoint.pt`` (naming the ``*.pt`` files
-    it holds), or a missing file."""
+    """Why ``path`` gives no checkpoint: a folder without ``checkpoint.pt`` or ``checkpoint.pth.tar``
+    (naming the ``*.pt``/``*.pth``/``*.tar`` files it holds), or a missing file."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         return f"checkpoint not found: {path}"
-    held = sorted(f for f in os.listdir(path) if f.endswith(".pt") and os.path.isfile(os.path.join(path, f)))
+    held = sorted(f for f in os.listdir(path)
+                  if f.endswith(_CHECKPOINT_SUFFIXES) and os.path.isfile(os.path.join(path, f)))
     if not held:
-        return f"{path} has no {CHECKPOINT_NAME} (and no other *.pt file)"
+        return f"{path} has no {CHECKPOINT_NAME} or {PUBLIC_CHECKPOINT_NAME} (and no other checkpoint file)"
     return f"{path} has no {CHECKPOINT_NAME}; it holds {', '.join(held)} (give one of these files)"
 
 
 def find_checkpoint(path: str) -> Optional[str]:
-    """``path`` itself when it is a file, ``path/checkpoint.pt`` when that exists, else None."""
+    """``path`` itself when it is a file; in a folder ``checkpoint.pt`` (this package's) or else
+    ``checkpoint.pth.tar`` (the public QAConv code's); else None."""
     path = os.fspath(path)
     if os.path.isfile(path):
         return path
-    cand = os.path.join(path, CHECKPOINT_NAME)
-    return cand if os.path.isfile(cand) else None
+    for name in (CHECKPOINT_NAME, PUBLIC_CHECKPOINT_NAME):
+        cand = os.path.join(path, name)
+        if os.path.isfile(cand):
+            return cand
+    return None
 
 
 def capture_rng_state(loader_generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
@@ -219,26 +235,149 @@ def load_public_qaconv(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     return model, head
 
 
+def _stage_counts(trunk: Dict[str, Any]) -> List[int]:
+    """Blocks per stage (``layer1``, ``layer2``, ...) of a trunk state, up to the first missing stage."""
+    counts = []
+    for i in range(1, 5):
+        idx = {k.split(".")[1] for k in trunk if k.startswith(f"layer{i}.")}
+        idx = {int(x) for x in idx if x.isdigit()}
+        if not idx:
+            break
+        counts.append(max(idx) + 1)
+    return counts
+
+
+def infer_backbone(model_state: Dict[str, Any]) -> Dict[str, Any]:
+    """The backbone a QAConv model state (``base.*``, ``neck_conv.*``, ``neck_bn.*``) was saved from.
+
+    Returns ``{"arch", "ibn", "neck", "neck_type", "neck_kernel", "final_layer"}``: the ResNet depth from
+    the block type and the blocks per stage, the IBN-Net variant from the key names (``bn1.IN``: a,
+    ``IN``/an InstanceNorm stem: b), the neck from ``neck_conv`` (with bias: ``"bias"``, with
+    ``neck_bn``: ``"bn"``), the last stage from the neck's input channels. Raises
+    :class:`CheckpointError` naming what matches no supported backbone.
+    """
+    from ..models import RESNET_SPECS, trunk_ibn_type
+    from ..models.resnet import Bottleneck
+
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in model_state.items()}
+    trunk = {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
+    if not trunk:
+        raise CheckpointError("the model state has no trunk (no base.* entries): not a QAConv ResNet backbone")
+    bottleneck = any(k.startswith("layer1.0.conv3.") for k in trunk)
+    counts = _stage_counts(trunk)
+    stem = tuple(trunk["conv1.weight"].shape)[0] if "conv1.weight" in trunk else None
+    kind = "bottleneck" if bottleneck else "basic"
+    matches = []
+    for name, spec in RESNET_SPECS.items():
+        layers = tuple(spec["layers"])
+        if (spec["block"] is Bottleneck) == bottleneck and len(counts) >= 2 and tuple(counts) == layers[:len(counts)] \
+                and stem == spec.get("stem_width", 64):
+            matches.append(name)
+    if len(matches) != 1:
+        known = ", ".join(f"{n} {tuple(s['layers'])}" for n, s in RESNET_SPECS.items())
+        raise CheckpointError(f"unsupported backbone: {kind} blocks per stage {tuple(counts)} with a {stem}-channel "
+                              f"stem match no supported architecture ({known})")
+    arch = matches[0]
+    try:
+        ibn = trunk_ibn_type(trunk)
+    except ValueError as exc:
+        raise CheckpointError(f"unsupported backbone: {exc}") from None
+    spec = RESNET_SPECS[arch]
+    expansion = 4 if bottleneck else 1
+    widths = spec.get("widths", (64, 128, 256, 512))
+    stage_channels = {f"layer{i + 1}": w * expansion for i, w in enumerate(widths)}
+    out: Dict[str, Any] = {"arch": arch, "ibn": ibn, "neck": 0, "neck_type": "bn", "neck_kernel": 3,
+                           "final_layer": f"layer{min(len(counts), 3)}"}
+    conv = state.get("neck_conv.weight")
+    if conv is not None:
+        has_bias = "neck_conv.bias" in state
+        has_bn = any(k.startswith("neck_bn.") for k in state)
+        if has_bias == has_bn:
+            raise CheckpointError("unsupported neck: neck_conv " + ("with a bias and neck_bn" if has_bias else
+                                                                    "without a bias and without neck_bn"))
+        in_ch = int(conv.shape[1])
+        final = [layer for layer, c in stage_channels.items() if c == in_ch and int(layer[5:]) <= len(counts)]
+        if not final:
+            raise CheckpointError(f"unsupported neck: neck_conv takes {in_ch} channels, no stage of {arch} has that many")
+        out.update(neck=int(conv.shape[0]), neck_type="bias" if has_bias else "bn", neck_kernel=int(conv.shape[-1]),
+                   final_layer=final[0])
+    return out
+
+
+def _check_backbone_state(backbone: torch.nn.Module, state: Dict[str, Any], what: str) -> Dict[str, Any]:
+    """``state`` ready for a strict load into ``backbone`` (``module.`` stripped, stages the trunk does not
+    build dropped, missing BatchNorm counters filled), or :class:`CheckpointError` in one line."""
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    children = {name for name, _ in backbone.base.named_children()} if hasattr(backbone, "base") else set()
+    state = {k: v for k, v in state.items()
+             if not (k.startswith("base.") and k.split(".")[1] not in children)}
+    own = backbone.state_dict()
+    for k in own:
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = torch.zeros((), dtype=torch.long)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} entries missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected entries (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} shapes differ (e.g. {k}: {tuple(state[k].shape)} in the checkpoint, "
+                        f"{tuple(own[k].shape)} in {what})")
+    if problems:
+        raise CheckpointError(f"the backbone state does not fit {what}: " + "; ".join(problems))
+    return state
+
+
+def _public_version(ckpt: Dict[str, Any], neck_type: str) -> str:
+    """Which public QAConv release wrote a checkpoint, from its neck and its criterion's layout."""
+    if neck_type == "bias":
+        return "v2.1+"
+    crit = ckpt.get("criterion") or {}
+    return "v1.2-v2.0" if any(str(k).startswith("matcher.") for k in crit) else "v1.0-v1.1"
+
+
 def load_trained(path: str, *, arch: Optional[str] = None, neck: Optional[int] = None,
                  height: Optional[int] = None, width: Optional[int] = None, layout: Optional[str] = None,
-                 device: Any = "cpu") -> Tuple[torch.nn.Module, Optional[torch.nn.Module], Dict[str, Any]]:
+                 device: Any = "cpu", ibn: Optional[str] = None, neck_type: Optional[str] = None,
+                 preprocess: Optional[str] = None
+                 ) -> Tuple[torch.nn.Module, Optional[torch.nn.Module], Dict[str, Any]]:
     """``(backbone, head or None, config)`` in eval mode from a checkpoint file or folder.
 
-    Reads this package's checkpoints (the config inside names the backbone and the input size) and
-    those of the public QAConv code (give ``arch``, ``height``, ``width``; the neck width and the
-    head layout are inferred). Arguments that are not None override the checkpoint's config.
-    ``head`` is None for baseline checkpoints. The returned config has ``arch``, ``neck``,
-    ``height``, ``width``, ``checkpoint`` and, for QAConv, ``layout``, ``feature_height``,
-    ``feature_width``. Raises :class:`CheckpointError` naming the problem.
+    Reads this package's checkpoints and those of the public QAConv code (every version, plain ResNet
+    or IBN-Net, BatchNorm or bias neck). The backbone -- ResNet depth, IBN-Net variant, neck width and
+    type, last stage -- is inferred from the weights (:func:`infer_backbone`); the input size comes
+    from this package's config, else 384 x 128 (give ``height``/``width`` for public models trained at
+    another size). Arguments that are not None override what was read or inferred (``ibn="none"``
+    forces a plain ResNet). ``head`` is None for baseline checkpoints.
+
+    The returned config has ``arch``, ``ibn``, ``neck``, ``neck_type``, ``final_layer``, ``height``,
+    ``width``, ``preprocess`` (the input preset: the checkpoint's own, ``"public"`` for the public
+    code's checkpoints, ``"imagenet"`` for this package's checkpoints written before presets
+    existed), ``source`` (``"qaconv-ext"`` or ``"public"``; ``public_version`` for the latter),
+    ``checkpoint`` and, for QAConv, ``layout``, ``feature_height``, ``feature_width``. The backbone's
+    ``preprocess`` attribute is set to the preset. Raises :class:`CheckpointError` (one line) naming
+    what does not fit.
     """
+    from ..data.transforms import check_preprocess
     from ..head import QAConv
     from ..models import build_backbone, feature_map_size
 
+    if preprocess is not None:
+        check_preprocess(preprocess)
     found = find_checkpoint(path)
     if found is None:
         raise CheckpointError(missing_checkpoint_message(path))
     try:
         ckpt = load_checkpoint(found)
+        if "model" not in ckpt and "state_dict" not in ckpt:
+            shown = ", ".join(str(k) for k in list(ckpt)[:4]) + (", ..." if len(ckpt) > 4 else "")
+            raise CheckpointError(f"{found} is not a QAConv training checkpoint: it has no 'model' entry "
+                                  f"(it holds {shown})")
+        own_format = ckpt.get("format") == FORMAT or isinstance(ckpt.get("config"), dict)
         cfg = dict(ckpt.get("config") or {})
         if cfg.get("method", "qaconv") == "baseline":
             model_state, head_state = ckpt["model"], None
@@ -246,20 +385,32 @@ def load_trained(path: str, *, arch: Optional[str] = None, neck: Optional[int] =
             model_state, head_state = load_public_qaconv(found)
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(str(exc).strip("'\"")) from None
-    for key, val in (("arch", arch), ("neck", neck), ("height", height), ("width", width), ("layout", layout)):
+    try:
+        inferred = infer_backbone(model_state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{found}: {exc}") from None
+    cfg.update(inferred)
+    for key, val in (("arch", arch), ("neck", neck), ("height", height), ("width", width), ("layout", layout),
+                     ("neck_type", neck_type), ("preprocess", preprocess)):
         if val is not None:
             cfg[key] = val
-    if "neck_conv.weight" in model_state and neck is None:
-        cfg["neck"] = int(model_state["neck_conv.weight"].shape[0])
-    cfg.setdefault("arch", cfg.get("backbone", "resnet50"))
-    cfg.setdefault("neck", 128)
+    if ibn is not None:
+        cfg["ibn"] = None if str(ibn).lower() == "none" else ibn
     cfg.setdefault("height", 384)
     cfg.setdefault("width", 128)
-    backbone = build_backbone(cfg["arch"], neck=int(cfg["neck"]))
+    # this package's checkpoints from before the presets were all trained with ImageNet mean/std
+    cfg.setdefault("preprocess", "imagenet" if own_format else "public")
+    cfg["source"] = "qaconv-ext" if own_format else "public"
+    if not own_format:
+        cfg["public_version"] = _public_version(ckpt, cfg["neck_type"])
+    what = cfg["arch"] + (f" (IBN-{cfg['ibn']})" if cfg["ibn"] else "") + f", {cfg['neck_type']} neck"
     try:
-        backbone.load_state_dict(model_state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{found}: the backbone does not match arch {cfg['arch']!r}: {exc}") from None
+        backbone = build_backbone(cfg["arch"], neck=int(cfg["neck"]), ibn=cfg["ibn"], neck_type=cfg["neck_type"],
+                                  final_layer=cfg["final_layer"], neck_kernel=int(cfg["neck_kernel"]))
+        backbone.load_state_dict(_check_backbone_state(backbone, model_state, what))
+    except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{found}: {str(exc).strip(chr(39))}") from None
+    backbone.preprocess = cfg["preprocess"]
     backbone.eval()
     head = None
     if head_state is not None:

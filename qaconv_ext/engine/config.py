@@ -14,7 +14,8 @@ class TrainConfig:
 
     Defaults follow the paper's training recipe: batch 32, SGD (momentum 0.9, Nesterov, weight
     decay 5e-4), learning rate 0.01 for new layers and 0.1x that for the pretrained trunk, x0.1 after
-    40 of 60 epochs, 384x128 inputs, Random Block and flips.
+    40 of 60 epochs, 384x128 inputs, Random Block and flips, the public code's input preset (bicubic
+    resize, [0, 1], no mean/std).
     """
 
     method: str = "qaconv"              # "qaconv" (class-memory loss) or "baseline" (GAP + cosine softmax)
@@ -22,6 +23,10 @@ class TrainConfig:
     pretrained: Optional[str] = None     # local file with ImageNet weights (torchvision naming)
     neck: int = 128
     layout: str = "v2"                   # QAConv head layout: "v2" or "eccv"
+    ibn: Optional[str] = None            # IBN-Net variant of the trunk: None, "a" or "b"
+    neck_type: str = "bn"                # "bn" (conv + BatchNorm, public v1.x) or "bias" (conv with bias, v2.1+)
+    preprocess: str = "public"           # input preset: "public" (bicubic, [0, 1]) or "imagenet" (mean/std)
+    augment: str = "eccv"                # training augmentation: "eccv" or "v2" (QAConv 2.x)
     height: int = 384
     width: int = 128
     epochs: int = 60
@@ -63,5 +68,6 @@ class TrainConfig:
 
     def summary(self) -> List[str]:
         """``key=value`` strings of the fields that matter for a log line."""
-        keys = ("method", "arch", "height", "width", "epochs", "batch_size", "lr", "step_size", "neck", "layout")
+        keys = ("method", "arch", "height", "width", "epochs", "batch_size", "lr", "step_size", "neck", "layout",
+                "preprocess")
         return [f"{k}={getattr(self, k)}" for k in keys]

@@ -112,7 +112,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, step_size: int, gamma: flo
 
 def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
                        generator: Optional[torch.Generator] = None) -> DataLoader:
-    """Shuffled, ``drop_last`` loader over training records with flip + Random Block (per ``cfg``).
+    """Shuffled, ``drop_last`` loader over training records with ``cfg``'s preset and augmentation.
 
     ``generator`` (default: seeded from ``cfg.seed``) drives the shuffling and the worker seeds; its
     state goes into checkpoints.
@@ -123,7 +123,7 @@ def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
         generator = torch.Generator()
         generator.manual_seed(int(cfg.seed))
     ds = ImageDataset(records, build_train_transform(cfg.height, cfg.width, random_block=cfg.random_block,
-                                                     flip=cfg.flip))
+                                                     flip=cfg.flip, preprocess=cfg.preprocess, augment=cfg.augment))
     if len(ds) < cfg.batch_size:
         raise ValueError(f"{len(ds)} training images is less than one batch of {cfg.batch_size}")
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.workers,
@@ -137,7 +137,9 @@ def build_model(cfg: TrainConfig, num_classes: int) -> Tuple[nn.Module, nn.Modul
     from ..losses import ClassMemoryLoss, CosineSoftmaxLoss
     from ..models import build_backbone, feature_map_size
 
-    backbone = build_backbone(cfg.arch, pretrained_path=cfg.pretrained, neck=cfg.neck)
+    backbone = build_backbone(cfg.arch, pretrained_path=cfg.pretrained, neck=cfg.neck, ibn=cfg.ibn,
+                              neck_type=cfg.neck_type)
+    backbone.preprocess = cfg.preprocess
     d, h, w = feature_map_size(backbone, cfg.height, cfg.width)
     if cfg.method == "qaconv":
         criterion: nn.Module = ClassMemoryLoss(QAConv(d, h, w, layout=cfg.layout), num_classes, d, h, w)
@@ -178,6 +180,9 @@ class Trainer:
         progress: show tqdm bars.
         max_bad_steps: consecutive batches with a non-finite loss after which :class:`TrainingDiverged`
             is raised (fewer are skipped and counted).
+        dist: training across processes (:class:`qaconv_ext.distributed.DistributedTraining`): it wraps
+            the model and the criterion for the step, gathers each step's batch from all ranks before
+            the loss, and only its main rank writes checkpoints. None: one process.
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
@@ -186,7 +191,7 @@ class Trainer:
                  loader_generator: Optional[torch.Generator] = None, checkpoint_dir: Optional[str] = None,
                  config: Union[TrainConfig, Dict[str, Any], None] = None, progress: bool = True,
                  log: Callable[[str], None] = print, checkpoint_name: str = CHECKPOINT_NAME,
-                 max_bad_steps: int = MAX_BAD_STEPS) -> None:
+                 max_bad_steps: int = MAX_BAD_STEPS, dist: Optional[Any] = None) -> None:
         if int(max_bad_steps) != max_bad_steps or max_bad_steps < 1:
             raise ValueError(f"max_bad_steps: must be a positive integer, got {max_bad_steps}")
         self.max_bad_steps = int(max_bad_steps)
@@ -211,6 +216,10 @@ class Trainer:
         self.log = log
         self.epoch = 0
         self.history: List[Dict[str, float]] = []
+        self.dist = dist
+        # the modules called in a step (wrapped for data parallelism); self.model/self.criterion stay plain
+        self._step_model, self._step_criterion = (dist.prepare(self.model, self.criterion) if dist is not None
+                                                  else (self.model, self.criterion))
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -251,8 +260,10 @@ class Trainer:
             targets = batch[1].to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                feature = self.model(images)
-                loss_vec, acc_vec = self.criterion(feature, targets)
+                feature = self._step_model(images)
+                if self.dist is not None:
+                    feature, targets = self.dist.gather(feature, targets)
+                loss_vec, acc_vec = self._step_criterion(feature, targets)
             finite = torch.isfinite(loss_vec)
             n = int(finite.sum())
             if n < finite.numel():
@@ -338,7 +349,9 @@ class Trainer:
             self.log(f"epoch {self.epoch}/{epochs}: loss {stats['loss']:.4f}, acc {100 * stats['acc']:.1f}%, "
                      f"lr [{lr}], {stats['time']:.1f} s{skipped}")
             if self.checkpoint_path:
-                save_checkpoint(self.state_dict(), self.checkpoint_path)  # state checked above
+                state = self.state_dict() if self.dist is None else self.dist.checkpoint_state(self.state_dict())
+                if state is not None:  # across processes: the main rank writes, with every rank's RNG states
+                    save_checkpoint(state, self.checkpoint_path)  # state checked above
         return self.history
 
     # ------------------------------------------------------------------------------------------
@@ -370,8 +383,11 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch = int(ckpt["epoch"])
         self.history = [dict(h) for h in ckpt.get("history", [])]
-        if restore_rng and ckpt.get("rng") is not None:
-            restore_rng_state(ckpt["rng"], self.loader_generator)
+        rng = ckpt.get("rng")
+        if self.dist is not None:
+            rng = self.dist.rank_rng_state(ckpt, rng)
+        if restore_rng and rng is not None:
+            restore_rng_state(rng, self.loader_generator)
 
     def save(self, path: Optional[str] = None) -> str:
         """Write a checkpoint atomically (default: :attr:`checkpoint_path`). A state with NaN or Inf
@@ -393,30 +409,37 @@ class Trainer:
 def run_training(cfg: TrainConfig, train_records: Sequence[Any], num_classes: int, *,
                  checkpoint_dir: Optional[str] = None, checkpoint_name: str = CHECKPOINT_NAME,
                  resume: Optional[str] = None, extra_config: Optional[Dict[str, Any]] = None,
-                 progress: bool = True, log: Callable[[str], None] = print) -> Trainer:
+                 progress: bool = True, log: Callable[[str], None] = print, dist: Optional[Any] = None) -> Trainer:
     """Build everything from ``cfg`` and train to ``cfg.epochs``; returns the trainer.
 
     ``resume``: a checkpoint file or folder to continue from (exactly). ``extra_config`` entries are
     stored next to the config in checkpoints (e.g. dataset paths for the picture commands).
+    ``dist``: train across processes (:class:`qaconv_ext.distributed.DistributedTraining`; ``cfg.batch_size``
+    is then the global batch, split across the ranks).
     """
     seed_everything(cfg.seed)
     backbone, criterion = build_model(cfg, num_classes)
     generator = torch.Generator()
     generator.manual_seed(int(cfg.seed))
     loader = build_train_loader(train_records, cfg, generator)
+    if dist is not None:
+        loader = dist.shard_loader(loader, cfg.batch_size, generator)  # this rank's part of each batch
+        dist.seed_rank(cfg.seed)  # the same model everywhere; augmentations drawn per rank
     optimizer = build_optimizer(backbone, criterion, cfg.lr, cfg.trunk_lr_mult, cfg.momentum, cfg.weight_decay,
                                 cfg.nesterov)
     scheduler = build_scheduler(optimizer, cfg.step_size, cfg.gamma)
     config = cfg.to_dict()
     config.update({"backbone": cfg.arch, "num_classes": int(num_classes)})
     config.update(extra_config or {})
+    if dist is not None:
+        config.update(world_size=int(dist.world_size), sync_bn=bool(dist.sync_bn))
     if cfg.method == "qaconv":
         m = criterion.matcher
         config.update(feature_height=m.height, feature_width=m.width, num_features=m.num_features)
     trainer = Trainer(backbone, criterion, optimizer, scheduler, device=cfg.device, amp=cfg.amp,
                       clip_grad=cfg.clip_grad, freeze_bn=cfg.freeze_bn, loader_generator=generator,
                       checkpoint_dir=checkpoint_dir, checkpoint_name=checkpoint_name, config=config,
-                      progress=progress, log=log)
+                      progress=progress, log=log, dist=dist)
     if resume:
         done = trainer.resume(resume)
         log(f"resumed from {resume} after epoch {done}")

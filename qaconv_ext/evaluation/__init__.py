@@ -6,14 +6,17 @@ from .scoring import (
     QACONV_ROW,
     RR_ROW,
     TLIFT_ROW,
+    RERANK_MODES,
     QAConvEvaluation,
     evaluate_baseline,
     evaluate_qaconv,
+    evaluate_qaconv_features,
     extract_features,
     format_metrics,
     rank_metrics,
     rerank_distance,
     score_blocks,
+    score_rows,
     score_to_distance,
     self_score_blocks,
     tlift_distance,
@@ -21,8 +24,8 @@ from .scoring import (
 from .trained import ROW_KEYS, evaluate_trained, metric_rows
 
 __all__ = [
-    "BASELINE_ROW", "QACONV_ROW", "RR_ROW", "TLIFT_ROW", "ROW_KEYS", "QAConvEvaluation", "evaluate_baseline",
-    "evaluate_qaconv", "evaluate_rank", "evaluate_trained", "metric_rows", "extract_features", "format_metrics",
-    "junk_mask", "rank_metrics", "rerank_distance", "score_blocks", "score_to_distance", "self_score_blocks",
+    "BASELINE_ROW", "QACONV_ROW", "RR_ROW", "TLIFT_ROW", "ROW_KEYS", "QAConvEvaluation", "RERANK_MODES", "evaluate_baseline",
+    "evaluate_qaconv", "evaluate_qaconv_features", "evaluate_rank", "evaluate_trained", "metric_rows", "extract_features", "format_metrics",
+    "junk_mask", "rank_metrics", "rerank_distance", "score_blocks", "score_rows", "score_to_distance", "self_score_blocks",
     "tlift_distance",
 ]

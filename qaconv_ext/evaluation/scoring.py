@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,13 +22,16 @@ __all__ = [
     "extract_features",
     "score_blocks",
     "self_score_blocks",
+    "score_rows",
     "score_to_distance",
     "rank_metrics",
     "format_metrics",
     "rerank_distance",
     "tlift_distance",
     "evaluate_qaconv",
+    "evaluate_qaconv_features",
     "QAConvEvaluation",
+    "RERANK_MODES",
     "evaluate_baseline",
     "QACONV_ROW",
     "RR_ROW",
@@ -44,16 +47,23 @@ RR_ROW = "QAConv + RR"
 TLIFT_ROW = "QAConv + RR + TLift"
 BASELINE_ROW = "Baseline (GAP + cosine)"
 
+#: How k-reciprocal re-ranking gets the gallery-gallery scores: ``"dense"`` computes the ``[G, G]``
+#: matrix; ``"sparse"`` streams its rows from the fused op in blocks (no ``[G, G]`` matrix exists).
+RERANK_MODES = ("dense", "sparse")
+
+ScoreRows = Callable[[int, int], torch.Tensor]
+
 
 def extract_features(model: nn.Module, records: Records, height: int, width: int, batch_size: int = 64,
                      device: Union[str, torch.device] = "cpu", workers: int = 0, progress: bool = True,
                      desc: str = "features", amp: Optional[bool] = None,
-                     out_device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+                     out_device: Union[str, torch.device] = "cpu", preprocess: Optional[str] = None) -> torch.Tensor:
     """Run ``model`` (eval mode, no grad) over the images of ``records`` -> float32 ``[N, ...]``.
 
-    ``records`` are :class:`~qaconv_ext.data.Record` s or image paths; images are
-    resized to ``height x width`` and normalised as in testing. ``amp``: fp16 autocast on CUDA
-    (default on for CUDA). The result is on ``out_device``.
+    ``records`` are :class:`~qaconv_ext.data.Record` s or image paths; images are resized to
+    ``height x width`` and scaled with the test transform of ``preprocess`` (default: the model's
+    ``preprocess`` attribute, which training and checkpoint loading set, else ``"public"``).
+    ``amp``: fp16 autocast on CUDA (default on for CUDA). The result is on ``out_device``.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -62,7 +72,9 @@ def extract_features(model: nn.Module, records: Records, height: int, width: int
 
     device = torch.device(device)
     use_amp = bool(device.type == "cuda" if amp is None else amp) and device.type == "cuda"
-    loader = DataLoader(ImageDataset(list(records), build_test_transform(height, width)), batch_size=batch_size,
+    preprocess = preprocess or getattr(model, "preprocess", None) or "public"
+    loader = DataLoader(ImageDataset(list(records), build_test_transform(height, width, preprocess)),
+                        batch_size=batch_size,
                         shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
@@ -151,6 +163,60 @@ def self_score_blocks(head: nn.Module, fea: torch.Tensor, chunk: int = 1024, pro
     return out
 
 
+def score_rows(head: nn.Module, fea: torch.Tensor, gallery_chunk: int = 8192,
+               device: Union[str, torch.device, None] = None) -> ScoreRows:
+    """``rows(start, stop)`` -> QAConv logits ``[stop - start, N]`` (float32, CPU) of ``fea[start:stop]``
+    against all of ``fea``, computed on demand by :func:`qaconv_ext.qaconv_score` with the folded head
+    (``gallery_chunk`` maps per call). Feeds the memory-bounded re-ranking: the ``[N, N]`` matrix
+    never exists, only the row blocks asked for."""
+    from ..ops import qaconv_score
+
+    device = torch.device(device) if device is not None else fea.device
+    weight, bias = _folded(head, device, fea.dtype)
+    N = fea.shape[0]
+    blocks = _blocks(N, gallery_chunk)
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        out = torch.empty(stop - start, N, dtype=torch.float32)
+        with torch.no_grad():
+            a = fea[start:stop].to(device, non_blocking=True)
+            for g0, g1 in blocks:
+                out[:, g0:g1] = qaconv_score(a, fea[g0:g1].to(device, non_blocking=True), weight, bias).float().cpu()
+        return out
+
+    def entries(r: np.ndarray, c: np.ndarray) -> torch.Tensor:
+        """The single logits ``[r[i], c[i]]`` (the same values as in ``rows``), one call per distinct row."""
+        r_t, c_t = torch.as_tensor(np.asarray(r), dtype=torch.int64), torch.as_tensor(np.asarray(c), dtype=torch.int64)
+        out = torch.empty(r_t.shape[0], dtype=torch.float32)
+        if r_t.numel() == 0:
+            return out
+        order = torch.argsort(r_t, stable=True)
+        rs, counts = torch.unique_consecutive(r_t[order], return_counts=True)
+        with torch.no_grad():
+            at = 0
+            for row, n in zip(rs.tolist(), counts.tolist()):
+                sel = order[at:at + n]
+                out[sel] = qaconv_score(fea[row:row + 1].to(device), fea[c_t[sel]].to(device), weight, bias
+                                        ).float().cpu().reshape(-1)
+                at += n
+        return out
+
+    rows.entries = entries  # type: ignore[attr-defined]
+    return rows
+
+
+class _DistanceRows:
+    """Row blocks (and single entries, when the scores offer them) of ``score_to_distance(scores)``."""
+
+    def __init__(self, score_rows: ScoreRows) -> None:
+        self.score_rows = score_rows
+        if getattr(score_rows, "entries", None) is not None:
+            self.entries = lambda r, c: score_to_distance(score_rows.entries(r, c))  # type: ignore
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        return score_to_distance(self.score_rows(start, stop))
+
+
 def _folded(head: nn.Module, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     head.eval()
     with torch.no_grad():
@@ -188,14 +254,37 @@ def format_metrics(name: str, m: Dict[str, Any], width: int = 22) -> str:
             f"{100 * m['mAP']:>8.1f}{100 * m.get('mINP', math.nan):>8.1f}")
 
 
-def rerank_distance(score_qg: torch.Tensor, score_qq: torch.Tensor, score_gg: torch.Tensor,
-                    k1: int = 20, k2: int = 6, lambda_value: float = 0.3, mode: str = "dense") -> np.ndarray:
+def _distance_by_rows(score: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """:func:`score_to_distance` of a large matrix, a block of rows at a time (no full-size temporaries)."""
+    score = torch.as_tensor(score)
+    out = torch.empty(score.shape, dtype=torch.float32)
+    for s, e in _blocks(score.shape[0], rows):
+        out[s:e] = score_to_distance(score[s:e])
+    return out
+
+
+def rerank_distance(score_qg: torch.Tensor, score_qq: torch.Tensor, score_gg: Union[torch.Tensor, ScoreRows],
+                    k1: int = 20, k2: int = 6, lambda_value: float = 0.3, mode: str = "dense",
+                    progress: Optional[bool] = None) -> np.ndarray:
     """k-reciprocal re-ranking of QAConv scores: distances ``1 - sigmoid(score / 10)`` of the three
-    blocks go into :func:`qaconv_ext.postprocess.k_reciprocal_rerank`; returns ``[P, G]`` distances."""
+    blocks go into :func:`qaconv_ext.postprocess.k_reciprocal_rerank`; returns ``[P, G]`` distances.
+
+    ``score_gg`` is the ``[G, G]`` matrix or a callable ``rows(start, stop)`` returning its rows (e.g.
+    :func:`score_rows`, whose ``entries(r, c)`` also serves single look-ups); with ``mode="sparse"`` and a
+    callable, no ``[G, G]`` matrix is ever held (the query-gallery distances are converted a block of
+    rows at a time as well).
+    """
     from ..postprocess import k_reciprocal_rerank
 
-    return k_reciprocal_rerank(score_to_distance(score_qg), score_to_distance(score_qq),
-                               score_to_distance(score_gg), k1=k1, k2=k2, lambda_value=lambda_value, mode=mode)
+    if mode not in RERANK_MODES:
+        raise ValueError(f"mode: expected one of {RERANK_MODES}, got {mode!r}")
+    if callable(score_gg):
+        dist_gg: Any = _DistanceRows(score_gg)
+    else:
+        dist_gg = score_to_distance(score_gg)
+    dist_qg = _distance_by_rows(score_qg) if mode == "sparse" else score_to_distance(score_qg)
+    return k_reciprocal_rerank(dist_qg, score_to_distance(score_qq), dist_gg, k1=k1, k2=k2,
+                               lambda_value=lambda_value, mode=mode, progress=progress)
 
 
 def tlift_distance(dist: Any, query: Records, gallery: Records, tau: float = 100, sigma: float = 200,
@@ -219,11 +308,45 @@ class QAConvEvaluation:
 
     ``rows``: ``{row name: metrics}`` (:func:`rank_metrics`), the ``"QAConv"`` row and, when asked, the
     re-ranking and TLift rows, in that order. ``scores``: the QAConv logits as CPU float32 tensors,
-    ``"qg"`` ``[P, N]`` and, when re-ranking, ``"qq"`` ``[P, P]`` and ``"gg"`` ``[N, N]``.
+    ``"qg"`` ``[P, N]`` and, when re-ranking, ``"qq"`` ``[P, P]`` and (``rerank_mode="dense"`` only)
+    ``"gg"`` ``[N, N]``.
     """
 
     rows: Dict[str, Dict[str, Any]]
     scores: Dict[str, torch.Tensor]
+
+
+def evaluate_qaconv_features(head: nn.Module, q_fea: torch.Tensor, g_fea: torch.Tensor, query: Records,
+                             gallery: Records, *, rerank: bool = False, tlift: bool = False,
+                             tlift_params: Optional[Dict[str, float]] = None, rerank_mode: str = "dense",
+                             progress: bool = True, gallery_chunk: int = 2048) -> QAConvEvaluation:
+    """The scoring and metrics of :func:`evaluate_qaconv` from extracted feature maps ``q_fea [P, ...]``,
+    ``g_fea [N, ...]`` (on the device that scores them) and the records of their images.
+
+    ``rerank_mode="sparse"`` feeds re-ranking the gallery-gallery rows from the fused op in blocks
+    (:func:`score_rows`), so no ``[N, N]`` matrix exists: memory ``O(P * N)`` instead of
+    ``O((P + N)^2)``; the distances equal the dense mode's up to float32 rounding.
+    """
+    if rerank_mode not in RERANK_MODES:
+        raise ValueError(f"rerank_mode: expected one of {RERANK_MODES}, got {rerank_mode!r}")
+    s_qg = score_blocks(head, q_fea, g_fea, progress=progress, gallery_chunk=gallery_chunk)
+    results: Dict[str, Any] = {QACONV_ROW: rank_metrics(-s_qg, query, gallery)}
+    scores = {"qg": s_qg}
+    if rerank or tlift:
+        s_qq = self_score_blocks(head, q_fea, progress=progress, desc="QAConv query-query")
+        scores.update(qq=s_qq)
+        if rerank_mode == "sparse":
+            s_gg: Union[torch.Tensor, ScoreRows] = score_rows(head, g_fea)
+        else:
+            s_gg = self_score_blocks(head, g_fea, progress=progress, desc="QAConv gallery-gallery")
+            scores.update(gg=s_gg)
+        d_rr = rerank_distance(s_qg, s_qq, s_gg, mode=rerank_mode, progress=None if progress else False)
+        del s_gg
+        results[RR_ROW] = rank_metrics(d_rr, query, gallery)
+        if tlift and all(r.time is not None for r in list(query) + list(gallery)):
+            d_tl = tlift_distance(d_rr, query, gallery, **(tlift_params or {}))
+            results[TLIFT_ROW] = rank_metrics(d_tl, query, gallery)
+    return QAConvEvaluation(rows=results, scores=scores)
 
 
 def evaluate_qaconv(backbone: nn.Module, head: nn.Module, query: Records, gallery: Records, height: int,
@@ -235,8 +358,12 @@ def evaluate_qaconv(backbone: nn.Module, head: nn.Module, query: Records, galler
 
     Returns a :class:`QAConvEvaluation`: the rows ``"QAConv"`` (and ``"QAConv + RR"``,
     ``"QAConv + RR + TLift"``) and the scores they were computed from. ``tlift`` implies ``rerank``
-    (the paper's pipeline) and is skipped without time stamps.
+    (the paper's pipeline) and is skipped without time stamps. ``rerank_mode``: ``"dense"`` builds the
+    gallery-gallery score matrix; ``"sparse"`` streams its rows from the fused op (memory-bounded,
+    see :func:`evaluate_qaconv_features`).
     """
+    if rerank_mode not in RERANK_MODES:
+        raise ValueError(f"rerank_mode: expected one of {RERANK_MODES}, got {rerank_mode!r}")
     device = torch.device(device)
     backbone = backbone.to(device)
     head = head.to(device).eval()
@@ -245,19 +372,9 @@ def evaluate_qaconv(backbone: nn.Module, head: nn.Module, query: Records, galler
                              "query features", out_device=fea_dev)
     g_fea = extract_features(backbone, gallery, height, width, batch_size, device, workers, progress,
                              "gallery features", out_device=fea_dev)
-    s_qg = score_blocks(head, q_fea, g_fea, progress=progress, gallery_chunk=gallery_chunk)
-    results: Dict[str, Any] = {QACONV_ROW: rank_metrics(-s_qg, query, gallery)}
-    scores = {"qg": s_qg}
-    if rerank or tlift:
-        s_qq = self_score_blocks(head, q_fea, progress=progress, desc="QAConv query-query")
-        s_gg = self_score_blocks(head, g_fea, progress=progress, desc="QAConv gallery-gallery")
-        scores.update(qq=s_qq, gg=s_gg)
-        d_rr = rerank_distance(s_qg, s_qq, s_gg, mode=rerank_mode)
-        results[RR_ROW] = rank_metrics(d_rr, query, gallery)
-        if tlift and all(r.time is not None for r in list(query) + list(gallery)):
-            d_tl = tlift_distance(d_rr, query, gallery, **(tlift_params or {}))
-            results[TLIFT_ROW] = rank_metrics(d_tl, query, gallery)
-    return QAConvEvaluation(rows=results, scores=scores)
+    return evaluate_qaconv_features(head, q_fea, g_fea, query, gallery, rerank=rerank, tlift=tlift,
+                                    tlift_params=tlift_params, rerank_mode=rerank_mode, progress=progress,
+                                    gallery_chunk=gallery_chunk)
 
 
 def evaluate_baseline(backbone: nn.Module, query: Records, gallery: Records, height: int, width: int, *,

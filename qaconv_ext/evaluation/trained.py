@@ -20,11 +20,13 @@ def metric_rows(results: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str,
 
 def evaluate_trained(backbone: nn.Module, head: Optional[nn.Module], dataset: Any, height: int, width: int, *,
                      device: Union[str, torch.device] = "cpu", batch_size: int = 64, workers: int = 0,
-                     rerank: bool = False, tlift: bool = False, progress: bool = True) -> Dict[str, Dict[str, float]]:
+                     rerank: bool = False, tlift: bool = False, progress: bool = True,
+                     rerank_mode: str = "dense") -> Dict[str, Dict[str, float]]:
     """:func:`metric_rows` of a QAConv model (``head`` given; the re-ranking and TLift rows on request,
     :func:`~qaconv_ext.evaluation.evaluate_qaconv`) or of a baseline (``head`` None, one row,
     :func:`~qaconv_ext.evaluation.evaluate_baseline`) on ``dataset.query`` against ``dataset.gallery``,
-    with images resized to ``height x width``."""
+    with images resized to ``height x width``. ``rerank_mode``: see
+    :func:`~qaconv_ext.evaluation.evaluate_qaconv` (``"sparse"`` never holds the gallery-gallery matrix)."""
     from .scoring import BASELINE_ROW, evaluate_baseline, evaluate_qaconv
 
     height, width = int(height), int(width)
@@ -35,5 +37,5 @@ def evaluate_trained(backbone: nn.Module, head: Optional[nn.Module], dataset: An
     else:
         results = evaluate_qaconv(backbone, head, dataset.query, dataset.gallery, height, width,
                                   batch_size=batch_size, device=device, workers=workers, rerank=rerank,
-                                  tlift=tlift, progress=progress).rows
+                                  tlift=tlift, progress=progress, rerank_mode=rerank_mode).rows
     return metric_rows(results)

@@ -1,9 +1,13 @@
-"""QAConv's feature-map backbone: a ResNet trunk, a neck convolution + BN, channel-wise L2 norm.
+"""QAConv's feature-map backbone: a ResNet/IBN-Net trunk, a neck convolution, channel-wise L2 norm.
 
-Parameter names: ``base.*`` (the trunk, torchvision names), ``neck_conv.*``, ``neck_bn.*`` -- the
-names of the public QAConv code, so its checkpoints load (their ``base.layer4.*``/``base.fc.*``
-entries, unused by a layer-3 trunk, are dropped on load, and a ``module.`` prefix left by
-``nn.DataParallel`` is stripped).
+Parameter names: ``base.*`` (the trunk, torchvision / IBN-Net names), ``neck_conv.*`` and, for the
+BatchNorm neck, ``neck_bn.*`` -- the names of the public QAConv code, so its checkpoints load with
+``strict=True`` (their ``base.layer4.*``/``base.fc.*`` entries, unused by a layer-3 trunk, are
+dropped on load, and a ``module.`` prefix left by ``nn.DataParallel`` is stripped).
+
+Two necks (:data:`NECK_TYPES`): ``"bn"`` -- a 3x3 convolution without bias followed by BatchNorm (the
+public code v1.0-v2.0, the ECCV 2020 paper); ``"bias"`` -- a 3x3 convolution with bias and no
+normalisation (the public code v2.1 and later, QAConv 2.x).
 """
 from __future__ import annotations
 
@@ -15,13 +19,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..utils.torch_files import TorchFileError, load_torch_file
-from .resnet import RESNET_SPECS, resnet
+from .resnet import IBN_ARCHITECTURES, IBN_TYPES, RESNET_SPECS, resnet
 
 __all__ = ["ReIDBackbone", "FeatureMapAdapter", "build_backbone", "load_pretrained", "feature_map_size",
-           "ARCHITECTURES", "PretrainedWeightsError"]
+           "ARCHITECTURES", "NECK_TYPES", "IBN_TYPES", "IBN_ARCHITECTURES", "trunk_ibn_type",
+           "PretrainedWeightsError"]
 
 #: Names accepted by :func:`build_backbone`.
 ARCHITECTURES = tuple(sorted(RESNET_SPECS))
+#: Neck variants: 3x3 conv + BatchNorm (public code v1.x/v2.0) or 3x3 conv with bias (v2.1+).
+NECK_TYPES = ("bn", "bias")
 
 
 def _strip_prefix(state: Mapping[str, Any], prefix: str) -> Dict[str, Any]:
@@ -31,23 +38,34 @@ def _strip_prefix(state: Mapping[str, Any], prefix: str) -> Dict[str, Any]:
 
 
 class ReIDBackbone(nn.Module):
-    """``base`` trunk -> ``neck_conv`` (``neck`` channels, 3x3 by default) -> ``neck_bn`` -> L2 norm.
+    """``base`` trunk -> ``neck_conv`` (``neck`` channels, 3x3 by default) [-> ``neck_bn``] -> L2 norm.
 
     ``forward(images [B, 3, H, W]) -> [B, num_features, H / stride, W / stride]``, unit norm over
     channels at every location. ``neck <= 0`` skips the neck (``num_features`` is then the trunk's
-    channel count).
+    channel count). ``neck_type``: ``"bn"`` (conv without bias + BatchNorm) or ``"bias"`` (conv with
+    bias, no normalisation).
+
+    ``preprocess`` (an attribute, not a parameter): the input preset the weights were trained with
+    (``"public"`` or ``"imagenet"``, see :mod:`qaconv_ext.data.transforms`), set by the training and
+    checkpoint-loading code; feature extraction uses it. None: not known.
     """
 
+    preprocess: Optional[str] = None
+
     def __init__(self, base: nn.Module, base_channels: int, neck: int = 128, neck_kernel: int = 3,
-                 normalize: bool = True) -> None:
+                 normalize: bool = True, neck_type: str = "bn") -> None:
         super().__init__()
+        if neck_type not in NECK_TYPES:
+            raise ValueError(f"unknown neck_type {neck_type!r}; use one of {NECK_TYPES}")
         self.base = base
         self.neck = int(neck)
+        self.neck_type = neck_type
         self.normalize = bool(normalize)
         if self.neck > 0:
             self.neck_conv = nn.Conv2d(base_channels, self.neck, kernel_size=neck_kernel,
-                                       padding=neck_kernel // 2, bias=False)
-            self.neck_bn = nn.BatchNorm2d(self.neck)
+                                       padding=neck_kernel // 2, bias=neck_type == "bias")
+            if neck_type == "bn":
+                self.neck_bn = nn.BatchNorm2d(self.neck)
             nn.init.kaiming_normal_(self.neck_conv.weight, mode="fan_out", nonlinearity="relu")
         self.num_features = self.neck if self.neck > 0 else int(base_channels)
         self.stride = int(getattr(base, "stride", 0)) or None
@@ -74,7 +92,9 @@ class ReIDBackbone(nn.Module):
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         if self.neck > 0:
-            x = self.neck_bn(self.neck_conv(x))
+            x = self.neck_conv(x)
+            if self.neck_type == "bn":
+                x = self.neck_bn(x)
         return F.normalize(x, dim=1) if self.normalize else x
 
 
@@ -113,8 +133,23 @@ def _read_weights(path: str) -> Any:
     return state
 
 
+def trunk_ibn_type(state: Mapping[str, Any]) -> Optional[str]:
+    """The IBN-Net variant a trunk state dict (torchvision/IBN-Net names, no prefix) was saved from.
+
+    ``"a"``: ``layerN.M.bn1.IN.*`` entries; ``"b"``: ``layerN.M.IN.*`` entries, or a stem ``bn1`` without
+    running statistics (an InstanceNorm); None: a plain ResNet. Raises ``ValueError`` for both marks.
+    """
+    keys = list(state)
+    has_a = any(".bn1.IN." in k for k in keys if k.startswith("layer"))
+    has_b = any(k.split(".")[2:3] == ["IN"] for k in keys if k.startswith("layer")) or (
+        "bn1.weight" in state and "bn1.running_mean" not in state)
+    if has_a and has_b:
+        raise ValueError("the state has both IBN-a (bn1.IN) and IBN-b (IN) layers")
+    return "a" if has_a else ("b" if has_b else None)
+
+
 def load_pretrained(backbone: ReIDBackbone, path: str) -> Dict[str, Any]:
-    """Load ImageNet weights of the trunk from a local file (torchvision ResNet naming).
+    """Load ImageNet weights of the trunk from a local file (torchvision ResNet or IBN-Net naming).
 
     Accepts a plain state dict or one nested under ``state_dict``/``model``; ``module.``/``base.``
     prefixes are handled; ``fc.*`` and stages the trunk does not build are ignored. Every trunk
@@ -137,6 +172,15 @@ def load_pretrained(backbone: ReIDBackbone, path: str) -> Dict[str, Any]:
     if any(k.startswith("base.") for k in state):  # a whole QAConv backbone: keep its trunk
         state = {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
     own = backbone.base.state_dict()
+    own_ibn = getattr(backbone.base, "ibn", None)
+    try:
+        file_ibn = trunk_ibn_type(state)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if file_ibn != own_ibn:
+        raise ValueError(f"{path}: these weights are {'IBN-' + file_ibn if file_ibn else 'a plain ResNet'}, "
+                         f"the trunk is {'IBN-' + own_ibn if own_ibn else 'a plain ResNet'} "
+                         f"(use ibn={file_ibn!r} / --ibn {file_ibn or 'none'})")
     children = {name for name, _ in backbone.base.named_children()}
     wanted, ignored = {}, []
     for k, v in state.items():
@@ -161,14 +205,25 @@ def load_pretrained(backbone: ReIDBackbone, path: str) -> Dict[str, Any]:
     return {"loaded": len(wanted), "ignored": ignored}
 
 
-def build_backbone(name: str = "resnet50", pretrained_path: Optional[str] = None, neck: int = 128,
-                   final_layer: str = "layer3", neck_kernel: int = 3) -> ReIDBackbone:
-    """QAConv backbone ``name`` (``resnet50``, ``resnet152``, ``small``, ... see :data:`ARCHITECTURES`).
+def build_backbone(arch: str = "resnet50", pretrained_path: Optional[str] = None, neck: int = 128,
+                   ibn: Optional[str] = None, *, neck_type: str = "bn", final_layer: str = "layer3",
+                   neck_kernel: int = 3, name: Optional[str] = None) -> ReIDBackbone:
+    """QAConv backbone ``arch`` (``resnet50``, ``resnet152``, ``small``, ... see :data:`ARCHITECTURES`).
 
-    ``pretrained_path``: optional local file with ImageNet weights (torchvision naming).
+    Args:
+        arch: the trunk (``name`` is accepted as an alias).
+        pretrained_path: optional local file with ImageNet weights (torchvision or IBN-Net naming).
+        neck: channels of the neck convolution (``<= 0``: no neck).
+        ibn: None, ``"a"`` or ``"b"``: the IBN-Net variant of ResNet-18/34/50/101 (the public QAConv
+            2.x default is IBN-b).
+        neck_type: ``"bn"`` (conv + BatchNorm, public v1.x/v2.0) or ``"bias"`` (conv with bias, v2.1+).
+        final_layer: the last trunk stage (``layer2``/``layer3``/``layer4``; stride 8/16/32).
+        neck_kernel: the neck convolution's kernel size.
     """
-    base = resnet(name, final_layer)
-    model = ReIDBackbone(base, base.out_channels, neck=neck, neck_kernel=neck_kernel)
+    if name is not None:
+        arch = name
+    base = resnet(arch, final_layer, ibn=ibn)
+    model = ReIDBackbone(base, base.out_channels, neck=neck, neck_kernel=neck_kernel, neck_type=neck_type)
     if pretrained_path:
         load_pretrained(model, pretrained_path)
     return model

@@ -25,5 +25,10 @@ class GAPCosine(nn.Module):
         super().__init__()
         self.backbone = backbone
 
+    @property
+    def preprocess(self) -> Optional[str]:
+        """The backbone's input preset (see :class:`~qaconv_ext.models.ReIDBackbone`), if known."""
+        return getattr(self.backbone, "preprocess", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gap_features(self.backbone(x))

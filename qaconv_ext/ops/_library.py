@@ -1,8 +1,11 @@
 """Binds the ``qaconv_ext::*`` dispatcher ops: native kernels, fake kernels, autograd, fallbacks.
 
 The schemas and the CPU/CUDA kernels come from the compiled ``qaconv_ext._C``. This module adds what
-PyTorch wants from Python: fake (meta) kernels for ``torch.compile``, autograd formulas, and a chunked
-PyTorch implementation for CUDA tensors when the extension was built without CUDA.
+PyTorch wants from Python: fake (meta) kernels for ``torch.compile``, autograd formulas (to any
+order), and a chunked PyTorch implementation for CUDA tensors when the extension was built without
+CUDA (and for every device, with the schemas of :data:`SCHEMAS`, when the compiled module is missing).
+The compiled kernels validate their inputs in C++; the kernels written here apply the same rules
+through :mod:`.checks`.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .checks import check_pair
+from .checks import check_backward, check_head, check_pair
+from .dtypes import accumulation_dtype
 
 Tensor = torch.Tensor
 
@@ -27,13 +31,20 @@ except ImportError as exc:  # not built: keep the package usable through the ref
     NATIVE_CUDA = False
     _IMPORT_ERROR = exc
 
+# The operator schemas as csrc/ops.cpp defines them; a build without the compiled module defines them
+# from here (tests/test_ops.py checks that the two agree).
+SCHEMAS = {
+    "match": "match(Tensor query, Tensor gallery, bool with_indices) -> (Tensor, Tensor)",
+    "score": "score(Tensor query, Tensor gallery, Tensor weight, Tensor? bias) -> Tensor",
+    "match_backward": "match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery, "
+                      "bool[2] output_mask=[True, True]) -> (Tensor, Tensor)",
+}
+
 _LIB = None
 if not NATIVE:
     _LIB = torch.library.Library("qaconv_ext", "DEF")
-    _LIB.define("match(Tensor query, Tensor gallery, bool with_indices) -> (Tensor, Tensor)")
-    _LIB.define("score(Tensor query, Tensor gallery, Tensor weight, Tensor? bias) -> Tensor")
-    _LIB.define("match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery,"
-                " bool[2] output_mask=[True, True]) -> (Tensor, Tensor)")
+    for _schema in SCHEMAS.values():
+        _LIB.define(_schema)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,6 +64,7 @@ def _warn_fallback(device_type: str) -> None:
 
 
 def _fallback_match(query: Tensor, gallery: Tensor, with_indices: bool) -> Tuple[Tensor, Tensor]:
+    check_pair(query, gallery)
     _warn_fallback(query.device.type)
     if with_indices:
         values, indices = reference.qaconv_match(query, gallery, return_indices=True)
@@ -63,12 +75,15 @@ def _fallback_match(query: Tensor, gallery: Tensor, with_indices: bool) -> Tuple
 
 
 def _fallback_score(query: Tensor, gallery: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _, _, _, Lq, Lg = check_pair(query, gallery)
+    check_head(weight, bias, Lq + Lg, query)
     _warn_fallback(query.device.type)
     return reference.qaconv_score(query, gallery, weight, bias).contiguous()
 
 
 def _fallback_backward(grad_values: Tensor, indices: Tensor, query: Tensor, gallery: Tensor,
                        output_mask: Sequence[bool] = (True, True)) -> Tuple[Tensor, Tensor]:
+    check_backward(grad_values, indices, query, gallery)
     _warn_fallback(query.device.type)
     return reference.match_backward(grad_values, indices, query, gallery, output_mask=output_mask)
 
@@ -85,10 +100,6 @@ for _key in _fallback_keys:
 # ----------------------------------------------------------------------------------------------
 # Fake kernels: shapes, dtypes and strides of the outputs, for torch.compile and meta tensors.
 # ----------------------------------------------------------------------------------------------
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("qaconv_ext::match")
 def _match_fake(query: Tensor, gallery: Tensor, with_indices: bool) -> Tuple[Tensor, Tensor]:
     P, N, _, Lq, Lg = check_pair(query, gallery)
@@ -99,20 +110,23 @@ def _match_fake(query: Tensor, gallery: Tensor, with_indices: bool) -> Tuple[Ten
 
 @torch.library.register_fake("qaconv_ext::score")
 def _score_fake(query: Tensor, gallery: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    P, N, _, _, _ = check_pair(query, gallery)
-    return query.new_empty((P, N), dtype=_score_dtype(query.dtype))
+    P, N, _, Lq, Lg = check_pair(query, gallery)
+    check_head(weight, bias, Lq + Lg, query)
+    return query.new_empty((P, N), dtype=accumulation_dtype(query.dtype))
 
 
 @torch.library.register_fake("qaconv_ext::match_backward")
 def _backward_fake(grad_values: Tensor, indices: Tensor, query: Tensor, gallery: Tensor,
                    output_mask: Sequence[bool] = (True, True)) -> Tuple[Tensor, Tensor]:
+    check_backward(grad_values, indices, query, gallery)
     need_q, need_g = output_mask
     return (query.new_empty(query.shape if need_q else (0,)),
             gallery.new_empty(gallery.shape if need_g else (0,)))
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd: the sparse gather/scatter through the argmax; score recomputes match in its backward.
+# Autograd: the sparse gather/scatter through the argmax; score recomputes match in its backward;
+# match_backward is differentiable in turn.
 # ----------------------------------------------------------------------------------------------
 def _match_setup_context(ctx, inputs, output) -> None:
     query, gallery, with_indices = inputs
@@ -138,6 +152,44 @@ def _match_backward(ctx, grad_values: Tensor, _grad_indices: Optional[Tensor]):
 torch.library.register_autograd("qaconv_ext::match", _match_backward, setup_context=_match_setup_context)
 
 
+# match_backward is linear in grad_values and in each map: grad_query depends on (grad_values, gallery)
+# only, grad_gallery on (grad_values, query) only, both through the fixed argmax indices. Its own
+# gradients are therefore match_backward again (with the incoming gradient in place of the other map)
+# and, for grad_values, the similarities at the indices (a gather and a dot). This gives second- and
+# higher-order derivatives of qaconv_match and qaconv_score, e.g. for gradient penalties.
+def _backward_setup_context(ctx, inputs, output) -> None:
+    grad_values, indices, query, gallery, output_mask = inputs
+    ctx.output_mask = tuple(bool(m) for m in output_mask)
+    ctx.save_for_backward(grad_values, indices, query, gallery)
+
+
+def _backward_backward(ctx, grad_of_gq: Optional[Tensor], grad_of_gg: Optional[Tensor]):
+    grad_values, indices, query, gallery = ctx.saved_tensors
+    need_gv, _, need_q, need_g = ctx.needs_input_grad[:4]
+    # a gradient switched off in output_mask was an empty [0] tensor: nothing flows back through it
+    dq = grad_of_gq if ctx.output_mask[0] else None
+    dg = grad_of_gg if ctx.output_mask[1] else None
+    out_gv = out_q = out_g = None
+    if need_gv:
+        terms = []
+        if dq is not None:
+            terms.append(reference.similarity_at(dq.to(query.dtype), gallery, indices))
+        if dg is not None:
+            terms.append(reference.similarity_at(query, dg.to(gallery.dtype), indices))
+        out_gv = sum(terms).to(grad_values.dtype) if terms else torch.zeros_like(grad_values)
+    if need_q and dg is not None:
+        out_q = torch.ops.qaconv_ext.match_backward(grad_values, indices, query, dg.to(gallery.dtype),
+                                                    [True, False])[0]
+    if need_g and dq is not None:
+        out_g = torch.ops.qaconv_ext.match_backward(grad_values, indices, dq.to(query.dtype), gallery,
+                                                    [False, True])[1]
+    return out_gv, None, out_q, out_g, None
+
+
+torch.library.register_autograd("qaconv_ext::match_backward", _backward_backward,
+                                setup_context=_backward_setup_context)
+
+
 def _score_setup_context(ctx, inputs, output) -> None:
     query, gallery, weight, bias = inputs
     ctx.bias_shape = None if bias is None else bias.shape
@@ -154,9 +206,9 @@ def _score_backward(ctx, grad: Tensor):
     if need_q or need_g or need_w:
         values, indices = torch.ops.qaconv_ext.match(query, gallery, True)
         if need_w:
-            grad_w = torch.einsum("pn,pnk->k", grad, values.to(grad.dtype)).to(weight.dtype)
+            grad_w = torch.einsum("pn,pnk->k", grad, values.to(grad.dtype)).to(weight.dtype).reshape(weight.shape)
         if need_q or need_g:
-            grad_values = grad[:, :, None] * weight.to(grad.dtype)[None, None, :]
+            grad_values = grad[:, :, None] * weight.reshape(-1).to(grad.dtype)[None, None, :]
             grad_q, grad_g = torch.ops.qaconv_ext.match_backward(grad_values, indices, query, gallery,
                                                                  [need_q, need_g])
             grad_q = grad_q if need_q else None

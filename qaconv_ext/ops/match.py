@@ -6,7 +6,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import _library  # noqa: F401  (registers fake kernels, autograd and fallbacks)
-from .checks import check_head, check_pair
+from .checks import require_tensor, scalar_bias
 
 Tensor = torch.Tensor
 
@@ -38,8 +38,13 @@ def qaconv_match(query: Tensor, gallery: Tensor, return_indices: bool = False
 
     NaN in a similarity row propagates like ``torch.max``: the maximum is NaN and the index points at
     the first NaN. Infinities are ordinary values.
+
+    Raises:
+        TypeError / ValueError naming the problem (a non-tensor argument, a dtype, a rank, a size or a
+        device), from the op's own input checks.
     """
-    check_pair(query, gallery)
+    require_tensor("query", query)
+    require_tensor("gallery", gallery)
     need_indices = bool(return_indices) or (
         torch.is_grad_enabled() and (query.requires_grad or gallery.requires_grad))
     values, indices = torch.ops.qaconv_ext.match(query, gallery, need_indices)
@@ -52,16 +57,19 @@ def qaconv_score(query: Tensor, gallery: Tensor, weight: Tensor,
 
     Args:
         query, gallery: as for :func:`qaconv_match`.
-        weight: ``[Lq + Lg]`` weights, one per max value (query-location maxima first).
+        weight: ``[Lq + Lg]`` (or ``[1, Lq + Lg]``) weights, one per max value (query-location maxima
+            first).
         bias: optional scalar (number or one-element tensor).
 
     Returns:
-        ``[P, N]`` float32 scores (float64 for float64 inputs). Differentiable in all four inputs; the
-        backward recomputes the matching with indices instead of storing it.
+        ``[P, N]`` float32 scores (float64 for float64 inputs). Differentiable in all four inputs, to
+        any order; the backward recomputes the matching with indices instead of storing it.
+
+    Raises:
+        TypeError / ValueError naming the problem, as :func:`qaconv_match`, and for a weight that is
+        not Lq + Lg values or a bias that is not one.
     """
-    P, N, _, Lq, Lg = check_pair(query, gallery)
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        bias = torch.tensor(float(bias), dtype=torch.float64 if query.dtype == torch.float64 else torch.float32,
-                            device=query.device)
-    check_head(weight, bias, Lq + Lg, query.device)
-    return torch.ops.qaconv_ext.score(query, gallery, weight.reshape(-1), bias)
+    require_tensor("query", query)
+    require_tensor("gallery", gallery)
+    require_tensor("weight", weight, "qaconv_score")
+    return torch.ops.qaconv_ext.score(query, gallery, weight, scalar_bias(bias, query))

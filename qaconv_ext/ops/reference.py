@@ -14,7 +14,7 @@ from .dtypes import accumulation_dtype
 
 Tensor = torch.Tensor
 
-__all__ = ["qaconv_match", "qaconv_score", "match_backward", "similarity"]
+__all__ = ["qaconv_match", "qaconv_score", "match_backward", "similarity", "similarity_at"]
 
 
 def _flatten_locations(x: Tensor) -> Tensor:
@@ -36,6 +36,31 @@ def _chunks(P: int, N: int, Lq: int, Lg: int, element_size: int, budget_bytes: i
 def similarity(query: Tensor, gallery: Tensor) -> Tensor:
     """The full local similarity tensor ``S[p, n, s, r]`` (small inputs only)."""
     return torch.einsum("pcs,ncr->pnsr", _flatten_locations(query), _flatten_locations(gallery))
+
+
+def similarity_at(query: Tensor, gallery: Tensor, indices: Tensor, chunk: int = 16) -> Tensor:
+    """The local similarities at given locations, ``[P, N, Lq + Lg]`` in the accumulation dtype.
+
+    Entry ``s < Lq`` of pair ``(p, n)`` is ``<query[p, :, s], gallery[n, :, indices[p, n, s]]>``; entry
+    ``Lq + r`` is ``<query[p, :, indices[p, n, Lq + r]], gallery[n, :, r]>``. At the argmax indices of
+    :func:`qaconv_match` these are its values; being bilinear in the maps, the tangent of the match in a
+    direction ``(dq, dg)`` is ``similarity_at(dq, gallery, indices) + similarity_at(query, dg, indices)``.
+    Differentiable (gathers and products).
+    """
+    acc = accumulation_dtype(query.dtype)
+    P, N = query.shape[0], gallery.shape[0]
+    qt = _flatten_locations(query).to(acc).transpose(1, 2)  # [P, Lq, d]
+    gt = _flatten_locations(gallery).to(acc).transpose(1, 2)  # [N, Lg, d]
+    Lq, Lg = qt.shape[1], gt.shape[1]
+    n_idx = torch.arange(N, device=query.device)
+    rows = []
+    for p0 in range(0, P, chunk):
+        p1 = min(P, p0 + chunk)
+        p_idx = torch.arange(p0, p1, device=query.device)
+        to_gallery = (qt[p0:p1, None] * gt[n_idx[None, :, None], indices[p0:p1, :, :Lq]]).sum(-1)
+        to_query = (qt[p_idx[:, None, None], indices[p0:p1, :, Lq:]] * gt[None]).sum(-1)
+        rows.append(torch.cat([to_gallery, to_query], dim=2))
+    return torch.cat(rows, dim=0) if rows else qt.new_zeros((P, N, Lq + Lg))
 
 
 def qaconv_match(query: Tensor, gallery: Tensor, return_indices: bool = False,

@@ -21,7 +21,8 @@ Two ways to run it:
   keeping a running top-k list and the maximum of every column, then works on the sparse ``V`` only.
   Memory is ``O(P * G + N * k)``. When a neighbour's neighbour lies outside an item's kept list, its
   distance is read back from ``dist_gg`` (for a callable: one more call per row block that holds such
-  rows, asking only for the span of rows needed).
+  rows, asking only for the span of rows needed; or, when the callable has a method
+  ``entries(rows, cols) -> dist_gg[rows, cols]``, just those entries).
 
 Both modes give the same result up to float32 rounding; they may differ where distances tie exactly at
 a neighbour-list boundary (ties are broken by whatever order ``torch.topk`` returns). Computations use
@@ -115,6 +116,9 @@ class _GalleryRows:
             if isinstance(self.array, np.ndarray):
                 return np.asarray(self.array[r, c], dtype=np.float32)
             return self.array[torch.from_numpy(r), torch.from_numpy(c)].numpy()
+        entries = getattr(self.func, "entries", None)
+        if entries is not None:  # the callable computes single entries: no whole rows are needed
+            return _as_float32(entries(r, c), "dist_gg").numpy().reshape(-1)
         out = np.empty(r.shape[0], dtype=np.float32)
         block = max(1, _BLOCK_ELEMENTS // max(self.G, 1))
         starts = (r // block) * block
@@ -484,7 +488,8 @@ def k_reciprocal_rerank(
         dist_qg: ``[P, G]`` query-gallery distances (numpy or torch).
         dist_qq: ``[P, P]`` query-query distances.
         dist_gg: ``[G, G]`` gallery-gallery distances, or a callable ``dist_gg(start, stop)`` returning the
-            rows ``start..stop`` as a ``[stop - start, G]`` array (numpy or torch).
+            rows ``start..stop`` as a ``[stop - start, G]`` array (numpy or torch); optionally with a method
+            ``dist_gg.entries(rows, cols)`` returning the single entries ``dist_gg[rows[i], cols[i]]``.
         k1, k2, lambda_value: the method's parameters (paper defaults 20, 6, 0.3).
         mode: ``"dense"`` (materialises the ``(P + G)^2`` matrix) or ``"sparse"`` (memory-bounded).
         progress: show progress bars; default: only for problems with more than 20,000 items.

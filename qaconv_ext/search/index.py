@@ -1,0 +1,450 @@
+"""``GalleryIndex``: a gallery of QAConv feature maps on disk, searched by streaming it through the fused op.
+
+    index = GalleryIndex.build("archive.idx", "runs/demo/qaconv.pt", records)    # from images
+    index = GalleryIndex.create("maps.idx", head, maps, records)                  # from feature maps
+    index = GalleryIndex.open("archive.idx", checkpoint="runs/demo/qaconv.pt")
+    index.append_images(new_records)                                             # or index.append(maps, records)
+    scores, indices = index.search(query_maps, k=10)                             # exact, streaming
+    scores, indices = index.search(query_maps, k=10, shortlist=500)              # two-stage, approximate
+
+The folder layout and the rules that keep it valid under interruptions are described in
+:mod:`qaconv_ext.search.storage`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..data import Record
+from .identity import (
+    HeadLike,
+    check_checkpoint,
+    check_head,
+    describe_model,
+    model_identity,
+    preprocessing_of,
+)
+from .images import RecordLike, as_records, extract_map_blocks, load_model, map_shape_of
+from .storage import (
+    DESCRIPTORS_DTYPE,
+    DESCRIPTORS_FILE,
+    FORMAT,
+    MAPS_DTYPE,
+    MAPS_FILE,
+    RECORDS_FILE,
+    GalleryIndexError,
+    SegmentWriter,
+    check_sizes,
+    locked,
+    map_nbytes,
+    now,
+    read_manifest,
+    read_records,
+    record_line,
+    verify_segments,
+    write_manifest,
+)
+from .topk import descriptor_topk, global_descriptors, iterate_blocks, rerank_shortlist, streaming_topk
+
+__all__ = ["GalleryIndex", "DEFAULT_CHUNK_BYTES"]
+
+#: Float32 bytes of the gallery maps scored per call of the fused op while streaming (64 MiB).
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+MapsLike = Union[torch.Tensor, np.ndarray]
+Block = Tuple[MapsLike, Optional[Sequence[RecordLike]]]
+
+
+def _as_maps(maps: MapsLike, what: str) -> np.ndarray:
+    if isinstance(maps, torch.Tensor):
+        maps = maps.detach().to("cpu")
+        maps = maps.float().numpy() if maps.dtype == torch.bfloat16 else maps.numpy()
+    arr = np.asarray(maps)
+    if arr.dtype.kind != "f":
+        raise GalleryIndexError(f"{what}: expected floating-point feature maps, got dtype {arr.dtype}")
+    if arr.ndim != 4:
+        raise GalleryIndexError(f"{what}: expected feature maps [n, d, h, w], got shape {list(arr.shape)}")
+    return arr
+
+
+class GalleryIndex:
+    """A gallery of feature maps on disk (see the module doc). Use :meth:`create`, :meth:`build` or
+    :meth:`open`; ``len(index)`` is the number of committed maps, ``index.records[i]`` the
+    :class:`~qaconv_ext.data.Record` of map ``i`` (path, pid, camid, time; -1/None when unknown)."""
+
+    def __init__(self, path: str, manifest: Dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._records: Optional[List[Record]] = None
+
+    @property
+    def records(self) -> List[Record]:
+        """The record of every map (read and checked against the checksums on first use)."""
+        if self._records is None:
+            self._records = [Record(p, -1 if pid is None else pid, -1 if cam is None else cam, t)
+                             for p, pid, cam, t in read_records(self.path, self.manifest)]
+        return self._records
+
+    # ------------------------------------------------------------------------------------------
+    # properties
+    # ------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def __repr__(self) -> str:
+        return (f"GalleryIndex({self.path!r}, {len(self)} maps of {'x'.join(map(str, self.map_shape))}, "
+                f"model: {describe_model(self.model)})")
+
+    @property
+    def map_shape(self) -> Tuple[int, int, int]:
+        """``(d, h, w)`` of every map."""
+        d, h, w = self.manifest["map_shape"]
+        return int(d), int(h), int(w)
+
+    @property
+    def model(self) -> Dict[str, Any]:
+        """The identity of the model that made the maps (checkpoint, preprocessing, folded head)."""
+        return self.manifest["model"]
+
+    def folded_head(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The index's folded head ``(weight [2L], bias [])`` as float32 tensors."""
+        head = self.model["head"]
+        return torch.tensor(head["weight"], dtype=torch.float32), torch.tensor(head["bias"], dtype=torch.float32)
+
+    # ------------------------------------------------------------------------------------------
+    # making and opening
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str, head: HeadLike, maps: MapsLike, records: Optional[Sequence[RecordLike]] = None, *,
+               checkpoint: Optional[str] = None, config: Optional[Dict[str, Any]] = None,
+               overwrite: bool = False) -> "GalleryIndex":
+        """A new index at ``path`` from feature maps ``[N, d, h, w]`` (stored as float16) and the QAConv
+        ``head`` that scores them (a module with ``folded()`` or a ``(weight, bias)`` pair).
+
+        ``records``: one per map (records, mappings, paths; default: unknown). ``checkpoint``/``config``
+        record where the maps came from. The index is written to a temporary folder beside ``path`` and
+        renamed into place, so an interrupted create leaves nothing (or, with ``overwrite``, the old
+        index) behind.
+        """
+        arr = _as_maps(maps, "maps")
+        ident = model_identity(head, arr.shape[1:], checkpoint=checkpoint, config=config)
+        return cls._write_new(path, ident, [(arr, records)], overwrite)
+
+    @classmethod
+    def build(cls, path: str, checkpoint: str, records: Sequence[RecordLike], *, batch_size: int = 64,
+              device: Union[str, torch.device] = "cpu", workers: int = 0, progress: bool = True,
+              block: Optional[int] = None, overwrite: bool = False) -> "GalleryIndex":
+        """A new index at ``path`` from the images of ``records`` (records or paths) with the trained
+        QAConv model in ``checkpoint`` (:func:`qaconv_ext.engine.load_trained`): features are extracted
+        in batches (progress bar) and written block by block; committed once at the end (see
+        :meth:`create` for what an interruption leaves)."""
+        recs = as_records(records, len(records))
+        if not recs:
+            raise GalleryIndexError(f"{path}: no images to index")
+        backbone, head, cfg = load_model(checkpoint, device)
+        ident = model_identity(head, map_shape_of(head, cfg), checkpoint=cfg["checkpoint"], config=cfg)
+        blocks = extract_map_blocks(backbone, recs, int(cfg["height"]), int(cfg["width"]), batch_size=batch_size,
+                                    device=device, workers=workers, block=block, progress=progress)
+        return cls._write_new(path, ident, blocks, overwrite)
+
+    @classmethod
+    def open(cls, path: str, *, head: Optional[HeadLike] = None, checkpoint: Optional[str] = None,
+             verify: bool = False) -> "GalleryIndex":
+        """Open the index at ``path``.
+
+        Checks the manifest and that every data file holds the committed bytes; with ``verify`` also
+        every checksum (reads all maps, descriptors and records). The records are read, and checked
+        against their checksums, when :attr:`records` is first used. With ``head`` or ``checkpoint``,
+        checks that the index was made by that model (else the error names the model it was made with).
+        Raises :class:`GalleryIndexError`.
+        """
+        path = os.path.abspath(os.fspath(path))
+        manifest = read_manifest(path)
+        check_sizes(path, manifest)
+        index = cls(path, manifest)
+        if verify:
+            verify_segments(path, manifest)
+            index.records  # noqa: B018 - reads and checks them
+        if checkpoint is not None:
+            check_checkpoint(path, index.model, os.fspath(checkpoint))
+            if not index.model.get("checkpoint"):
+                _, ck_head, _ = load_model(os.fspath(checkpoint))
+                check_head(path, index.model, ck_head)
+        if head is not None:
+            check_head(path, index.model, head)
+        return index
+
+    def refresh(self) -> "GalleryIndex":
+        """Re-read the manifest and records (e.g. after another process appended); returns ``self``."""
+        fresh = GalleryIndex.open(self.path)
+        self.manifest, self._records = fresh.manifest, None
+        return self
+
+    def verify(self) -> None:
+        """Recompute every checksum of the committed data (maps, descriptors, records)."""
+        verify_segments(self.path, self.manifest, (MAPS_FILE, DESCRIPTORS_FILE, RECORDS_FILE))
+
+    @classmethod
+    def _write_new(cls, path: str, ident: Dict[str, Any], blocks: Iterable[Block], overwrite: bool
+                   ) -> "GalleryIndex":
+        path = os.path.abspath(os.fspath(path))
+        if os.path.exists(path) and not overwrite:
+            raise GalleryIndexError(f"{path} already exists (pass overwrite=True to replace it)")
+        if os.path.exists(path) and not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise GalleryIndexError(f"{path} exists and is not a gallery index; not replacing it")
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+        try:
+            manifest = {"format": FORMAT, "count": 0, "map_shape": ident["map_shape"], "records_bytes": 0,
+                        "segments": [], "model": ident, "created": now(), "updated": now()}
+            manifest = _write_segment(tmp, manifest, blocks)
+            write_manifest(tmp, manifest)
+            if os.path.exists(path):
+                old = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".old", dir=parent)
+                os.replace(path, os.path.join(old, "index"))
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open(path)
+
+    # ------------------------------------------------------------------------------------------
+    # appending
+    # ------------------------------------------------------------------------------------------
+    def append(self, maps: MapsLike, records: Optional[Sequence[RecordLike]] = None) -> "GalleryIndex":
+        """Add feature maps ``[n, d, h, w]`` (and their records) at the end, without rewriting the stored
+        maps; committed at once by replacing the manifest, so an interrupted append leaves the index as
+        it was. Returns ``self`` (with the new maps)."""
+        return self._append_blocks([(_as_maps(maps, f"{self.path}: append"), records)])
+
+    def append_images(self, records: Sequence[RecordLike], *, checkpoint: Optional[str] = None,
+                      batch_size: int = 64, device: Union[str, torch.device] = "cpu", workers: int = 0,
+                      progress: bool = True, block: Optional[int] = None) -> "GalleryIndex":
+        """Add the images of ``records`` with the index's model (``checkpoint``: default the one recorded;
+        it must be the same model). One commit at the end, as in :meth:`append`."""
+        recs = as_records(records, len(records))
+        if not recs:
+            return self
+        backbone, _, cfg = self.load_model(checkpoint, device)
+        blocks = extract_map_blocks(backbone, recs, int(cfg["height"]), int(cfg["width"]), batch_size=batch_size,
+                                    device=device, workers=workers, block=block, progress=progress)
+        return self._append_blocks(blocks)
+
+    def _append_blocks(self, blocks: Iterable[Block]) -> "GalleryIndex":
+        with locked(self.path):
+            manifest = read_manifest(self.path)
+            if manifest["model"] != self.model:
+                raise GalleryIndexError(f"{self.path} was replaced by an index of another model")
+            check_sizes(self.path, manifest)
+            manifest = _write_segment(self.path, manifest, blocks)
+            write_manifest(self.path, manifest)
+        return self.refresh()
+
+    # ------------------------------------------------------------------------------------------
+    # the model
+    # ------------------------------------------------------------------------------------------
+    def load_model(self, checkpoint: Optional[str] = None, device: Union[str, torch.device] = "cpu"
+                   ) -> Tuple[torch.nn.Module, torch.nn.Module, Dict[str, Any]]:
+        """``(backbone, head, config)`` of the index's model, from ``checkpoint`` or the one recorded in the
+        index, after checking it is that model (checkpoint hash, folded head, input preprocessing)."""
+        recorded = self.model.get("checkpoint")
+        if checkpoint is None:
+            if not recorded:
+                raise GalleryIndexError(f"{self.path} was made from feature maps without a checkpoint; give the "
+                                        "checkpoint of its model")
+            checkpoint = recorded["path"]
+            if not os.path.isfile(checkpoint):
+                raise GalleryIndexError(f"the checkpoint {checkpoint} that made {self.path} is missing; give its "
+                                        "new location")
+        checkpoint = os.fspath(checkpoint)
+        check_checkpoint(self.path, self.model, checkpoint)
+        backbone, head, cfg = load_model(checkpoint, device)
+        check_head(self.path, self.model, head)
+        if list(map_shape_of(head, cfg)) != list(self.map_shape):
+            raise GalleryIndexError(f"{checkpoint} makes {list(map_shape_of(head, cfg))} maps, {self.path} holds "
+                                    f"{list(self.map_shape)}")
+        pre = self.model.get("preprocessing")
+        if pre is not None and pre != preprocessing_of(cfg["height"], cfg["width"]):
+            raise GalleryIndexError(f"{self.path} was made with the preprocessing {pre}; this model and version "
+                                    f"use {preprocessing_of(cfg['height'], cfg['width'])}")
+        return backbone, head, cfg
+
+    # ------------------------------------------------------------------------------------------
+    # reading
+    # ------------------------------------------------------------------------------------------
+    def maps(self) -> np.ndarray:
+        """All committed maps as a read-only float16 ``np.memmap`` ``[N, d, h, w]``."""
+        if len(self) == 0:
+            return np.empty((0, *self.map_shape), dtype=MAPS_DTYPE)
+        return np.memmap(os.path.join(self.path, MAPS_FILE), dtype=MAPS_DTYPE, mode="r",
+                         shape=(len(self), *self.map_shape))
+
+    def descriptors(self) -> np.ndarray:
+        """The global descriptors (average-pooled, L2-normalised maps) as a read-only float32 memmap ``[N, d]``."""
+        if len(self) == 0:
+            return np.empty((0, self.map_shape[0]), dtype=DESCRIPTORS_DTYPE)
+        return np.memmap(os.path.join(self.path, DESCRIPTORS_FILE), dtype=DESCRIPTORS_DTYPE, mode="r",
+                         shape=(len(self), self.map_shape[0]))
+
+    def chunk_size(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+        """Maps per streamed chunk: ``chunk_bytes`` of float32 maps."""
+        return max(1, int(chunk_bytes) // (4 * int(np.prod(self.map_shape))))
+
+    def iter_maps(self, chunk: Optional[int] = None, start: int = 0, stop: Optional[int] = None
+                  ) -> Iterator[np.ndarray]:
+        """The maps ``start..stop`` in consecutive float16 chunks ``[n, d, h, w]`` read from the file (not
+        mapped, so memory stays one or two chunks; the next chunk is read while the caller works)."""
+        return self._iter_rows(MAPS_FILE, MAPS_DTYPE, self.map_shape, chunk or self.chunk_size(), start, stop)
+
+    def iter_descriptors(self, chunk: int = 1 << 16) -> Iterator[np.ndarray]:
+        """The descriptors in consecutive float32 chunks ``[n, d]``."""
+        return self._iter_rows(DESCRIPTORS_FILE, DESCRIPTORS_DTYPE, (self.map_shape[0],), chunk, 0, None)
+
+    def _iter_rows(self, name: str, dtype: np.dtype, shape: Tuple[int, ...], chunk: int, start: int,
+                   stop: Optional[int]) -> Iterator[np.ndarray]:
+        stop = len(self) if stop is None else min(int(stop), len(self))
+        row = int(np.prod(shape)) * dtype.itemsize
+        path = os.path.join(self.path, name)
+
+        def read(fh: Any, a: int, b: int) -> np.ndarray:
+            buf = np.empty((b - a, *shape), dtype=dtype)
+            got = os.preadv(fh.fileno(), [memoryview(buf).cast("B")], a * row) if buf.size else 0
+            if got != buf.nbytes:
+                raise GalleryIndexError(f"{self.path}: {name} ends early (read {got} of {buf.nbytes} bytes at "
+                                        f"map {a}); the index is damaged")
+            return buf
+
+        blocks = list(iterate_blocks(stop - start, chunk))
+        if not blocks:
+            return
+        with open(path, "rb") as fh, ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read, fh, start + blocks[0][0], start + blocks[0][1])
+            for i in range(len(blocks)):
+                buf = pending.result()
+                if i + 1 < len(blocks):
+                    pending = pool.submit(read, fh, start + blocks[i + 1][0], start + blocks[i + 1][1])
+                yield buf
+
+    def read_maps(self, indices: Union[Sequence[int], np.ndarray]) -> np.ndarray:
+        """The maps at ``indices`` (float16 ``[n, d, h, w]``, in the order given), read from the file."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"map index out of range for {len(self)} maps")
+        out = np.empty((idx.size, *self.map_shape), dtype=MAPS_DTYPE)
+        row = map_nbytes(self.map_shape)
+        with open(os.path.join(self.path, MAPS_FILE), "rb") as fh:
+            order = np.argsort(idx, kind="stable")
+            s = 0
+            while s < order.size:  # runs of consecutive indices are read at once
+                e = s + 1
+                while e < order.size and idx[order[e]] == idx[order[e - 1]] + 1:
+                    e += 1
+                first = int(idx[order[s]])
+                buf = np.empty((e - s, *self.map_shape), dtype=MAPS_DTYPE)
+                got = os.preadv(fh.fileno(), [memoryview(buf).cast("B")], first * row)
+                if got != buf.nbytes:
+                    raise GalleryIndexError(f"{self.path}: {MAPS_FILE} ends early at map {first}; the index is "
+                                            "damaged")
+                out[order[s:e]] = buf
+                s = e
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # searching
+    # ------------------------------------------------------------------------------------------
+    def _queries(self, query_maps: MapsLike) -> torch.Tensor:
+        q = query_maps if isinstance(query_maps, torch.Tensor) else torch.from_numpy(np.asarray(query_maps))
+        if q.dim() == 3:
+            q = q[None]
+        if q.dim() != 4 or tuple(q.shape[1:]) != self.map_shape:
+            raise GalleryIndexError(f"query maps are {list(q.shape)}, {self.path} holds "
+                                    f"{list(self.map_shape)} maps")
+        if not q.is_floating_point():
+            raise GalleryIndexError(f"query maps: expected floating-point maps, got {q.dtype}")
+        return q
+
+    def search(self, query_maps: MapsLike, k: int = 10, *, shortlist: Optional[int] = None,
+               chunk: Optional[int] = None, device: Union[str, torch.device, None] = None,
+               compute_dtype: Optional[torch.dtype] = None, progress: bool = False
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` best gallery maps of every query map ``[P, d, h, w]`` (or one ``[d, h, w]``).
+
+        Exhaustive by default: the gallery is streamed in chunks of ``chunk`` maps (default 64 MiB of
+        float32) through :func:`qaconv_ext.qaconv_score` with the index's folded head, keeping a running
+        top ``k`` (:func:`~qaconv_ext.search.streaming_topk`): exact, memory ``O(P * k + chunk)``.
+
+        ``shortlist=M`` (``k <= M``): two-stage and approximate: the global descriptors (average-pooled,
+        L2-normalised maps) shortlist ``M`` candidates per query by cosine similarity, then the exact
+        QAConv score ranks them. Equal to the exhaustive result whenever the shortlist contains the
+        exhaustive top ``k``; ``M >= len(index)`` is the exhaustive search.
+
+        Returns ``(scores [P, k] float32, indices [P, k] int64)`` on the CPU, by score descending, ties
+        by the smaller index.
+        """
+        q = self._queries(query_maps)
+        n = len(self)
+        if int(k) < 1:
+            raise GalleryIndexError(f"k must be at least 1, got {k}")
+        if int(k) > n:
+            raise GalleryIndexError(f"k={k} is larger than the gallery: {self.path} holds {n} maps")
+        k = int(k)
+        weight, bias = self.folded_head()
+        if shortlist is not None and int(shortlist) < k:
+            raise GalleryIndexError(f"shortlist={shortlist} must be at least k={k}")
+        if shortlist is None or int(shortlist) >= n:
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=n, desc="search", unit="map", leave=False, dynamic_ncols=True)
+            try:
+                return streaming_topk(q, self.iter_maps(chunk), weight, bias, k, device=device,
+                                      compute_dtype=compute_dtype, progress=bar.update if bar else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+        _, cand = descriptor_topk(global_descriptors(q), self.iter_descriptors(), int(shortlist))
+        return rerank_shortlist(q, cand, self.read_maps, weight, bias, k, device=device,
+                                compute_dtype=compute_dtype)
+
+
+def _write_segment(folder: str, manifest: Dict[str, Any], blocks: Iterable[Block]) -> Dict[str, Any]:
+    """Write ``blocks`` after the committed end of the index at ``folder``; returns the manifest that
+    commits them (not yet written). On any failure the files are cut back and the error re-raised."""
+    shape = tuple(int(x) for x in manifest["map_shape"])
+    writer = SegmentWriter(folder, manifest)
+    try:
+        for maps, records in blocks:
+            arr = _as_maps(maps, f"{folder}: maps")
+            if tuple(arr.shape[1:]) != shape:
+                raise GalleryIndexError(f"{folder}: the maps to add are {list(arr.shape)}, the index holds "
+                                        f"[n, {', '.join(map(str, shape))}] maps")
+            with np.errstate(over="ignore"):
+                half = arr.astype(MAPS_DTYPE)
+            if not np.isfinite(half).all():
+                raise GalleryIndexError(f"{folder}: the maps to add hold NaN or infinite values (or values "
+                                        "beyond float16's range)")
+            recs = as_records(records, half.shape[0], f"{folder}: records")
+            desc = global_descriptors(torch.from_numpy(half)).numpy()
+            lines = b"".join(record_line(r.path, r.pid, r.camid, r.time) for r in recs)
+            writer.write(half, desc, lines)
+        segment = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    out = dict(manifest)
+    if segment["count"]:
+        out.update(count=int(manifest["count"]) + segment["count"],
+                   records_bytes=int(manifest["records_bytes"]) + segment["records_bytes"],
+                   segments=list(manifest["segments"]) + [segment], updated=now())
+    return out

@@ -1,0 +1,188 @@
+"""Exact top-k over galleries streamed in chunks, and the two-stage (shortlist, then re-rank) search.
+
+Order everywhere: score descending, ties by the smaller gallery index — the order a stable descending
+sort of the dense ``[P, N]`` score matrix gives, so ``streaming_topk`` returns exactly the first ``k``
+columns of that sort (``torch.topk`` returns the same values; its order among ties is unspecified).
+NaN scores rank first, as in ``torch.sort``/``torch.topk``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+__all__ = [
+    "select_topk",
+    "merge_topk",
+    "streaming_topk",
+    "global_descriptors",
+    "descriptor_topk",
+    "rerank_shortlist",
+    "compute_dtype_for",
+    "iterate_blocks",
+]
+
+Tensor = torch.Tensor
+ChunkLike = Union[Tensor, np.ndarray]
+
+
+def select_topk(values: Tensor, indices: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The ``k`` best ``(value, index)`` entries of every row, ordered by value descending and, among
+    equal values, by index ascending.
+
+    ``values`` and ``indices`` are ``[P, n]`` (any order of columns); returns ``[P, min(k, n)]`` each.
+    """
+    by_index = torch.sort(indices, dim=1, stable=True)
+    v = torch.gather(values, 1, by_index.indices)
+    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.gather(v, 1, order), torch.gather(by_index.values, 1, order)
+
+
+def merge_topk(run_v: Tensor, run_i: Tensor, block_v: Tensor, block_i: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """Merge a block of candidates ``[P, c]`` into running top-``k`` lists ``[P, <= k]`` (see
+    :func:`select_topk` for the order)."""
+    if run_v.shape[1] == 0:
+        return select_topk(block_v, block_i, k)
+    return select_topk(torch.cat([run_v, block_v], dim=1), torch.cat([run_i, block_i], dim=1), k)
+
+
+def compute_dtype_for(device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype the gallery is scored in: ``dtype`` when given, else float16 on CUDA (tensor cores) and
+    float32 elsewhere (the CPU kernels are fastest in float32)."""
+    if dtype is not None:
+        return dtype
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _weights(weight: Tensor, bias: Union[Tensor, float, None], device: torch.device, dtype: torch.dtype
+             ) -> Tuple[Tensor, Tensor]:
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.as_tensor(weight).detach().reshape(-1).to(device, acc)
+    b = torch.as_tensor(0.0 if bias is None else bias).detach().reshape(()).to(device, acc)
+    return w, b
+
+
+def _as_chunk(chunk: ChunkLike, device: torch.device, dtype: torch.dtype) -> Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
+    return t.to(device=device, dtype=dtype)
+
+
+def streaming_topk(query_maps: Tensor, chunks: Iterable[ChunkLike], weight: Tensor,
+                   bias: Union[Tensor, float, None], k: int, *, device: Union[str, torch.device, None] = None,
+                   compute_dtype: Optional[torch.dtype] = None,
+                   progress: Optional[Callable[[int], None]] = None) -> Tuple[Tensor, Tensor]:
+    """Top-``k`` QAConv scores of every query over a gallery given as consecutive chunks of maps.
+
+    Args:
+        query_maps: ``[P, d, h, w]`` query feature maps.
+        chunks: the gallery's maps in order, as ``[n_i, d, h, w]`` tensors or arrays (any float dtype,
+            e.g. float16 from a file); chunk ``i`` holds gallery indices ``sum(n_<i) ...``.
+        weight, bias: the folded head (``[2L]`` and a scalar), e.g. ``QAConv.folded()``.
+        k: how many to keep; at most the gallery size.
+        device: where to score (default: the queries' device). compute_dtype: what queries and chunks
+            are cast to before :func:`qaconv_ext.qaconv_score` (default :func:`compute_dtype_for`).
+        progress: called with each chunk's size after it is scored.
+
+    Returns:
+        ``(scores [P, k] float32, indices [P, k] int64)`` on the CPU, each row by score descending, ties
+        by the smaller index: exactly the first ``k`` columns of a stable descending sort of the dense
+        scores. Memory: ``O(P * k + P * chunk)`` beyond one chunk of maps.
+    """
+    from ..ops import qaconv_score
+
+    if int(k) < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    k = int(k)
+    device = torch.device(device) if device is not None else query_maps.device
+    dtype = compute_dtype_for(device, compute_dtype)
+    q = query_maps.detach().to(device, dtype)
+    w, b = _weights(weight, bias, device, dtype)
+    P = q.shape[0]
+    run_v = torch.empty(P, 0, dtype=torch.float32)
+    run_i = torch.empty(P, 0, dtype=torch.int64)
+    offset = 0
+    with torch.no_grad():
+        for chunk in chunks:
+            g = _as_chunk(chunk, device, dtype)
+            n = g.shape[0]
+            if n == 0:
+                continue
+            s = qaconv_score(q, g, w, b).float().cpu()
+            idx = torch.arange(offset, offset + n, dtype=torch.int64).expand(P, n)
+            run_v, run_i = merge_topk(run_v, run_i, s, idx, k)
+            offset += n
+            if progress is not None:
+                progress(n)
+    if offset < k:
+        raise ValueError(f"k={k} is larger than the gallery ({offset} maps)")
+    return run_v, run_i
+
+
+def global_descriptors(maps: ChunkLike) -> Tensor:
+    """The cheap global descriptor of feature maps ``[n, d, h, w]``: the average over locations,
+    L2-normalised -> float32 ``[n, d]`` (computed in float32 whatever the input dtype)."""
+    t = torch.from_numpy(np.ascontiguousarray(maps)) if isinstance(maps, np.ndarray) else maps
+    t = t.detach().to("cpu", torch.float32)
+    if t.dim() != 4:
+        raise ValueError(f"expected feature maps [n, d, h, w], got shape {tuple(t.shape)}")
+    return F.normalize(t.mean(dim=(2, 3)), dim=1)
+
+
+def descriptor_topk(query_desc: Tensor, chunks: Iterable[ChunkLike], k: int) -> Tuple[Tensor, Tensor]:
+    """Top-``k`` cosine similarities of query descriptors ``[P, d]`` over gallery descriptors streamed in
+    consecutive chunks ``[n_i, d]`` (same order rules as :func:`streaming_topk`); returns
+    ``(similarities [P, k'], indices [P, k'])`` with ``k' = min(k, gallery size)``."""
+    q = query_desc.detach().to("cpu", torch.float32)
+    P = q.shape[0]
+    run_v = torch.empty(P, 0, dtype=torch.float32)
+    run_i = torch.empty(P, 0, dtype=torch.int64)
+    offset = 0
+    for chunk in chunks:
+        g = _as_chunk(chunk, torch.device("cpu"), torch.float32)
+        n = g.shape[0]
+        if n == 0:
+            continue
+        s = q @ g.t()
+        run_v, run_i = merge_topk(run_v, run_i, s, torch.arange(offset, offset + n).expand(P, n), k)
+        offset += n
+    return run_v, run_i
+
+
+def rerank_shortlist(query_maps: Tensor, shortlist: Tensor, fetch: Callable[[np.ndarray], ChunkLike],
+                     weight: Tensor, bias: Union[Tensor, float, None], k: int, *,
+                     device: Union[str, torch.device, None] = None,
+                     compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """Exact QAConv scores of each query against its own shortlisted gallery indices, top ``k`` of them.
+
+    ``shortlist`` is ``[P, M]`` gallery indices (``M >= k``); ``fetch(sorted_indices)`` returns those
+    gallery maps ``[m, d, h, w]`` in that order. Returns ``(scores [P, k], indices [P, k])`` ordered as
+    in :func:`streaming_topk` (so equal to the exhaustive result whenever the shortlist holds the
+    exhaustive top ``k``).
+    """
+    from ..ops import qaconv_score
+
+    device = torch.device(device) if device is not None else query_maps.device
+    dtype = compute_dtype_for(device, compute_dtype)
+    w, b = _weights(weight, bias, device, dtype)
+    P, M = shortlist.shape
+    if M < k:
+        raise ValueError(f"the shortlist ({M}) must hold at least k={k} entries")
+    out_v = torch.empty(P, k, dtype=torch.float32)
+    out_i = torch.empty(P, k, dtype=torch.int64)
+    with torch.no_grad():
+        for p in range(P):
+            cand = torch.unique(shortlist[p])  # sorted ascending, duplicates (none expected) dropped
+            maps = _as_chunk(fetch(cand.numpy()), device, dtype)
+            s = qaconv_score(query_maps[p:p + 1].detach().to(device, dtype), maps, w, b).float().cpu()
+            v, i = select_topk(s, cand[None], k)
+            out_v[p], out_i[p] = v[0], i[0]
+    return out_v, out_i
+
+
+def iterate_blocks(n: int, size: int) -> Iterator[Tuple[int, int]]:
+    """``(start, stop)`` of consecutive blocks of ``size`` covering ``range(n)``."""
+    size = max(1, int(size))
+    for s in range(0, n, size):
+        yield s, min(s + size, n)

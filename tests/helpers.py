@@ -1,0 +1,112 @@
+"""Helpers shared by the test modules: inputs, error measures, device parameters, seeds."""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Dict, Iterable, List
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+NEEDS_CUDA = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+
+# The devices the op contract is tested on: the CPU always, CUDA when a device is present.
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def device_dtypes(dtypes: Iterable[torch.dtype]) -> List:
+    """``(device, dtype)`` parameters: every dtype on the CPU, all but float64 (CPU-only) on CUDA."""
+    params = []
+    for device in ("cpu", "cuda"):
+        for dtype in dtypes:
+            if device == "cuda" and dtype == torch.float64:
+                continue
+            params.append(pytest.param(device, dtype, marks=[NEEDS_CUDA] if device == "cuda" else [],
+                                       id=f"{device}-{dtype_id(dtype)}"))
+    return params
+
+
+def seed_of(text: str) -> int:
+    """A stable 32-bit seed derived from ``text`` (a test's id with its parameters)."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def unit_maps(batch: int, channels: int, height: int, width: int, dtype=torch.float32,
+              generator: torch.Generator | None = None, device: str = "cpu") -> torch.Tensor:
+    """Random feature maps, L2-normalised over channels at every location (as QAConv feeds them).
+
+    Drawn on the CPU from ``generator``, so a seed gives the same maps on every device.
+    """
+    x = torch.randn(batch, channels, height, width, dtype=torch.float64, generator=generator)
+    x = torch.nn.functional.normalize(x, dim=1)
+    return x.to(device=device, dtype=dtype)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (on the CPU, so the two may live on different devices)."""
+    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def score_err(out: torch.Tensor, query: torch.Tensor, gallery: torch.Tensor, weight: torch.Tensor,
+              bias=None) -> float:
+    """Error of ``qaconv_score`` output against the float64 reference, relative to ``||values| @ |w|||``.
+
+    A signed weighted sum can cancel, so a plain relative error fails on lucky cancellations; the sum
+    of the terms' magnitudes is the scale that rounding errors grow with.
+    """
+    from qaconv_ext import reference
+
+    dev = query.device  # the float64 reference runs where the inputs are (fast on a GPU)
+    q, g = query.detach().double(), gallery.detach().double()
+    w = weight.detach().to(dev, torch.float64).reshape(-1)
+    b = bias.to(dev, torch.float64) if isinstance(bias, torch.Tensor) else bias
+    ref = reference.qaconv_score(q, g, w, b)
+    scale = reference.qaconv_match(q, g).abs() @ w.abs()
+    return float((out.to(dev, torch.float64) - ref).norm() / scale.norm().clamp_min(1e-300))
+
+
+def bad_op_calls(device: str) -> Dict[str, Callable[[], object]]:
+    """Invalid calls of the dispatcher ops on ``device``, by the rule each one breaks.
+
+    The compiled kernels, the fake kernels (``device="meta"``) and the pure-PyTorch fallback must
+    answer each with the same error type and message.
+    """
+    ops = torch.ops.qaconv_ext
+
+    def t(*shape, dtype=torch.float32):
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    q, g, w = t(2, 8, 3, 3), t(3, 8, 3, 3), t(18)
+    grad, idx = t(2, 3, 18), torch.zeros(2, 3, 18, dtype=torch.long, device=device)
+    return {
+        "query rank": lambda: ops.match(q[0], g, False),
+        "gallery rank": lambda: ops.match(q, g[:, :, 0], True),
+        "dtypes differ": lambda: ops.match(q, g.double(), False),
+        "unsupported dtype": lambda: ops.match(q.int(), g.int(), False),
+        "channel mismatch": lambda: ops.match(q, t(3, 7, 3, 3), False),
+        "no channels": lambda: ops.score(t(2, 0, 3, 3), t(3, 0, 3, 3), w, None),
+        "empty query": lambda: ops.match(t(2, 8, 0, 3), g, False),
+        "empty gallery": lambda: ops.match(q, t(3, 8, 3, 0), False),
+        "weight dtype": lambda: ops.score(q, g, w.long(), None),
+        "weight length": lambda: ops.score(q, g, t(17), None),
+        "weight shape": lambda: ops.score(q, g, t(2, 9), None),
+        "bias size": lambda: ops.score(q, g, w, t(2)),
+        "grad_values shape": lambda: ops.match_backward(t(2, 3, 17), idx, q, g),
+        "indices shape": lambda: ops.match_backward(grad, idx[:, :2], q, g),
+        "indices dtype": lambda: ops.match_backward(grad, idx.int(), q, g),
+        "backward pair": lambda: ops.match_backward(grad, idx, q, t(3, 7, 3, 3)),
+    }
+
+
+def error_of(call: Callable[[], object]):
+    """``(type name, message)`` of the exception ``call`` raises, or ``None`` when it returns."""
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001  (the type itself is what is compared)
+        return type(exc).__name__, str(exc).split("\n")[0]
+    return None

@@ -1,0 +1,110 @@
+"""Memory-bounded re-ranking in evaluation: ``rerank_mode="sparse"`` (gallery-gallery rows from the fused op
+in blocks, no [G, G] matrix) gives the dense mode's distances and metrics; ``qaconv eval --rerank-mode``."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qaconv_ext import QAConv, cli
+
+Image = pytest.importorskip("PIL.Image")
+
+IMG_H, IMG_W, NECK = 32, 16, 8
+
+
+def make_head(d: int, h: int, w: int, seed: int = 0) -> QAConv:
+    torch.manual_seed(seed)
+    head = QAConv(d, h, w)
+    with torch.no_grad():
+        head.fc.weight.uniform_(0.5, 1.5)  # positive and uneven: a map's best match is itself
+        head.bn.running_mean.fill_(0.1)
+        head.bn.running_var.fill_(2.0)
+    return head.eval()
+
+
+def test_sparse_rerank_mode_equals_dense():
+    from qaconv_ext.data import Record
+    from qaconv_ext.evaluation import evaluate_qaconv_features, rerank_distance, score_rows, self_score_blocks
+
+    gen = torch.Generator().manual_seed(8)
+    head = make_head(d=16, h=2, w=2)
+    ids = 20
+    base = torch.randn(ids, 16, 2, 2, generator=gen)
+
+    def sample(n):
+        pid = torch.randint(0, ids, (n,), generator=gen)
+        cam = torch.randint(0, 4, (n,), generator=gen)
+        fea = torch.nn.functional.normalize(base[pid] + 1.2 * torch.randn(n, 16, 2, 2, generator=gen), dim=1)
+        return fea, [Record("", int(p) + 1, int(c), None) for p, c in zip(pid, cam)]
+
+    qf, qr = sample(30)
+    gf, gr = sample(160)
+    dense = evaluate_qaconv_features(head, qf, gf, qr, gr, rerank=True, progress=False)
+    sparse = evaluate_qaconv_features(head, qf, gf, qr, gr, rerank=True, rerank_mode="sparse", progress=False)
+    assert "gg" in dense.scores and "gg" not in sparse.scores
+    for row in dense.rows:
+        for m in ("rank1", "rank5", "mAP", "mINP"):
+            assert sparse.rows[row][m] == pytest.approx(dense.rows[row][m], abs=1e-6), (row, m)
+    assert 0.2 < dense.rows["QAConv + RR"]["mAP"] < 0.95  # not a trivial problem
+    # the distances themselves, with the rows computed on demand
+    rows = score_rows(head, gf, gallery_chunk=64)
+    s_gg = self_score_blocks(head, gf, progress=False)
+    block = rows(10, 50)
+    assert torch.allclose(block, s_gg[10:50], rtol=1e-5, atol=1e-5)
+    r, c = torch.tensor([10, 49, 10, 33]), torch.tensor([5, 159, 7, 33])
+    assert torch.equal(rows.entries(r.numpy(), c.numpy()), block[r - 10, c])  # the same values as the rows
+    d_dense = rerank_distance(dense.scores["qg"], dense.scores["qq"], s_gg)
+    d_sparse = rerank_distance(dense.scores["qg"], dense.scores["qq"], rows, mode="sparse")
+    assert np.allclose(d_sparse, d_dense, atol=1e-5)
+
+
+
+@pytest.fixture(scope="module")
+def market(tmp_path_factory):
+    """A tiny Market-1501 tree (6 identities, 2 cameras) and a tiny untrained QAConv checkpoint."""
+    from qaconv_ext.models import build_backbone
+
+    root = tmp_path_factory.mktemp("market")
+    data = root / "Market-1501-v15.09.15"
+    rng = np.random.default_rng(3)
+    for pid in range(1, 7):
+        color = rng.integers(0, 255, size=3)
+        for k, (sub, cam) in enumerate([("query", 1), ("bounding_box_test", 2), ("bounding_box_test", 2),
+                                        ("bounding_box_test", 1), ("bounding_box_train", 1)]):
+            folder = data / sub
+            folder.mkdir(parents=True, exist_ok=True)
+            img = np.clip(color + rng.normal(0, 40, size=(IMG_H, IMG_W, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(folder / f"{pid:04d}_c{cam}s1_{100 * pid + k:06d}_00.jpg")
+    torch.manual_seed(0)
+    backbone = build_backbone("small", neck=NECK).eval()
+    head = QAConv(NECK, IMG_H // 8, IMG_W // 8).eval()
+    ck = root / "model.pt"
+    torch.save({"format": "qaconv-ext/1", "model": backbone.state_dict(), "head": head.state_dict(),
+                "config": {"method": "qaconv", "arch": "small", "neck": NECK, "height": IMG_H, "width": IMG_W}}, ck)
+    return {"root": str(root), "ck": str(ck)}
+
+
+def test_eval_command_rerank_mode(market, tmp_path):
+    outs = {}
+    for mode in ("dense", "sparse"):
+        out = tmp_path / f"{mode}.json"
+        argv = ["eval", "--checkpoint", market["ck"], "--dataset", "market1501", "--data-root", market["root"],
+                "--device", "cpu", "--workers", 0, "--no-progress", "--rerank", "--rerank-mode", mode, "--json", out]
+        assert cli.main([str(a) for a in argv]) == 0
+        outs[mode] = json.loads(out.read_text())
+    assert list(outs["sparse"]) == ["QAConv", "QAConv + RR"]
+    for row in outs["dense"]:
+        for m, v in outs["dense"][row].items():
+            assert outs["sparse"][row][m] == pytest.approx(v, abs=1e-6)
+    assert outs["dense"]["QAConv + RR"]["mAP"] < 1.0  # the problem is not trivial
+
+
+def test_rerank_mode_is_checked():
+    from qaconv_ext.evaluation import evaluate_qaconv_features
+
+    with pytest.raises(ValueError, match="rerank_mode"):
+        evaluate_qaconv_features(make_head(4, 2, 2), torch.randn(2, 4, 2, 2), torch.randn(3, 4, 2, 2), [], [],
+                                 rerank=True, rerank_mode="blocks")

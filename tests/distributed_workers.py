@@ -156,8 +156,8 @@ def cli_worker(env, out: str, argvs: Sequence[Sequence[str]]) -> None:
     with contextlib.redirect_stdout(buf):
         try:
             rc = cli.main(list(argvs[env.rank]))
-        except SystemExit as e:
-            rc = str(e.code)
+        except SystemExit as e:   # a command's one-line error: its message; else the status
+            rc = str(e) or str(e.code)
     (Path(out) / f"rank{env.rank}.out").write_text(f"{rc}\n{buf.getvalue()}")
 
 

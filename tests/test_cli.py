@@ -203,12 +203,12 @@ def test_resume_takes_the_model_options_from_the_checkpoint(market, tmp_path, ca
     with pytest.raises(SystemExit) as err:
         _run(_tiny(market, ck, "--arch", "small", "--neck", 8, "--width", 2 * W, "--resume"))
     msg = str(err.value)
-    assert "--neck 8 (checkpoint: 16)" in msg and f"--width {2 * W} (checkpoint: {W})" in msg
-    assert "--arch" not in msg and "\n" not in msg
+    assert "--neck: 16 in the checkpoint, 8 given" in msg and f"--width: {W} in the checkpoint, {2 * W} given" in msg
+    assert "--arch" not in msg and "\n" not in msg and err.value.code == 2
     assert torch.load(ck / "checkpoint.pt", weights_only=True)["epoch"] == 1   # not touched
     # Not given: taken from the checkpoint (the defaults, resnet50 at 384 x 128, would not load).
     assert _run(_tiny(market, ck, "--resume", "--epochs", 2)) == 0
-    assert "from the checkpoint: --method qaconv --arch small --neck 16" in capsys.readouterr().out
+    assert "from the checkpoint: --method qaconv --arch small --neck 16 --layout v2" in capsys.readouterr().out
     cfg = torch.load(ck / "checkpoint.pt", weights_only=True)
     assert cfg["epoch"] == 2 and (cfg["config"]["arch"], cfg["config"]["height"]) == ("small", H)
 
@@ -311,7 +311,7 @@ def test_train_settles_device_and_model_options_once(market, tmp_path, monkeypat
     from qaconv_ext.cli import train
 
     calls = {"device": 0, "settle": 0}
-    resolve, settle = train.resolve_device, train.settle_model_options
+    resolve, settle = train.resolve_device, train.settle_run_options
 
     def count(key, fn):
         def wrapped(*a, **k):
@@ -327,7 +327,7 @@ def test_train_settles_device_and_model_options_once(market, tmp_path, monkeypat
         raise Started
 
     monkeypatch.setattr(train, "resolve_device", count("device", resolve))
-    monkeypatch.setattr(train, "settle_model_options", count("settle", settle))
+    monkeypatch.setattr(train, "settle_run_options", count("settle", settle))
     monkeypatch.setattr(qaconv_ext.engine, "run_training", no_training)
     with pytest.raises(Started):
         _run(_tiny(market, tmp_path / "ck", *SMALL))

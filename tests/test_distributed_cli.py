@@ -3,6 +3,7 @@ rank 0 prints; options that differ across ranks stop every rank at start-up."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -140,3 +141,20 @@ def test_two_process_resume_continues_exactly_with_augmentation(trained, tmp_pat
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
     r0, r1 = a["rng_ranks"]
     assert not torch.equal(r0["torch"], r1["torch"])  # the ranks draw their own augmentations
+
+
+def test_two_process_training_shares_one_new_run_folder(trained, tmp_path, monkeypatch):
+    """Without --checkpoint-dir, rank 0 makes the dated run folder and every rank uses it: one folder,
+    one checkpoint."""
+    root, _ = trained
+    argv = [a for a in _train_argv(root, "unused") if a not in ("--checkpoint-dir", "unused")]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    workers.spawn(workers.cli_worker, 2, str(tmp_path), [argv, argv])
+    rc0, out0 = (tmp_path / "rank0.out").read_text().split("\n", 1)
+    rc1, out1 = (tmp_path / "rank1.out").read_text().split("\n", 1)
+    assert rc0 == rc1 == "0" and out1 == ""
+    runs = list((work / "runs" / "train").iterdir())
+    assert len(runs) == 1 and sorted(p.name for p in runs[0].iterdir()) == ["checkpoint.pt"]
+    assert f"run folder: {os.path.join('runs', 'train', runs[0].name)} (new" in out0

@@ -234,21 +234,27 @@ def test_resume_names_trunk_and_preset_conflicts(tmp_path):
     checkpoint from before the presets counts as imagenet."""
     import argparse
 
-    from qaconv_ext.cli.train import _resume_config, settle_model_options
+    from qaconv_ext.cli.train import RUN_OPTIONS, RunPlan, plan_run, settle_run_options
 
     def args(**given):
-        keys = ("method", "arch", "neck", "layout", "height", "width", "ibn", "neck_type", "preprocess", "augment")
-        return argparse.Namespace(**{k: given.get(k) for k in keys})
+        return argparse.Namespace(**{k: given.get(k) for k in RUN_OPTIONS}, dataset=None, data_root=None,
+                                  combine_all=None, skip_bad_images=None)
+
+    def resumed(saved):
+        return RunPlan(checkpoint_dir=str(tmp_path), resume="checkpoint.pt", done=1,
+                       saved={"dataset": "market1501", "epochs": 2, **saved})
 
     plain = {"arch": "resnet50", "ibn": None, "neck_type": "bn", "preprocess": "public"}
-    with pytest.raises(SystemExit, match=r"--ibn b \(checkpoint: none\)"):
-        settle_model_options(args(ibn="b"), plain)
+    with pytest.raises(SystemExit, match=r"--ibn: none in the checkpoint, b given"):
+        settle_run_options(args(ibn="b"), resumed(plain))
     a = args()
-    adopted = settle_model_options(a, plain)
-    assert (a.ibn, a.neck_type, a.preprocess) == ("none", "bn", "public") and "--neck-type bn" in adopted
-    with pytest.raises(SystemExit, match=r"--preprocess public \(checkpoint: imagenet\)"):
-        settle_model_options(args(preprocess="public"), {"arch": "small", "preprocess": "imagenet"})
+    notes = settle_run_options(a, resumed(plain))
+    assert (a.ibn, a.neck_type, a.preprocess) == (None, "bn", "public") and "--neck-type bn" in notes[0]
+    assert "--ibn none" in notes[0]
+    settle_run_options(args(ibn="none"), resumed(plain))   # the plain trunk given again: no conflict
+    with pytest.raises(SystemExit, match=r"--preprocess: imagenet in the checkpoint, public given"):
+        settle_run_options(args(preprocess="public"), resumed({"arch": "small", "preprocess": "imagenet"}))
     old = _save(str(tmp_path / "old" / "checkpoint.pt"), {"format": "qaconv-ext/1", "model": {},
                                                            "config": {"arch": "small"}})
-    got = _resume_config(argparse.Namespace(resume=old, checkpoint_dir=str(tmp_path)))
-    assert got["config"]["preprocess"] == "imagenet"
+    got = plan_run(argparse.Namespace(resume=old, checkpoint_dir=None, overwrite=False))
+    assert got.saved["preprocess"] == "imagenet" and got.checkpoint_dir == str(tmp_path / "old")

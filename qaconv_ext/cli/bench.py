@@ -15,7 +15,14 @@ import sys
 import time
 from typing import Any, Callable, Dict, Optional
 
-from .common import resolve_device, write_json
+from .common import CommandError, json_path, positive_int, resolve_device, write_json
+
+#: What ``qaconv bench --help`` says (plain text).
+DESCRIPTION = ("A quick matching-throughput check: times qaconv_score (fused head, one number per pair), "
+               "qaconv_match (all maxima) and the chunked PyTorch reference qaconv_score on the same seeded "
+               "unit-norm feature maps in one process, and prints pairs/s, GFLOP/s and the speed-up. --full "
+               "runs the repository's benchmarks/bench_match.py instead (one process per method, peak memory, "
+               "JSON), when that script is there.")
 
 
 def _time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
@@ -77,17 +84,19 @@ def _find_bench_script() -> Optional[str]:
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``bench`` sub-command."""
     p = subparsers.add_parser("bench", help="quick matching throughput: fused op vs PyTorch reference",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queries", type=int, default=32)
-    p.add_argument("--gallery", type=int, default=512)
-    p.add_argument("--channels", type=int, default=128)
-    p.add_argument("--height", type=int, default=24)
-    p.add_argument("--width", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=3)
+                              description=DESCRIPTION)
+    p.add_argument("--queries", type=positive_int, default=32, help="query feature maps (default: %(default)s)")
+    p.add_argument("--gallery", type=positive_int, default=512, help="gallery feature maps (default: %(default)s)")
+    p.add_argument("--channels", type=positive_int, default=128, help="channels per location (default: %(default)s)")
+    p.add_argument("--height", type=positive_int, default=24, help="feature map height (default: %(default)s)")
+    p.add_argument("--width", type=positive_int, default=8, help="feature map width (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"),
+                   help="feature dtype (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls per method; the median is "
+                   "reported (default: %(default)s)")
     p.add_argument("--no-reference", action="store_true", help="skip the (slower) reference")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", type=json_path, default=None, metavar="FILE.json", help="write the results here")
     p.add_argument("--full", action="store_true",
                    help="run benchmarks/bench_match.py (from a source checkout) with the remaining arguments")
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -100,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if args.full:
         script = _find_bench_script()
         if script is None:
-            raise SystemExit("qaconv bench --full: benchmarks/bench_match.py not found (run from a source checkout)")
+            raise CommandError("qaconv bench --full: benchmarks/bench_match.py not found (run from a source checkout)")
         cmd = [sys.executable, script, f"--queries={args.queries}", f"--gallery={args.gallery}",
                f"--channels={args.channels}", f"--height={args.height}", f"--width={args.width}",
                f"--dtype={args.dtype}", f"--repeats={args.repeats}"] + list(args.rest or [])

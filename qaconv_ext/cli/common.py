@@ -1,36 +1,132 @@
-"""What the ``qaconv`` sub-commands share: their options, the dataset loader, the device choice,
-loading a trained model (errors become the command's exit message), the result table and the JSON
-writer.
+"""What the ``qaconv`` sub-commands share: their options and argument types, the one place where
+errors become the command's one-line message and exit status, the dataset loader, the device
+choice, loading a trained model, the result table and the JSON writer.
 
-Sub-commands import from here and from the library below it, never from one another.
+Sub-commands import from here and from the library below it, never from one another. Nothing here
+imports PyTorch at module level, so that ``qaconv --help`` answers without loading it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
-from typing import Any, Dict, Optional, Tuple
+import sys
+import tempfile
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from torch import nn
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
 
 __all__ = [
-    "DATASET_CHOICES", "MODEL_OPTIONS", "DEFAULT_CHECKPOINT",
-    "default_data_root", "default_synthetic_root", "load_dataset",
-    "positive_int", "add_data_args", "add_model_args", "add_postprocess_args", "add_rerank_mode_arg",
-    "add_dataset_command",
-    "add_checkpoint_args", "model_defaults",
-    "resolve_device", "load_model_or_exit", "load_qaconv", "note_postprocessing", "print_table", "write_json",
-    "error_line", "image_record",
+    "DATASET_CHOICES", "ARCHITECTURE_CHOICES", "NECK_TYPE_CHOICES", "PREPROCESS_CHOICES", "AUGMENT_CHOICES",
+    "TRAIN_DEFAULTS", "DEFAULT_CHECKPOINT", "PICTURES_DIR", "PICTURE_EXTENSIONS", "BAD_INPUT", "FAILED",
+    "CommandError", "library_error", "run_command",
+    "default_data_root", "default_synthetic_root", "load_dataset", "check_time_stamps",
+    "positive_int", "non_negative_int", "positive_float", "non_negative_float", "output_file", "picture_path",
+    "json_path", "check_writable_folder",
+    "add_data_args", "add_model_args", "add_postprocess_args", "add_rerank_mode_arg", "add_dataset_command",
+    "add_checkpoint_args", "resolve_device", "load_model_or_exit", "load_qaconv", "evaluate_or_exit",
+    "note_postprocessing", "print_table", "write_json", "error_line", "image_record",
 ]
 
 DATASET_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "synthetic-a", "synthetic-b", "folder")
 
-#: The options that define the model's shapes; a resumed run takes them from the checkpoint.
-MODEL_OPTIONS = ("method", "arch", "neck", "layout", "height", "width", "ibn", "neck_type", "preprocess", "augment")
+#: The choices of the model options, spelled out so that the parsers are built without importing
+#: PyTorch (a test keeps them equal to the library's): :data:`qaconv_ext.models.ARCHITECTURES`,
+#: ``models.NECK_TYPES``, ``data.transforms.PREPROCESS_PRESETS`` and ``AUGMENTATIONS``.
+ARCHITECTURE_CHOICES = ("resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "small")
+NECK_TYPE_CHOICES = ("bn", "bias")
+PREPROCESS_CHOICES = ("public", "imagenet")
+AUGMENT_CHOICES = ("eccv", "v2")
+
+#: The defaults of :class:`qaconv_ext.engine.TrainConfig` that the help texts name (spelled out for the
+#: same reason; a test keeps them equal). A new run takes its defaults from ``TrainConfig`` itself.
+TRAIN_DEFAULTS: Dict[str, Any] = dict(method="qaconv", arch="resnet50", neck=128, layout="v2", neck_type="bn",
+                                      preprocess="public", augment="eccv", height=384, width=128, epochs=60,
+                                      batch_size=32, lr=0.01, step_size=40, weight_decay=5e-4, clip_grad=0.0,
+                                      workers=2, seed=0)
 
 #: The QAConv model the picture commands (``match``, ``rank``) read unless told otherwise.
 DEFAULT_CHECKPOINT = os.path.join("runs", "demo", "qaconv.pt")
+
+#: Where the picture commands write unless told otherwise.
+PICTURES_DIR = os.path.join("runs", "pictures")
+
+#: The picture formats ``-o`` accepts.
+PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+#: Exit status of a command refused because of its input (found before the work starts).
+BAD_INPUT = 2
+#: Exit status of a command that failed during the work (e.g. a training run that diverged).
+FAILED = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors: one line and an exit status
+# ----------------------------------------------------------------------------------------------
+
+class CommandError(SystemExit):
+    """Ends a sub-command: ``str(error)`` is the one-line message, ``code`` the exit status
+    (:data:`BAD_INPUT` or :data:`FAILED`)."""
+
+    def __init__(self, message: str, code: int = BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def library_error(exc: BaseException, command: str) -> Optional[CommandError]:
+    """The :class:`CommandError` for an error of the library that tells the user what is wrong with
+    their input or run (``TrainingDiverged``, ``PretrainedWeightsError``, ``CheckpointError``,
+    ``DatasetFormatError``, ``ImageReadError``), else None. ``command``: e.g. ``"qaconv train"``."""
+    from ..data import DatasetFormatError, ImageReadError
+    from ..engine import CheckpointError, TrainingDiverged
+    from ..models import PretrainedWeightsError
+
+    if isinstance(exc, TrainingDiverged):
+        return CommandError(f"{command}: {exc}", FAILED)
+    if isinstance(exc, ImageReadError):
+        hint = ("; --skip-bad-images leaves unreadable images out" if command in ("qaconv train", "qaconv eval")
+                else "")
+        return CommandError(f"{command}: {exc}{hint}", BAD_INPUT)
+    if isinstance(exc, (PretrainedWeightsError, CheckpointError, DatasetFormatError)):
+        return CommandError(f"{command}: {exc}", BAD_INPUT)
+    return None
+
+
+def run_command(func: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace,
+                command: str) -> int:
+    """Run a sub-command's ``func(args)``; returns its exit status.
+
+    A :class:`CommandError`, a ``SystemExit`` with a message (status :data:`BAD_INPUT`) or an error of
+    the library that :func:`library_error` knows is printed as one line on stderr and raised again as
+    a :class:`CommandError` (so the process exits with its status; callers in Python can catch it).
+    Other exceptions propagate unchanged (a traceback means a bug).
+    """
+    try:
+        rc = func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except CommandError as exc:
+        error = exc
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        error = CommandError(exc.code, BAD_INPUT)
+    except Exception as exc:  # noqa: BLE001 - only the library's known errors are turned into one line
+        known = library_error(exc, command)
+        if known is None:
+            raise
+        error = known
+    else:
+        return int(rc or 0)
+    print(error, file=sys.stderr)
+    raise error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,64 +145,176 @@ def default_synthetic_root() -> str:
 
 
 def load_dataset(name: str, root: Optional[str] = None, combine_all: bool = False, verbose: bool = True,
-                 option: str = "--data-root") -> Any:
-    """Load ``name`` (one of :data:`DATASET_CHOICES`) from ``root``.
+                 option: str = "--data-root", *, splits: Sequence[str] = ("train", "query", "gallery"),
+                 skip_bad_images: bool = False, command: str = "qaconv") -> Any:
+    """Load the ``splits`` of ``name`` (one of :data:`DATASET_CHOICES`) from ``root``.
 
     ``synthetic-a``/``synthetic-b`` are the two domains of the built-in camera network under ``root``
     (default :func:`default_synthetic_root`), generated on first use. Real datasets read ``root``
-    (default ``$QACONV_DATA``), which may be the dataset folder or the folder that contains it.
-    ``option`` is the command-line option that gives ``root`` (for the error messages).
+    (default ``$QACONV_DATA``), which may be the dataset folder or the folder that contains it; only
+    the folders of ``splits`` need to exist. ``skip_bad_images``: decode every image once and leave
+    out those that cannot be read (they are counted and the first named). ``option`` is the
+    command-line option that gives ``root`` and ``command`` the command (for the error messages).
     """
     from ..data import Market1501, build_dataset, make_synthetic_network
 
     name = name.lower()
+    kwargs: Dict[str, Any] = {"splits": tuple(splits), "skip_bad_images": bool(skip_bad_images)}
     if name in ("synthetic-a", "synthetic-b"):
         root = root or default_synthetic_root()
         paths = make_synthetic_network(root, progress=verbose)
-        ds = Market1501(paths["domain_a" if name.endswith("a") else "domain_b"])
+        folder = paths["domain_a" if name.endswith("a") else "domain_b"]
+        try:
+            ds = Market1501(folder, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"{command}: cannot read {name} from {folder}: {exc}") from None
     else:
         root = root or default_data_root()
         if not root:
-            raise SystemExit(f"qaconv: {option} is required for {name} (or set $QACONV_DATA)")
-        kwargs: Dict[str, Any] = {"combine_all": True} if (name == "msmt17" and combine_all) else {}
+            raise CommandError(f"{command}: {option} is required for {name} (or set $QACONV_DATA)")
+        if name == "msmt17" and combine_all:
+            kwargs["combine_all"] = True
         try:
             ds = build_dataset(name, root, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
-            raise SystemExit(f"qaconv: cannot read {name} from {root}: {exc}") from None
+            raise CommandError(f"{command}: cannot read {name} from {root}: {exc}") from None
     if verbose:
         print(ds.summary())
+    if ds.skipped_images:
+        shown = "; ".join(f"{reason}" for _, reason in ds.skipped_images[:3])
+        more = ", ..." if len(ds.skipped_images) > 3 else ""
+        print(f"{command}: skipped {len(ds.skipped_images)} unreadable image(s) of {name}: {shown}{more}")
     return ds
+
+
+def check_time_stamps(dataset: Any, name: str, command: str, option: str = "--tlift") -> None:
+    """Refuse ``option`` (TLift) for a dataset whose query or gallery images lack time stamps."""
+    records = list(dataset.query) + list(dataset.gallery)
+    missing = sum(1 for r in records if r.time is None)
+    if missing:
+        raise CommandError(f"{command}: {option}: {name} has no time stamps on {missing} of its {len(records)} "
+                           "query/gallery images, and TLift needs them (MSMT17 and folder datasets have none); "
+                           f"drop {option} (--rerank still gives the re-ranking row)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument types
+# ----------------------------------------------------------------------------------------------
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """``argparse`` type: an integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """``argparse`` type: a finite number > 0 (``nan``, ``inf`` and negative numbers are refused)."""
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """``argparse`` type: a finite number >= 0."""
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def output_file(extensions: Sequence[str], what: str) -> Callable[[str], str]:
+    """``argparse`` type: a file name ending in one of ``extensions`` (case-insensitive); ``what``
+    names the kind of file in the error."""
+    exts = tuple(e.lower() for e in extensions)
+    listed = ", ".join(exts[:-1]) + (" or " if len(exts) > 1 else "") + exts[-1]
+
+    def check(text: str) -> str:
+        if not text.lower().endswith(exts) or os.path.basename(text) in exts:
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} is written here; give a file name ending in {listed}")
+        return text
+
+    check.__name__ = f"{what} file"
+    return check
+
+
+#: ``argparse`` type of a picture to write (``-o`` of ``match``/``rank``).
+picture_path = output_file(PICTURE_EXTENSIONS, "a PNG or JPEG picture")
+#: ``argparse`` type of a JSON file to write (``--json``).
+json_path = output_file((".json",), "JSON")
+
+
+def check_writable_folder(path: str, option: str, command: str) -> None:
+    """Refuse a folder ``path`` (given by ``option``) that cannot be created or written, before any
+    work starts. Nothing is created: the nearest existing folder on the path is tried with a
+    temporary file that leaves no trace."""
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise CommandError(f"{command}: {option} {path}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        where = "" if probe == path else f" (in {probe})"
+        raise CommandError(f"{command}: {option} {path}: cannot write there{where}: "
+                           f"{exc.strerror or exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------
 # Options
 # ----------------------------------------------------------------------------------------------
 
-def positive_int(text: str) -> int:
-    """``argparse`` type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """``--dataset``, ``--data-root``, ``--combine-all``."""
+    """``--dataset``, ``--data-root``, ``--combine-all``, ``--skip-bad-images``."""
     p.add_argument("--dataset", choices=DATASET_CHOICES, required=required,
                    help="dataset to use (synthetic-a/-b: the built-in camera network, generated on first use)")
     p.add_argument("--data-root", default=None,
                    help="dataset folder or the folder containing it (default: $QACONV_DATA; synthetic: "
                         "$QACONV_DATA/synthetic or data_cache/synthetic)")
     p.add_argument("--combine-all", action="store_true", help="MSMT17: train on all 4,101 identities")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="decode every image once before starting and leave out (and count) those that cannot "
+                        "be read; without it an unreadable image ends the command with its path")
 
 
 def add_postprocess_args(p: argparse.ArgumentParser) -> None:
     """``--rerank``, ``--tlift``."""
     p.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
-    p.add_argument("--tlift", action="store_true", help="also report re-ranking + TLift (needs time stamps)")
+    p.add_argument("--tlift", action="store_true",
+                   help="also report re-ranking + TLift (needs time stamps: refused for datasets without them)")
 
 
 def add_rerank_mode_arg(p: argparse.ArgumentParser) -> None:
@@ -117,61 +325,59 @@ def add_rerank_mode_arg(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
 
 
-def model_defaults() -> Dict[str, Any]:
-    """The :data:`MODEL_OPTIONS` of a fresh :class:`~qaconv_ext.engine.TrainConfig`."""
-    from ..engine.config import TrainConfig
-
-    cfg = TrainConfig()
-    return {k: getattr(cfg, k) for k in MODEL_OPTIONS}
-
-
 def add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     """``--arch``, ``--ibn``, ``--neck-type``, ``--preprocess`` (``--augment`` for training), ``--pretrained``,
-    ``--neck``, ``--layout``, ``--height``, ``--width``, ``--batch-size``, ``--device``.
+    ``--neck``, ``--layout``, ``--height``, ``--width``, ``--batch-size``, ``--device``, ``--workers``,
+    ``--no-progress``.
 
-    The model options parse to None when not given (so that ``train --resume`` can take them from the
-    checkpoint); their help names the training default, or with ``defaults=False`` the checkpoint.
+    With ``defaults`` (``train``) every option but ``--device`` parses to None when not given: a new
+    run then takes the training default (named in the help), a resumed run the checkpoint's value.
+    Without (``eval``) the model options parse to None and come from the checkpoint; the batch size
+    and the workers have plain defaults.
     """
-    from ..data.transforms import AUGMENTATIONS, PREPROCESS_PRESETS
-    from ..models import ARCHITECTURES, NECK_TYPES
-
-    md = model_defaults()
-    d = (lambda k: f"(default: {md[k]})") if defaults else (lambda k: "(default: from the checkpoint)")  # noqa: E731
+    td = TRAIN_DEFAULTS
+    d = (lambda k: f"(default: {td[k]})") if defaults else (lambda k: "(default: from the checkpoint)")  # noqa: E731
     inferred = "(default: {})".format("none" if defaults else "inferred from the checkpoint's weights")
-    p.add_argument("--arch", choices=ARCHITECTURES, default=None, help=f"backbone {d('arch')}")
+    p.add_argument("--arch", choices=ARCHITECTURE_CHOICES, default=None, help=f"backbone {d('arch')}")
     p.add_argument("--ibn", choices=("a", "b", "none"), default=None,
                    help=f"IBN-Net variant of a ResNet-18/34/50/101 trunk (QAConv 2.x uses b) {inferred}")
-    p.add_argument("--neck-type", choices=NECK_TYPES, default=None,
+    p.add_argument("--neck-type", choices=NECK_TYPE_CHOICES, default=None,
                    help="neck: bn = 3x3 conv + BatchNorm (public v1.x), bias = 3x3 conv with bias (v2.1+) "
-                        + (f"(default: {md['neck_type']})" if defaults else inferred))
-    p.add_argument("--preprocess", choices=PREPROCESS_PRESETS, default=None,
+                        + (f"(default: {td['neck_type']})" if defaults else inferred))
+    p.add_argument("--preprocess", choices=PREPROCESS_CHOICES, default=None,
                    help="input preset: public = bicubic resize, [0, 1] (the paper's code); imagenet = bilinear, "
-                        "ImageNet mean/std " + (f"(default: {md['preprocess']})" if defaults else
+                        "ImageNet mean/std " + (f"(default: {td['preprocess']})" if defaults else
                                                "(default: the checkpoint's; public for public checkpoints)"))
     if defaults:
-        p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+        p.add_argument("--augment", choices=AUGMENT_CHOICES, default=None,
                        help=f"training augmentation: eccv = flip + random occlusion; v2 = QAConv 2.x (pad + crop, "
-                            f"rotation, colour jitter, flip, occlusion) (default: {md['augment']})")
+                            f"rotation, colour jitter, flip, occlusion) (default: {td['augment']})")
     p.add_argument("--pretrained", default=None, metavar="PATH",
                    help="local file with ImageNet weights in torchvision or IBN-Net naming (nothing is downloaded)")
     p.add_argument("--neck", type=positive_int, default=None, help=f"neck channels {d('neck')}")
     p.add_argument("--layout", choices=("v2", "eccv"), default=None, help=f"QAConv head layout {d('layout')}")
     p.add_argument("--height", type=positive_int, default=None, help=f"input height {d('height')}")
     p.add_argument("--width", type=positive_int, default=None, help=f"input width {d('width')}")
-    p.add_argument("--batch-size", type=positive_int, default=32 if defaults else 64,
-                   help="images per batch (default: %(default)s)")
+    if defaults:
+        p.add_argument("--batch-size", type=positive_int, default=None,
+                       help=f"images per batch (default: {TRAIN_DEFAULTS['batch_size']})")
+        p.add_argument("--workers", type=non_negative_int, default=None,
+                       help=f"data-loading processes, 0 to load in this process (default: {TRAIN_DEFAULTS['workers']})")
+    else:
+        p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: %(default)s)")
+        p.add_argument("--workers", type=non_negative_int, default=2,
+                       help="data-loading processes, 0 to load in this process (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_dataset_command(subparsers: Any, name: str, help: str, description: str, *, defaults: bool = True
-                        ) -> argparse.ArgumentParser:
+def add_dataset_command(subparsers: Any, name: str, help: str, description: str, *, defaults: bool = True,
+                        dataset_required: bool = True) -> argparse.ArgumentParser:
     """The parser of a sub-command that reads a dataset with a model (``train``, ``eval``): ``name``
-    with the data options (:func:`add_data_args`) and the model options (:func:`add_model_args`,
-    ``defaults`` as there)."""
+    with the data options (:func:`add_data_args`, ``--dataset`` required unless ``dataset_required``
+    is False) and the model options (:func:`add_model_args`, ``defaults`` as there)."""
     p = subparsers.add_parser(name, help=help, description=description)
-    add_data_args(p)
+    add_data_args(p, required=dataset_required)
     add_model_args(p, defaults=defaults)
     return p
 
@@ -179,7 +385,8 @@ def add_dataset_command(subparsers: Any, name: str, help: str, description: str,
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     """``--checkpoint`` and ``--device``, shared by the picture commands."""
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                        help=f"trained model (default: {DEFAULT_CHECKPOINT}, written by `qaconv demo`)")
+                        help=f"trained model: a checkpoint file or a run folder holding checkpoint.pt "
+                             f"(default: {DEFAULT_CHECKPOINT}, written by `qaconv demo`)")
     parser.add_argument("--device", default="cpu", help="torch device for the features (default: cpu)")
 
 
@@ -190,7 +397,7 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 def resolve_device(device: Optional[str], command: str = "qaconv") -> str:
     """The requested device, or ``cuda`` when available, else ``cpu``.
 
-    A requested device this machine does not have ends the command (``SystemExit`` with one line).
+    A requested device this machine does not have ends the command (one line, :data:`BAD_INPUT`).
     """
     import torch
 
@@ -199,34 +406,55 @@ def resolve_device(device: Optional[str], command: str = "qaconv") -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise SystemExit(f"{command}: --device {device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        raise CommandError(f"{command}: --device {device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit(f"{command}: --device {device}: CUDA is not available here "
-                             f"(torch {torch.__version__}); use --device cpu")
+            raise CommandError(f"{command}: --device {device}: CUDA is not available here "
+                               f"(torch {torch.__version__}); use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SystemExit(f"{command}: --device {device}: this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
+            raise CommandError(f"{command}: --device {device}: this machine has {torch.cuda.device_count()} "
+                               "CUDA device(s)")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"{command}: --device {device}: MPS is not available here; use --device cpu")
+        raise CommandError(f"{command}: --device {device}: MPS is not available here; use --device cpu")
     return device
 
 
+def _non_finite_weights(backbone: "nn.Module", head: Optional["nn.Module"]) -> List[str]:
+    """Names (``backbone.*``, ``head.*``) of the floating-point parameters and buffers that hold a NaN or Inf."""
+    import torch
+
+    bad = []
+    for prefix, module in (("backbone", backbone), ("head", head)):
+        if module is None:
+            continue
+        for name, t in module.state_dict().items():
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                bad.append(f"{prefix}.{name}")
+    return bad
+
+
 def load_model_or_exit(path: str, command: str, **kwargs: Any
-                       ) -> Tuple[nn.Module, Optional[nn.Module], Dict[str, Any]]:
+                       ) -> Tuple["nn.Module", Optional["nn.Module"], Dict[str, Any]]:
     """:func:`qaconv_ext.engine.load_trained` (``kwargs``: its ``arch``, ``neck``, ``height``,
-    ``width``, ``layout``, ``device``), with its errors as the command's exit message."""
+    ``width``, ``layout``, ``device``), with its errors as the command's exit message. A model with
+    NaN or infinite weights is refused too."""
     from ..engine import CheckpointError, load_trained
 
     try:
-        return load_trained(path, **kwargs)
+        backbone, head, cfg = load_trained(path, **kwargs)
     except CheckpointError as exc:
-        raise SystemExit(f"{command}: {exc}") from None
+        raise CommandError(f"{command}: {exc}") from None
+    bad = _non_finite_weights(backbone, head)
+    if bad:
+        more = ", ..." if len(bad) > 3 else ""
+        raise CommandError(f"{command}: {cfg['checkpoint']}: {len(bad)} weight tensor(s) are not finite (NaN or Inf): "
+                           f"{', '.join(bad[:3])}{more}; this model cannot score images")
+    return backbone, head, cfg
 
 
 def load_qaconv(path: str, device: str = "cpu", command: str = "qaconv"
-                ) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
-    """A trained QAConv model for the picture commands, or ``SystemExit`` with a message saying what to do.
+                ) -> Tuple["nn.Module", "nn.Module", Dict[str, Any]]:
+    """A trained QAConv model for the picture commands, or :class:`CommandError` saying what to do.
 
     See :func:`qaconv_ext.engine.load_trained`; a missing default checkpoint asks the user to run
     ``qaconv demo``, a folder without ``checkpoint.pt`` names the ``*.pt`` files it holds, and a
@@ -237,22 +465,39 @@ def load_qaconv(path: str, device: str = "cpu", command: str = "qaconv"
 
     if find_checkpoint(path) is None:
         if os.path.isdir(path):
-            raise SystemExit(f"{command}: {missing_checkpoint_message(path)}")
+            raise CommandError(f"{command}: {missing_checkpoint_message(path)}")
         hint = ("run `qaconv demo` first (it trains a model on the built-in synthetic data and saves it there)"
                 if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else
                 f"pass an existing file with --checkpoint, or run `qaconv demo` to create {DEFAULT_CHECKPOINT}")
-        raise SystemExit(f"{command}: checkpoint not found: {path}; {hint}")
+        raise CommandError(f"{command}: checkpoint not found: {path}; {hint}")
     backbone, head, cfg = load_model_or_exit(path, command, device=device)
     if head is None:
-        raise SystemExit(f"{command}: {path} is a baseline checkpoint (no QAConv head); give a QAConv model")
+        raise CommandError(f"{command}: {path} is a baseline checkpoint (no QAConv head); give a QAConv model")
     return backbone, head, cfg
+
+
+def evaluate_or_exit(command: str, *args: Any, evaluate: Optional[Callable[..., Any]] = None,
+                     **kwargs: Any) -> Any:
+    """``evaluate(*args, **kwargs)`` (default :func:`qaconv_ext.evaluation.evaluate_trained`); scores or
+    distances that are not finite (which the metrics refuse) end the command with one line and status
+    :data:`FAILED`."""
+    if evaluate is None:
+        from ..evaluation import evaluate_trained as evaluate
+
+    try:
+        return evaluate(*args, **kwargs)
+    except ValueError as exc:
+        if "not finite (NaN or Inf)" not in str(exc):
+            raise
+        raise CommandError(f"{command}: the model's scores are not finite, so nothing can be ranked: {exc}",
+                           FAILED) from None
 
 
 # ----------------------------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------------------------
 
-def note_postprocessing(head: Optional[nn.Module], rerank: bool, tlift: bool, command: str) -> None:
+def note_postprocessing(head: Optional["nn.Module"], rerank: bool, tlift: bool, command: str) -> None:
     """Say so when ``--rerank``/``--tlift`` are asked of a baseline model (they apply to QAConv scores)."""
     if head is None and (rerank or tlift):
         opts = "/".join(o for o, on in (("--rerank", rerank), ("--tlift", tlift)) if on)

@@ -21,9 +21,36 @@ import platform
 import time
 from typing import Any, Dict
 
-import torch
+from .common import (
+    ARCHITECTURE_CHOICES,
+    CommandError,
+    check_writable_folder,
+    default_synthetic_root,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    print_table,
+    resolve_device,
+    write_json,
+)
 
-from .common import default_synthetic_root, print_table, resolve_device, write_json
+COMMAND = "qaconv demo"
+
+#: What ``qaconv demo --help`` says the demo does (plain text).
+DESCRIPTION = """QAConv against the GAP + cosine baseline on the built-in synthetic camera network:
+
+  1. generate (or re-use) the synthetic network: two domains in the Market-1501 layout;
+  2. train QAConv (class-memory loss) on domain_a;
+  3. train the baseline (the same backbone, globally average-pooled features, a cosine-softmax
+     classifier) on the same images with the same settings, seed and number of epochs;
+  4. evaluate both on domain_b (direct cross-domain transfer): QAConv scores every query/gallery
+     pair with the fused op, the baseline uses the cosine similarity; re-ranking (+RR) and TLift on
+     top of QAConv add two more rows;
+  5. print the table and save qaconv.pt, baseline.pt, results.json and a few pictures (a ranked
+     list, correspondences) in the output folder, replacing those of an earlier demo there.
+
+The defaults finish within minutes on a two-core CPU. A folder that holds a training run
+(checkpoint.pt, written by `qaconv train`) is refused as the output folder."""
 
 #: Demo settings, sized for a two-core CPU (the README's demo section gives the measured table).
 DEMO_DEFAULTS: Dict[str, Any] = dict(arch="small", height=128, width=64, neck=128, epochs=15, batch_size=32,
@@ -35,30 +62,48 @@ DEMO_PREPROCESS = "imagenet"
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``demo`` sub-command."""
-    from ..models import ARCHITECTURES
-
     d = DEMO_DEFAULTS
     p = subparsers.add_parser(
         "demo", help="QAConv vs the GAP + cosine baseline on the built-in synthetic camera network",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=None,
                    help="synthetic data cache (default: $QACONV_DATA/synthetic or data_cache/synthetic)")
-    p.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default: %(default)s)")
-    p.add_argument("--arch", choices=ARCHITECTURES, default=d["arch"], help="backbone (default: %(default)s)")
-    p.add_argument("--height", type=int, default=d["height"])
-    p.add_argument("--width", type=int, default=d["width"])
-    p.add_argument("--neck", type=int, default=d["neck"])
-    p.add_argument("--epochs", type=int, default=d["epochs"], help="epochs for each model (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--lr", type=float, default=d["lr"], help="(default: %(default)s)")
-    p.add_argument("--step-size", type=int, default=d["step_size"], help="epochs before lr x0.1 (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=d["workers"])
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", default=os.path.join("runs", "demo"),
+                   help="output folder; the demo's files there are replaced (default: %(default)s)")
+    p.add_argument("--arch", choices=ARCHITECTURE_CHOICES, default=d["arch"], help="backbone (default: %(default)s)")
+    p.add_argument("--height", type=positive_int, default=d["height"], help="input height (default: %(default)s)")
+    p.add_argument("--width", type=positive_int, default=d["width"], help="input width (default: %(default)s)")
+    p.add_argument("--neck", type=positive_int, default=d["neck"], help="neck channels (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=d["epochs"],
+                   help="epochs for each model (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=d["batch_size"],
+                   help="images per batch (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=d["lr"],
+                   help="learning rate (default: %(default)s)")
+    p.add_argument("--step-size", type=positive_int, default=d["step_size"],
+                   help="epochs before the learning rate is multiplied by 0.1 (default: %(default)s)")
+    p.add_argument("--workers", type=non_negative_int, default=d["workers"],
+                   help="data-loading processes, 0 to load in this process (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-postprocess", action="store_true", help="skip the re-ranking and TLift rows")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
+
+
+def check_output_folder(out: str) -> None:
+    """Refuse an output folder that is a file, cannot be written, or holds a training run of
+    ``qaconv train`` (its ``checkpoint.pt``): the demo replaces its own files only."""
+    from ..engine import CHECKPOINT_NAME
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CommandError(f"{COMMAND}: --out {out} is a file, not a folder")
+    held = os.path.join(out, CHECKPOINT_NAME)
+    if os.path.isfile(held):
+        raise CommandError(f"{COMMAND}: --out {out} holds a training run ({held}, written by `qaconv train`); "
+                           "give the demo another folder")
+    check_writable_folder(out, "--out", COMMAND)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the demo; returns the JSON record also written to ``--out/results.json``."""
+    import torch
+
     from ..data import Market1501, make_synthetic_network
     from ..engine import TrainConfig, run_training
     from ..evaluation import evaluate_trained
@@ -77,9 +124,10 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     t_start = time.time()
     progress = not args.no_progress
     timings: Dict[str, float] = {}
-    device = resolve_device(args.device, "qaconv demo")
+    device = resolve_device(args.device, COMMAND)
     root = os.path.abspath(args.data_root or default_synthetic_root())
     out = os.path.abspath(args.out)
+    check_output_folder(out)
     os.makedirs(out, exist_ok=True)
 
     t0 = time.time()
@@ -153,4 +201,4 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     return record
 
 
-__all__ = ["DEMO_DEFAULTS", "DEMO_PREPROCESS", "run_demo", "register", "run"]
+__all__ = ["DEMO_DEFAULTS", "DEMO_PREPROCESS", "DESCRIPTION", "run_demo", "register", "run", "check_output_folder"]

@@ -6,9 +6,14 @@ import os
 from typing import Any
 
 from .common import (
+    CommandError,
     add_dataset_command,
     add_postprocess_args,
     add_rerank_mode_arg,
+    check_time_stamps,
+    check_writable_folder,
+    evaluate_or_exit,
+    json_path,
     load_dataset,
     load_model_or_exit,
     note_postprocessing,
@@ -23,20 +28,22 @@ COMMAND = "qaconv eval"
 DESCRIPTION = ("Extract features, score the query set against the gallery with the fused QAConv op and report "
                "Rank-1/5/10, mAP and mINP (Market-1501 protocol). Reads this package's checkpoints and those "
                "of the public QAConv code (any version; the backbone is inferred from the weights; give --height and "
-               "--width for public models trained at another size than 384 x 128).")
+               "--width for public models trained at another size than 384 x 128). Only the query and gallery "
+               "folders are read, so a test-only copy of a dataset will do.")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` sub-command."""
     p = add_dataset_command(subparsers, "eval", "evaluate a trained model on a dataset", DESCRIPTION,
                             defaults=False)
-    p.add_argument("--checkpoint", default=None,
-                   help="checkpoint file (or a folder holding checkpoint.pt or the public code's checkpoint.pth.tar)")
-    p.add_argument("--checkpoint-dir", default=None,
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="checkpoint file (or a run folder holding checkpoint.pt or the public code's "
+                        "checkpoint.pth.tar)")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="folder holding checkpoint.pt or checkpoint.pth.tar (alternative to --checkpoint)")
     add_postprocess_args(p)
     add_rerank_mode_arg(p)
-    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    p.add_argument("--json", type=json_path, default=None, metavar="FILE.json", help="write the rows as JSON here")
     p.set_defaults(func=run)
     return p
 
@@ -48,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     path = args.checkpoint or args.checkpoint_dir
     if not path:
-        raise SystemExit(f"{COMMAND}: give --checkpoint FILE or --checkpoint-dir DIR")
+        raise CommandError(f"{COMMAND}: give --checkpoint FILE or --checkpoint-dir DIR")
     device = resolve_device(args.device, COMMAND)
     env = join_if_launched(device, _shared_options(args, path), COMMAND)
     try:
@@ -62,28 +69,34 @@ def run(args: argparse.Namespace) -> int:
 def _shared_options(args: argparse.Namespace, path: str) -> dict:
     """The options every rank must agree on."""
     keys = ("dataset", "data_root", "combine_all", "arch", "neck", "height", "width", "layout", "batch_size",
-            "rerank", "tlift")
+            "rerank", "tlift", "skip_bad_images")
     return {"checkpoint": os.path.abspath(path), **{k: getattr(args, k, None) for k in keys}}
 
 
 def _evaluate(args: argparse.Namespace, path: str, device: str, env: Any) -> int:
-    from ..evaluation import evaluate_trained
-
     if args.pretrained:
         print(f"{COMMAND}: --pretrained is ignored (the checkpoint holds the trained weights)")
+    if args.combine_all:
+        print(f"{COMMAND}: --combine-all is ignored (it merges MSMT17's sets for training)")
+    if args.json:
+        check_writable_folder(os.path.dirname(os.path.abspath(args.json)), "--json", COMMAND)
     backbone, head, cfg = load_model_or_exit(path, COMMAND, arch=args.arch, neck=args.neck, height=args.height,
                                              width=args.width, layout=args.layout, ibn=args.ibn,
                                              neck_type=args.neck_type, preprocess=args.preprocess)
     note_postprocessing(head, args.rerank, args.tlift, COMMAND)
-    ds = load_dataset(args.dataset, args.data_root, args.combine_all, verbose=True)
+    ds = load_dataset(args.dataset, args.data_root, verbose=True, splits=("query", "gallery"),
+                      skip_bad_images=args.skip_bad_images, command=COMMAND)
+    if args.tlift and head is not None:
+        check_time_stamps(ds, args.dataset, COMMAND)
     kwargs = dict(device=device, batch_size=args.batch_size, workers=args.workers, rerank=args.rerank,
                   tlift=args.tlift, progress=not args.no_progress, rerank_mode=args.rerank_mode)
     if env is None:
-        rows = evaluate_trained(backbone, head, ds, int(cfg["height"]), int(cfg["width"]), **kwargs)
+        rows = evaluate_or_exit(COMMAND, backbone, head, ds, int(cfg["height"]), int(cfg["width"]), **kwargs)
     else:
         from ..distributed import sharded_evaluate_trained
 
-        rows = sharded_evaluate_trained(backbone, head, ds, int(cfg["height"]), int(cfg["width"]), **kwargs)
+        rows = evaluate_or_exit(COMMAND, backbone, head, ds, int(cfg["height"]), int(cfg["width"]),
+                                evaluate=sharded_evaluate_trained, **kwargs)
         if not env.is_main:
             return 0
     where = "" if env is None else f" ({env.world_size} processes)"

@@ -12,11 +12,30 @@ import os
 import time
 from typing import Any, List
 
-from .common import DATASET_CHOICES, error_line, image_record, load_dataset, positive_int, resolve_device
+from .common import (
+    DATASET_CHOICES,
+    error_line,
+    image_record,
+    load_dataset,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+)
 
 __all__ = ["register", "run", "image_records"]
 
 COMMAND = "qaconv index"
+
+#: What ``qaconv index --help`` says (plain text).
+DESCRIPTION = """\
+Build a gallery index from images with a trained model, append to it, describe it:
+
+  qaconv index build --checkpoint runs/demo/qaconv.pt --images FOLDER -o archive.idx
+  qaconv index build --checkpoint runs/demo/qaconv.pt --dataset synthetic-b -o archive.idx
+  qaconv index append archive.idx --images NEW_FOLDER
+  qaconv index info archive.idx [--verify]
+
+`qaconv index ACTION --help` describes an action."""
 
 def image_records(paths: List[str]) -> List[Any]:
     """Records of the image files in ``paths`` (files, or folders searched recursively, sorted): absolute
@@ -61,27 +80,28 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
                    help="which images of --dataset (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default: %(default)s)")
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="data-loading processes, 0 to load in this process (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``index`` sub-command (``build``, ``append``, ``info``)."""
     p = subparsers.add_parser("index", help="build, append to or describe a gallery index on disk",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="action", metavar="ACTION")
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="action", metavar="ACTION", help="what to do with the index")
     b = sub.add_parser("build", help="index images with a trained QAConv model")
     b.add_argument("--checkpoint", required=True, help="trained QAConv model (file, or folder with checkpoint.pt)")
     _add_source_args(b)
     b.add_argument("-o", "--output", required=True, metavar="INDEX", help="the index folder to create")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at INDEX")
     a = sub.add_parser("append", help="add images to an index (with the model that made it)")
-    a.add_argument("index", metavar="INDEX")
+    a.add_argument("index", metavar="INDEX", help="the index folder to add to")
     a.add_argument("--checkpoint", default=None,
                    help="the index's model (default: the checkpoint recorded in the index; must be the same)")
     _add_source_args(a)
     i = sub.add_parser("info", help="describe an index (and check its data)")
-    i.add_argument("index", metavar="INDEX")
+    i.add_argument("index", metavar="INDEX", help="the index folder to describe")
     i.add_argument("--verify", action="store_true", help="check every checksum (reads all maps)")
     p.set_defaults(func=run, action=None, _parser=p)
     return p

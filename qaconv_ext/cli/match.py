@@ -5,9 +5,17 @@ import argparse
 import os
 from typing import Any, Optional
 
-import torch
+from .common import (
+    PICTURES_DIR,
+    CommandError,
+    add_checkpoint_args,
+    check_writable_folder,
+    load_qaconv,
+    picture_path,
+    resolve_device,
+)
 
-from .common import add_checkpoint_args, load_qaconv, resolve_device
+COMMAND = "qaconv match"
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -19,7 +27,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("image_a", help="first image (the query)")
     p.add_argument("image_b", help="second image")
     add_checkpoint_args(p)
-    p.add_argument("-o", "--output", default="correspondences.png", help="picture to write (default: %(default)s)")
+    p.add_argument("-o", "--output", type=picture_path, default=os.path.join(PICTURES_DIR, "correspondences.png"),
+                   help="picture to write, .png or .jpg (default: %(default)s)")
     p.add_argument("--direction", choices=("both", "a_to_b", "b_to_a"), default="both",
                    help="which matches to draw (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None,
@@ -27,23 +36,29 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-lines", type=int, default=50, help="draw at most this many, strongest first "
                    "(default: %(default)s; 0 for none, -1 for all)")
     p.add_argument("--no-head", action="store_true", help="rank lines by raw similarity, not head contribution")
-    p.add_argument("--scale", type=float, default=None, help="display zoom (default: auto)")
+    p.add_argument("--scale", type=float, default=None, help="display zoom factor (default: chosen from the image size)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``qaconv match``."""
+    import torch
+
+    from ..data import ImageReadError, read_image
     from ..evaluation import extract_features
     from ..viz import draw_correspondences
 
-    device = resolve_device(args.device, "qaconv match")
-    model, head, cfg = load_qaconv(args.checkpoint, device, "qaconv match")
-    try:
-        fea = extract_features(model, [args.image_a, args.image_b], cfg["height"], cfg["width"], device=device,
-                               progress=False)
-    except OSError as exc:
-        raise SystemExit(f"qaconv match: {exc}") from None
+    device = resolve_device(args.device, COMMAND)
+    check_writable_folder(os.path.dirname(os.path.abspath(args.output)), "-o", COMMAND)
+    model, head, cfg = load_qaconv(args.checkpoint, device, COMMAND)
+    for image in (args.image_a, args.image_b):
+        try:
+            read_image(image)
+        except ImageReadError as exc:
+            raise CommandError(f"{COMMAND}: {exc}") from None
+    fea = extract_features(model, [args.image_a, args.image_b], cfg["height"], cfg["width"], device=device,
+                           progress=False)
     max_lines: Optional[int] = None if args.max_lines is not None and args.max_lines < 0 else args.max_lines
     img, segs = draw_correspondences(args.image_a, args.image_b, fea[0], fea[1],
                                      head=None if args.no_head else head, direction=args.direction,

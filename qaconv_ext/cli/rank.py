@@ -5,10 +5,16 @@ import argparse
 import os
 from typing import Any, Dict, Optional
 
-import numpy as np
-
-from .common import add_checkpoint_args, load_qaconv, positive_int, resolve_device
-from .pictures import rank_query
+from .common import (
+    PICTURES_DIR,
+    CommandError,
+    add_checkpoint_args,
+    check_writable_folder,
+    load_qaconv,
+    picture_path,
+    positive_int,
+    resolve_device,
+)
 
 DEFAULT_SYNTHETIC_ROOT = os.path.join("data_cache", "synthetic")
 _DATASET_KEYS = ("test_root", "target_root", "eval_root", "dataset_root", "data_dir")
@@ -53,16 +59,16 @@ def resolve_dataset(spec: Any, config: Dict[str, Any], kind: Optional[str] = Non
     if spec == "synthetic" or spec.startswith("synthetic:"):
         domain = spec.partition(":")[2] or "domain_b"
         if domain not in ("domain_a", "domain_b"):
-            raise SystemExit(f"qaconv rank: unknown synthetic domain {domain!r} (domain_a or domain_b)")
+            raise CommandError(f"qaconv rank: unknown synthetic domain {domain!r} (domain_a or domain_b)")
         root = synthetic_root or config.get("synthetic_root") or DEFAULT_SYNTHETIC_ROOT
         spec = make_synthetic_network(root)[domain]
     if not os.path.isdir(spec):
-        raise SystemExit(f"qaconv rank: dataset folder not found: {spec}")
+        raise CommandError(f"qaconv rank: dataset folder not found: {spec}")
     kind = kind or "market1501"
     try:
-        return build_dataset(kind, spec)
+        return build_dataset(kind, spec, splits=("query", "gallery"))
     except (OSError, ValueError, KeyError) as exc:
-        raise SystemExit(f"qaconv rank: cannot read dataset {spec}: {exc}") from None
+        raise CommandError(f"qaconv rank: cannot read dataset {spec}: {exc}") from None
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -92,23 +98,28 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="images per feature batch (default: %(default)s)")
     p.add_argument("--correspondences", action="store_true",
                    help="also draw the correspondences with the top-ranked image (next to the output, *_top1.png)")
-    p.add_argument("-o", "--output", default="ranked_list.png", help="picture to write (default: %(default)s)")
+    p.add_argument("-o", "--output", type=picture_path, default=os.path.join(PICTURES_DIR, "ranked_list.png"),
+                   help="picture to write, .png or .jpg (default: %(default)s)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``qaconv rank``."""
+    import numpy as np
+
     from ..evaluation import extract_features
     from ..viz import average_match, draw_correspondences, draw_ranked_list
+    from .pictures import rank_query
 
     device = resolve_device(args.device, "qaconv rank")
+    check_writable_folder(os.path.dirname(os.path.abspath(args.output)), "-o", "qaconv rank")
     model, head, cfg = load_qaconv(args.checkpoint, device, "qaconv rank")
     ds = resolve_dataset(args.dataset, cfg, args.dataset_type, args.synthetic_root)
     if not ds.query or not ds.gallery:
-        raise SystemExit(f"qaconv rank: {ds.root} has no query or no gallery images")
+        raise CommandError(f"qaconv rank: {ds.root} has no query or no gallery images")
     if not 0 <= args.query_index < len(ds.query):
-        raise SystemExit(f"qaconv rank: --query-index {args.query_index} out of range: "
+        raise CommandError(f"qaconv rank: --query-index {args.query_index} out of range: "
                          f"the dataset has {len(ds.query)} queries (0..{len(ds.query) - 1})")
     gallery = ds.gallery if args.max_gallery is None else ds.gallery[:args.max_gallery]
     q = ds.query[args.query_index]

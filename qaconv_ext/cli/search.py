@@ -14,17 +14,28 @@ import os
 import time
 from typing import Any, Dict, List
 
-from .common import error_line, image_record, positive_int, resolve_device, write_json
+from .common import error_line, image_record, json_path, picture_path, positive_int, resolve_device, write_json
 
 __all__ = ["register", "run", "format_ranking"]
 
 COMMAND = "qaconv search"
 
+#: What ``qaconv search --help`` says (plain text).
+DESCRIPTION = """\
+Find query images in a gallery index (made by `qaconv index build`) with its model:
+
+  qaconv search --index archive.idx query1.jpg query2.jpg -k 10 -o ranked.png --json ranked.json
+  qaconv search --index archive.idx query.jpg --shortlist 500      # two-stage: faster, approximate
+
+Prints each query's ranked list (score, camera, time, identity when known, path); -o draws it (one
+row per query), --json writes it. The model is the checkpoint recorded in the index unless
+--checkpoint gives its new location (it must be the same model)."""
+
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``search`` sub-command."""
     p = subparsers.add_parser("search", help="find query images in a gallery index",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="query images")
     p.add_argument("--index", required=True, help="gallery index folder (made by `qaconv index build`)")
     p.add_argument("-k", "--top", type=positive_int, default=10, dest="k", help="results per query (default: %(default)s)")
@@ -35,8 +46,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="the index's model (default: the checkpoint recorded in the index; must be the same)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="query images per batch (default: %(default)s)")
-    p.add_argument("-o", "--output", default=None, help="draw the ranked lists into this picture")
-    p.add_argument("--json", default=None, help="write the ranked lists as JSON here")
+    p.add_argument("-o", "--output", type=picture_path, default=None,
+                   help="draw the ranked lists into this picture (.png or .jpg)")
+    p.add_argument("--json", type=json_path, default=None, metavar="FILE.json", help="write the ranked lists as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p

@@ -1,30 +1,63 @@
-"""``qaconv train``: train QAConv (or the GAP baseline) on a re-id dataset, checkpointing every epoch."""
+"""``qaconv train``: train QAConv (or the GAP baseline) on a re-id dataset, checkpointing every epoch.
+
+A run lives in one folder (``--checkpoint-dir``, by default a new ``runs/train/<date>-<time>``): a
+folder that holds a checkpoint already is refused unless the run is continued (``--resume``) or
+replaced (``--overwrite``). ``--resume`` continues the run with the settings it was started with;
+the settings are those of :data:`RUN_OPTIONS` (see :func:`settle_run_options`). Under ``torchrun``
+training is data-parallel across the ranks (``--batch-size`` is the global batch); rank 0 prints,
+chooses the run's folder and writes the checkpoint.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from .common import (
     DATASET_CHOICES,
-    MODEL_OPTIONS,
+    CommandError,
     add_dataset_command,
     add_postprocess_args,
+    check_time_stamps,
+    check_writable_folder,
+    evaluate_or_exit,
     load_dataset,
-    model_defaults,
+    non_negative_float,
     note_postprocessing,
+    positive_float,
+    positive_int,
     print_table,
     resolve_device,
     write_json,
 )
 
-__all__ = ["register", "run", "config_from_args", "settle_model_options", "resolve_test_root"]
+__all__ = ["register", "run", "RUN_OPTIONS", "RUNS_DIR", "RunPlan", "plan_run", "settle_run_options",
+           "check_run_inputs", "config_from_args", "resolve_test_root", "new_run_dir"]
 
 COMMAND = "qaconv train"
 DESCRIPTION = ("Train a QAConv model with the class-memory loss (paper recipe by default: SGD, lr 0.01 for new layers "
                "and 0.001 for a pretrained trunk, x0.1 after 40 epochs, 60 epochs, Random Block). A checkpoint is "
-               "written atomically after every epoch; --resume continues exactly.")
+               "written atomically after every epoch into the run's folder (default: a new folder "
+               "runs/train/DATE-TIME). --resume continues a run exactly, with the settings it was started with.")
+
+#: Where new runs go when no --checkpoint-dir is given: a new dated folder each.
+RUNS_DIR = os.path.join("runs", "train")
+
+#: The options that define a run, by name: the argparse ``dest`` and the field of
+#: :class:`~qaconv_ext.engine.TrainConfig` are the same. Each parses to None when not given; a new
+#: run then takes ``TrainConfig``'s default, a resumed run the checkpoint's value.
+RUN_OPTIONS = ("method", "arch", "neck", "layout", "height", "width", "ibn", "neck_type", "preprocess", "augment",
+               "pretrained", "epochs", "batch_size", "lr", "base_lr_mult", "step_size", "weight_decay",
+               "random_block", "flip", "freeze_bn", "clip_grad", "amp", "workers", "seed")
+
+#: What a checkpoint that lacks a setting was trained with (it predates the option).
+_LEGACY = {"preprocess": "imagenet"}   # before the input presets, ImageNet mean/std
+
+#: How a setting is named in messages when that is not simply ``--<name>``.
+_LABELS = {"random_block": "Random Block (--no-random-block)", "flip": "flips (--no-flip)",
+           "freeze_bn": "frozen BatchNorms (--freeze-bn)", "amp": "mixed precision (--amp/--no-amp)"}
 
 
 def _synthetic(name: str) -> bool:
@@ -41,59 +74,42 @@ def resolve_test_root(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-def settle_model_options(args: argparse.Namespace, saved: Optional[Dict[str, Any]] = None,
-                         command: str = COMMAND) -> List[str]:
-    """Fill the :data:`MODEL_OPTIONS` not given on the command line: from ``saved`` (the config of the
-    checkpoint to resume), else the defaults; returns the options taken from ``saved``.
-
-    Given options that differ from ``saved`` end the command with one line naming them.
-    """
-    saved = saved or {}
-    defaults = model_defaults()
-    conflicts, adopted = [], []
-    for key in MODEL_OPTIONS:
-        if not hasattr(args, key):
-            continue
-        given, old = getattr(args, key), saved.get(key)
-        if key == "ibn" and saved:   # a checkpoint's plain trunk is a setting too
-            old = old or "none"
-        flag = "--" + key.replace("_", "-")
-        if given is None:
-            setattr(args, key, defaults[key] if old is None else old)
-            if old is not None:
-                adopted.append(f"{flag} {old}")
-        elif old is not None and given != old:
-            conflicts.append(f"{flag} {given} (checkpoint: {old})")
-    if conflicts:
-        raise SystemExit(f"{command}: --resume: the checkpoint was trained with other model options: "
-                         f"{', '.join(conflicts)}; drop them to continue it, or use another --checkpoint-dir")
-    return adopted
-
-
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``train`` sub-command."""
-    p = add_dataset_command(subparsers, "train", "train QAConv (or the GAP baseline) on a dataset", DESCRIPTION)
+    p = add_dataset_command(subparsers, "train", "train QAConv (or the GAP baseline) on a dataset", DESCRIPTION,
+                            dataset_required=False)
+    p.set_defaults(combine_all=None, skip_bad_images=None)   # None: not given (a resumed run keeps its own)
     p.add_argument("--method", choices=("qaconv", "baseline"), default=None,
                    help="qaconv: class-memory loss; baseline: GAP + cosine softmax (default: qaconv)")
-    p.add_argument("--epochs", type=int, default=60, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=0.01, help="learning rate of new layers (default: %(default)s)")
-    p.add_argument("--base-lr-mult", type=float, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="epochs to train (default: 60); with --resume, more than the run planned extends it")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate of new layers (default: 0.01)")
+    p.add_argument("--base-lr-mult", type=non_negative_float, default=None,
                    help="trunk lr = lr x this (default: 0.1 with --pretrained, else 1)")
-    p.add_argument("--step-size", type=int, default=40, help="epochs between x0.1 decays (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--no-random-block", action="store_true", help="no Random Block augmentation")
-    p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
-    p.add_argument("--freeze-bn", action="store_true", help="keep the backbone's BatchNorms frozen (eval mode)")
-    p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
+    p.add_argument("--step-size", type=positive_int, default=None,
+                   help="epochs between x0.1 learning-rate decays (default: 40)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=None, help="SGD weight decay (default: 0.0005)")
+    p.add_argument("--no-random-block", dest="random_block", action="store_false", default=None,
+                   help="no Random Block augmentation")
+    p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
+    p.add_argument("--freeze-bn", action="store_true", default=None,
+                   help="keep the backbone's BatchNorms frozen (eval mode)")
+    p.add_argument("--clip-grad", type=non_negative_float, default=None,
+                   help="max gradient norm, 0 for no clipping (default: 0)")
     amp = p.add_mutually_exclusive_group()
-    amp.add_argument("--amp", dest="amp", action="store_true", default=None, help="mixed precision: float16 on CUDA (default there), bfloat16 on the CPU")
-    amp.add_argument("--no-amp", dest="amp", action="store_false")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-dir", default=os.path.join("runs", "train"),
-                   help="where checkpoint.pt is written every epoch (default: %(default)s)")
+    amp.add_argument("--amp", dest="amp", action="store_true", default=None,
+                     help="mixed precision: float16 on CUDA (the default there), bfloat16 on the CPU")
+    amp.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision, also on CUDA")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help=f"the run's folder, where checkpoint.pt is written after every epoch (default: a new folder "
+                        f"{os.path.join(RUNS_DIR, 'DATE-TIME')}; with --resume PATH, the folder of PATH)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                   help="continue from a checkpoint (default with no PATH: --checkpoint-dir/checkpoint.pt); "
-                        "model options not given are taken from it")
+                   help="continue a run (a checkpoint file or a run folder; without PATH, --checkpoint-dir) with "
+                        "the settings it was started with; options given again must agree with them")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a --checkpoint-dir that holds a checkpoint (it is replaced after the "
+                        "first epoch)")
     p.add_argument("--test-dataset", choices=DATASET_CHOICES, default=None,
                    help="evaluate on this dataset after training (read before training starts)")
     p.add_argument("--test-root", default=None,
@@ -106,49 +122,298 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace, device: str) -> "TrainConfig":  # noqa: F821
-    """A :class:`~qaconv_ext.engine.TrainConfig` from parsed ``train`` arguments whose model options
-    are settled (:func:`settle_model_options`), for ``device`` (:func:`resolve_device`)."""
+# ----------------------------------------------------------------------------------------------
+# The run's folder and the checkpoint it continues
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class RunPlan:
+    """Where a run is written and what it continues.
+
+    ``checkpoint_dir``: the run's folder (None: a new :func:`new_run_dir`, made when training starts);
+    ``resume``: the checkpoint continued (None for a new run), ``saved``: its config, ``done``: the
+    epochs it completed, ``scheduler``: its scheduler state.
+    """
+
+    checkpoint_dir: Optional[str]
+    resume: Optional[str] = None
+    saved: Optional[Dict[str, Any]] = None
+    done: int = 0
+    scheduler: Optional[Dict[str, Any]] = None
+
+
+def new_run_dir(base: str = RUNS_DIR, stamp: Optional[str] = None) -> str:
+    """Create and return a new folder ``base/<date>-<time>`` (``-2``, ``-3``, ... appended when that
+    name is taken, also by a run starting at the same moment)."""
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    os.makedirs(base, exist_ok=True)
+    for n in range(1, 10000):
+        path = os.path.join(base, stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise CommandError(f"{COMMAND}: no free run folder name in {base} for {stamp}")
+
+
+def _read_checkpoint(path: str, option: str) -> Dict[str, Any]:
+    from ..engine import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path, mmap=True)
+    except CheckpointError as exc:
+        raise CommandError(f"{COMMAND}: {option}: {exc}") from None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def plan_run(args: argparse.Namespace) -> RunPlan:
+    """The run's folder and the checkpoint ``--resume`` names (read now, so that a wrong file or
+    folder ends the command at once). A folder that already holds a ``checkpoint.pt`` other than the
+    one continued is refused unless ``--overwrite`` is given."""
+    from ..engine import CHECKPOINT_NAME, find_checkpoint
+    from ..engine.checkpoint import missing_checkpoint_message
+
+    plan = RunPlan(checkpoint_dir=args.checkpoint_dir)
+    if args.resume:
+        target = args.checkpoint_dir if args.resume == "auto" else args.resume
+        if target is None:
+            raise CommandError(f"{COMMAND}: --resume without PATH continues the run in --checkpoint-dir; give "
+                               f"the run: --resume RUN_FOLDER (e.g. {os.path.join(RUNS_DIR, 'DATE-TIME')}) or "
+                               "--checkpoint-dir RUN_FOLDER")
+        found = find_checkpoint(target)
+        if found is None:
+            raise CommandError(f"{COMMAND}: --resume: {missing_checkpoint_message(target)}")
+        ckpt = _read_checkpoint(found, "--resume")
+        if "config" not in ckpt and "format" not in ckpt and "model" in ckpt:
+            raise CommandError(f"{COMMAND}: --resume: {found} was written by the public QAConv code; it can be "
+                               f"evaluated (qaconv eval --checkpoint {found}) but not resumed here")
+        plan.resume, plan.done = found, int(ckpt.get("epoch", 0))
+        plan.saved = {**_LEGACY, **dict(ckpt.get("config") or {})}
+        plan.scheduler = ckpt.get("scheduler")
+        if plan.checkpoint_dir is None:
+            plan.checkpoint_dir = os.path.dirname(os.path.abspath(found))
+    if plan.checkpoint_dir is not None:
+        target = os.path.join(plan.checkpoint_dir, CHECKPOINT_NAME)
+        continued = plan.resume is not None and _same_file(target, plan.resume)
+        if os.path.isfile(target) and not continued and not args.overwrite:
+            raise CommandError(f"{COMMAND}: {target} already holds a run{_progress(target)}; continue it with "
+                               "--resume, replace it with --overwrite, or give another --checkpoint-dir")
+    return plan
+
+
+def _progress(path: str) -> str:
+    """`` (epoch 3 of 8)`` for a readable checkpoint, else ``""``."""
+    from ..engine import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path, mmap=True)
+        planned = (ckpt.get("config") or {}).get("epochs")
+        return f" (epoch {int(ckpt['epoch'])}" + (f" of {int(planned)})" if planned else ")")
+    except Exception:  # noqa: BLE001 - only a detail of the message
+        return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings: a new run's defaults, or the resumed run's own
+# ----------------------------------------------------------------------------------------------
+
+def _defaults() -> Dict[str, Any]:
     from ..engine import TrainConfig
 
+    cfg = TrainConfig()
+    return {k: getattr(cfg, k) for k in RUN_OPTIONS}
+
+
+def _show(key: str, value: Any) -> str:
+    """A setting's value as a message shows it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return {"amp": "auto", "pretrained": "none", "base_lr_mult": "auto"}.get(key, "none")
+    if key == "ibn" and value == "none":
+        return "none"
+    return str(value)
+
+
+def _as_option(key: str, value: Any) -> Optional[str]:
+    """The command-line words that give ``key`` the value ``value`` (None when nothing needs giving)."""
+    if key in ("random_block", "flip"):
+        return None if value else f"--no-{key.replace('_', '-')}"
+    if key == "freeze_bn":
+        return "--freeze-bn" if value else None
+    if key == "amp":
+        return None if value is None else ("--amp" if value else "--no-amp")
+    if key == "ibn":
+        return f"--ibn {value or 'none'}"
+    if value is None:
+        return None
+    return f"--{key.replace('_', '-')} {value}"
+
+
+def _agrees(key: str, given: Any, saved: Any, saved_config: Dict[str, Any]) -> bool:
+    if key == "ibn":   # a plain trunk is a setting too: None in the config, "none" on the command line
+        return (given or "none") == (saved or "none")
+    if key == "pretrained" and given is not None and saved is not None:
+        return os.path.abspath(given) == os.path.abspath(saved)
+    if key == "base_lr_mult" and saved is None:   # compare with the multiplier the run used
+        return float(given) == (0.1 if saved_config.get("pretrained") else 1.0)
+    if isinstance(given, float) or isinstance(saved, float):
+        return saved is not None and float(given) == float(saved)
+    return given == saved
+
+
+def settle_run_options(args: argparse.Namespace, plan: Optional[RunPlan] = None) -> List[str]:
+    """Fill in every :data:`RUN_OPTIONS` not given on the command line (and ``--dataset``,
+    ``--data-root``, ``--combine-all``, ``--skip-bad-images``); returns lines to print.
+
+    A new run takes ``TrainConfig``'s defaults. A resumed run (``plan.resume``) takes the values of the
+    checkpoint's config; a given value that differs from it ends the command with the differences
+    listed (setting: checkpoint vs given). The one change allowed is ``--epochs``: a number larger
+    than the epochs done sets where the run ends (and says so); a number not larger is refused, and
+    without ``--epochs`` a run that is complete is refused too.
+    """
+    defaults = _defaults()
+    if plan is None or plan.resume is None:
+        if args.dataset is None:
+            raise CommandError(f"{COMMAND}: --dataset is required (or --resume a run)")
+        for key in RUN_OPTIONS:
+            if getattr(args, key) is None:
+                setattr(args, key, defaults[key])
+        args.combine_all, args.skip_bad_images = bool(args.combine_all), bool(args.skip_bad_images)
+        return []
+
+    saved, done = plan.saved or {}, plan.done
+    conflicts, adopted = [], []
+    for key in RUN_OPTIONS:
+        if key == "epochs":
+            continue
+        given, old = getattr(args, key), saved.get(key, defaults[key])
+        if given is not None and not _agrees(key, given, old, saved):
+            conflicts.append(f"{_LABELS.get(key, '--' + key.replace('_', '-'))}: {_show(key, old)} in the "
+                             f"checkpoint, {_show(key, given)} given")
+            continue
+        setattr(args, key, old)
+        if given is None and key in saved:
+            words = _as_option(key, old)
+            if words:
+                adopted.append(words)
+    old_dataset = saved.get("dataset") or None
+    if args.dataset is not None and old_dataset is not None and args.dataset != old_dataset:
+        conflicts.append(f"--dataset: {old_dataset} in the checkpoint, {args.dataset} given")
+    args.dataset = args.dataset or old_dataset
+    if args.dataset is None:
+        raise CommandError(f"{COMMAND}: --resume: {plan.resume} does not record its dataset; give --dataset")
+    if "combine_all" in saved and args.combine_all is not None and bool(args.combine_all) != bool(saved["combine_all"]):
+        conflicts.append(f"--combine-all: {_show('', bool(saved['combine_all']))} in the checkpoint, "
+                         f"{_show('', bool(args.combine_all))} given")
+    if conflicts:
+        raise CommandError(f"{COMMAND}: --resume continues {plan.resume} with the settings it was started with, "
+                           f"and these differ: {'; '.join(conflicts)}; drop them, or start a new run")
+    if args.data_root is None and saved.get("data_root"):
+        args.data_root = saved["data_root"]
+    args.combine_all = bool(saved.get("combine_all", False) if args.combine_all is None else args.combine_all)
+    if args.skip_bad_images is None:
+        args.skip_bad_images = bool(saved.get("skip_bad_images", False))
+
+    planned = int(saved.get("epochs", defaults["epochs"]))
+    notes = [f"from the checkpoint: {' '.join(adopted)}"] if adopted else []
+    if args.epochs is None:
+        if done >= planned:
+            raise CommandError(f"{COMMAND}: --resume: {plan.resume} is complete ({done} of {planned} epochs); "
+                               f"give --epochs N (more than {done}) to extend the run")
+        args.epochs = planned
+    elif args.epochs <= done:
+        raise CommandError(f"{COMMAND}: --epochs {args.epochs}: the run in {plan.resume} has already done {done} "
+                           f"epoch{'s' if done != 1 else ''}; give more than {done} to extend it")
+    elif args.epochs != planned:
+        change = "extends" if args.epochs > planned else "shortens"
+        notes.append(f"--epochs {args.epochs} {change} the run: it was started for {planned} epochs and now ends "
+                     f"after {args.epochs} (the one setting a resumed run may change)")
+    return notes
+
+
+def config_from_args(args: argparse.Namespace, device: str, saved: Optional[Dict[str, Any]] = None
+                     ) -> "TrainConfig":  # noqa: F821
+    """A :class:`~qaconv_ext.engine.TrainConfig` from parsed ``train`` arguments whose options are
+    settled (:func:`settle_run_options`), for ``device`` (:func:`resolve_device`). ``saved``: the
+    config of the run continued, whose other fields (momentum, gamma, ...) are kept."""
+    import dataclasses
+
+    from ..engine import TrainConfig
     from ..models import IBN_ARCHITECTURES
 
     if args.ibn not in (None, "none") and args.arch not in IBN_ARCHITECTURES:
-        raise SystemExit(f"{COMMAND}: --ibn {args.ibn}: IBN-Net exists for {', '.join(IBN_ARCHITECTURES)}, "
-                         f"not for --arch {args.arch}")
-    return TrainConfig(
-        method=args.method, arch=args.arch, pretrained=args.pretrained, neck=args.neck, layout=args.layout,
-        ibn=None if args.ibn in (None, "none") else args.ibn, neck_type=args.neck_type,
-        preprocess=args.preprocess, augment=args.augment,
-        height=args.height, width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        base_lr_mult=args.base_lr_mult, step_size=args.step_size, weight_decay=args.weight_decay,
-        random_block=not args.no_random_block, flip=not args.no_flip, freeze_bn=args.freeze_bn,
-        clip_grad=args.clip_grad, amp=args.amp, workers=args.workers, seed=args.seed,
-        device=device, dataset=args.dataset, data_root=args.data_root or "")
+        raise CommandError(f"{COMMAND}: --ibn {args.ibn}: IBN-Net exists for {', '.join(IBN_ARCHITECTURES)}, "
+                           f"not for --arch {args.arch}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: Dict[str, Any] = {k: v for k, v in (saved or {}).items() if k in fields}
+    values.update({k: getattr(args, k) for k in RUN_OPTIONS})
+    values["ibn"] = None if args.ibn in (None, "none") else args.ibn
+    if saved is None and args.pretrained:
+        values["pretrained"] = os.path.abspath(args.pretrained)
+    data_root = args.data_root or ""
+    if saved is None or data_root != saved.get("data_root", ""):
+        data_root = os.path.abspath(data_root) if data_root else ""
+    values.update(device=device, dataset=args.dataset, data_root=data_root)
+    return TrainConfig(**values)
 
 
-def _resume_config(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
-    """``{"path", "config"}`` of the checkpoint that ``--resume`` names (read before training, so that a
-    wrong file or folder ends the command at once), or None without ``--resume``."""
-    from ..engine import CheckpointError, find_checkpoint, load_checkpoint
-    from ..engine.checkpoint import missing_checkpoint_message
+# ----------------------------------------------------------------------------------------------
+# Checks before any work
+# ----------------------------------------------------------------------------------------------
 
-    if not args.resume:
-        return None
-    target = args.checkpoint_dir if args.resume == "auto" else args.resume
-    path = find_checkpoint(target)
-    if path is None:
-        raise SystemExit(f"{COMMAND}: --resume: {missing_checkpoint_message(target)}")
-    try:
-        ckpt = load_checkpoint(path, mmap=True)
-    except CheckpointError as exc:
-        raise SystemExit(f"{COMMAND}: --resume: {exc}") from None
-    if "config" not in ckpt and "format" not in ckpt and "model" in ckpt:
-        raise SystemExit(f"{COMMAND}: --resume: {path} was written by the public QAConv code; it can be "
-                         f"evaluated (qaconv eval --checkpoint {path}) but not resumed here")
-    saved = dict(ckpt.get("config") or {})
-    saved.setdefault("preprocess", "imagenet")   # checkpoints from before the presets used ImageNet mean/std
-    return {"path": path, "config": saved}
+def check_run_inputs(args: argparse.Namespace, cfg: Any, plan: RunPlan) -> None:
+    """What can be checked before reading any image: the run's folder can be written, and the
+    ``--pretrained`` file loads into the backbone of ``--arch``."""
+    check_writable_folder(plan.checkpoint_dir or RUNS_DIR, "--checkpoint-dir", COMMAND)
+    if cfg.pretrained:
+        from ..models import PretrainedWeightsError, build_backbone
+
+        try:
+            build_backbone(cfg.arch, pretrained_path=cfg.pretrained, neck=cfg.neck)
+        except (PretrainedWeightsError, FileNotFoundError) as exc:
+            why = " (a resumed run reads it again to build its model)" if plan.resume else ""
+            raise CommandError(f"{COMMAND}: --pretrained: {exc}{why}") from None
+
+
+def check_training_data(ds: Any, cfg: Any, plan: RunPlan) -> None:
+    """The training set can fill a batch, and a resumed run reads the same images as before."""
+    n = len(ds.train)
+    if cfg.batch_size > n:
+        raise CommandError(f"{COMMAND}: --batch-size {cfg.batch_size} is larger than the {n} training images of "
+                           f"{cfg.dataset} in {ds.root}; give at most {n}")
+    saved = plan.saved
+    if saved is None:
+        return
+    differs = []
+    if saved.get("train_root") and os.path.abspath(saved["train_root"]) != os.path.abspath(ds.root):
+        differs.append(f"images: {saved['train_root']} in the checkpoint, {ds.root} now")
+    if saved.get("num_classes") is not None and int(saved["num_classes"]) != ds.num_train_pids:
+        differs.append(f"identities: {saved['num_classes']} in the checkpoint, {ds.num_train_pids} now")
+    if saved.get("train_images") is not None and int(saved["train_images"]) != n:
+        differs.append(f"training images: {saved['train_images']} in the checkpoint, {n} now")
+    if differs:
+        raise CommandError(f"{COMMAND}: --resume: the training data differ from the run's: {'; '.join(differs)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+def _lr_now(cfg: Any, plan: RunPlan) -> float:
+    """The new layers' learning rate after ``plan.done`` epochs of the step schedule (the restored
+    scheduler's own step size and decay when it has them)."""
+    sched = plan.scheduler or {}
+    step = int(sched.get("step_size", cfg.step_size))
+    gamma = float(sched.get("gamma", cfg.gamma))
+    return cfg.lr * gamma ** (plan.done // max(1, step))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,56 +427,89 @@ def run(args: argparse.Namespace) -> int:
     try:
         with main_rank_output(env):
             dist = None if env is None else DistributedTraining(env, sync_bn=args.sync_bn)
-            return _train(args, device if env is None else str(env.device), dist)
+            return _run(args, device if env is None else str(env.device), dist)
     finally:
         if env is not None:
             shutdown()
 
 
-def _train(args: argparse.Namespace, device: str, dist: Any) -> int:
-    """Everything that can fail before the first epoch is checked first: the device, the checkpoint to
-    resume and its model options, the training and the test dataset."""
-    from ..engine import run_training
+def _claim_run_dir(dist: Any) -> str:
+    """A new :func:`new_run_dir`, made by rank 0 and shared with the other ranks."""
+    if dist is None:
+        return new_run_dir()
+    from ..distributed import all_gather_objects
 
+    return all_gather_objects(new_run_dir() if dist.is_main else None)[0]
+
+
+def _run(args: argparse.Namespace, device: str, dist: Any) -> int:
+    """Everything that can fail before the first epoch is checked first: the device, the run's folder,
+    the checkpoint to resume and its settings, the pretrained weights, the training and the test
+    dataset. Then train and, with ``--test-dataset``, evaluate."""
     if args.sync_bn and dist is None:
         print(f"{COMMAND}: note: --sync-bn applies to training across processes (torchrun); ignored")
-    resume = _resume_config(args)
-    adopted = settle_model_options(args, resume["config"] if resume else None)
-    if adopted:
-        print("from the checkpoint: " + " ".join(adopted))
-    cfg = config_from_args(args, device)
-    ds = load_dataset(args.dataset, args.data_root, args.combine_all, verbose=True)
-    saved_ids = (resume or {}).get("config", {}).get("num_classes")
-    if saved_ids is not None and int(saved_ids) != ds.num_train_pids:
-        raise SystemExit(f"{COMMAND}: --resume: the checkpoint was trained on {saved_ids} identities, "
-                         f"--dataset {args.dataset} has {ds.num_train_pids}")
-    extra: Dict[str, Any] = {"train_root": ds.root}
+    plan = plan_run(args)
+    for line in settle_run_options(args, plan):
+        print(line)
+    cfg = config_from_args(args, device, plan.saved)
+    check_run_inputs(args, cfg, plan)
+    splits = ("train", "query", "gallery") if args.combine_all else ("train",)
+    ds = load_dataset(cfg.dataset, args.data_root, args.combine_all, verbose=True, splits=splits,
+                      skip_bad_images=args.skip_bad_images, command=COMMAND)
+    check_training_data(ds, cfg, plan)
+    saved = plan.saved or {}
+    extra: Dict[str, Any] = {k: saved[k] for k in ("test_dataset", "test_root") if k in saved}
+    extra.update(train_root=ds.root, train_images=len(ds.train), combine_all=bool(args.combine_all),
+                 skip_bad_images=bool(args.skip_bad_images))
     test = None
     if args.test_dataset:
-        test = load_dataset(args.test_dataset, resolve_test_root(args), verbose=True, option="--test-root")
+        test = load_dataset(args.test_dataset, resolve_test_root(args), verbose=True, option="--test-root",
+                            splits=("query", "gallery"), skip_bad_images=args.skip_bad_images, command=COMMAND)
+        if args.tlift and cfg.method == "qaconv":
+            check_time_stamps(test, args.test_dataset, COMMAND)
         extra.update(test_dataset=args.test_dataset, test_root=test.root)
+    folder = plan.checkpoint_dir or _claim_run_dir(dist)
+    print(f"run folder: {folder}" + ("" if plan.checkpoint_dir else " (new; --checkpoint-dir chooses one)"))
+    try:
+        trainer = _train(cfg, ds, plan, folder, extra, args, dist)
+    except BaseException:
+        if plan.checkpoint_dir is None and (dist is None or dist.is_main):
+            try:   # a new folder that got no checkpoint: leave nothing behind
+                os.rmdir(folder)
+            except OSError:
+                pass
+        raise
+    if test is not None:
+        head = getattr(trainer.criterion, "matcher", None)
+        note_postprocessing(head, args.rerank, args.tlift, COMMAND)
+        evaluate = None
+        if dist is not None:
+            from ..distributed import sharded_evaluate_trained as evaluate
+        rows = evaluate_or_exit(COMMAND, trainer.model, head, test, cfg.height, cfg.width, evaluate=evaluate,
+                                device=cfg.device, batch_size=max(64, cfg.batch_size), workers=cfg.workers,
+                                rerank=args.rerank, tlift=args.tlift, progress=not args.no_progress)
+        if rows is None:  # not the main rank
+            return 0
+        print_table(rows, f"{cfg.dataset} -> {args.test_dataset}")
+        out = write_json(os.path.join(folder, f"results_{args.test_dataset}.json"), rows)
+        print(f"results: {out}")
+    return 0
+
+
+def _train(cfg: Any, ds: Any, plan: RunPlan, folder: str, extra: Dict[str, Any], args: argparse.Namespace,
+           dist: Any) -> Any:
+    """Print the settings and train (:func:`qaconv_ext.engine.run_training`); returns the trainer."""
+    from ..engine import run_training
+
     where = "" if dist is None else f" x {dist.world_size} processes"
     print("training " + ", ".join(cfg.summary()) + f" on {cfg.device}{where}; {len(ds.train)} images, "
           f"{ds.num_train_pids} identities")
+    if plan.resume:
+        print(f"continuing after epoch {plan.done} of {cfg.epochs}: learning rate of new layers now "
+              f"{_lr_now(cfg, plan):g}")
     t0 = time.time()
-    trainer = run_training(cfg, ds.train, ds.num_train_pids, checkpoint_dir=args.checkpoint_dir,
-                           resume=resume["path"] if resume else None, extra_config=extra,
-                           progress=not args.no_progress and (dist is None or dist.is_main), dist=dist)
+    trainer = run_training(cfg, ds.train, ds.num_train_pids, checkpoint_dir=folder, resume=plan.resume,
+                           extra_config=extra, progress=not args.no_progress and (dist is None or dist.is_main),
+                           dist=dist)
     print(f"trained in {time.time() - t0:.0f} s; checkpoint: {trainer.checkpoint_path}")
-    if test is not None:
-        from ..evaluation import evaluate_trained
-
-        head = getattr(trainer.criterion, "matcher", None)
-        note_postprocessing(head, args.rerank, args.tlift, COMMAND)
-        evaluate = evaluate_trained
-        if dist is not None:
-            from ..distributed import sharded_evaluate_trained as evaluate
-        rows = evaluate(trainer.model, head, test, cfg.height, cfg.width, device=cfg.device,
-                        batch_size=max(64, cfg.batch_size), workers=cfg.workers, rerank=args.rerank,
-                        tlift=args.tlift, progress=not args.no_progress)
-        if rows is None:  # not the main rank
-            return 0
-        print_table(rows, f"{args.dataset} -> {args.test_dataset}")
-        out = write_json(os.path.join(args.checkpoint_dir, f"results_{args.test_dataset}.json"), rows)
-        print(f"results: {out}")
-    return 0
+    return trainer

@@ -106,3 +106,11 @@ def output_path(args: Any, name: str) -> str:
             raise RuntimeError(f"no free run folder for {stamp} under {RUNS_DIR}")
         _this_run[RUNS_DIR] = folder
     return os.path.join(_this_run[RUNS_DIR], name)
+
+
+def save_result(args: Any, name: str, result: Any) -> str:
+    """Write ``result`` to this run's result file (:func:`output_path`), say where, and return the path."""
+    path = output_path(args, name)
+    write_json(path, result)
+    print(f"wrote {path}")
+    return path

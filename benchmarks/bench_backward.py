@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from _machine import add_output_args, machine_record, output_path, write_json  # benchmarks/_machine.py
+from _machine import add_output_args, machine_record, save_result  # benchmarks/_machine.py
 
 RESULT_NAME = "cpu_backward.json"
 
@@ -98,10 +98,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"  {c['map']:>5}{c['fused_fwd_bwd_s']:>17.3f}{c['reference_fwd_bwd_s']:>13.3f}"
               f"{c['speedup_vs_reference']:>9.2f}x{c['backward_query_only_s']:>14.3f}{c['backward_both_s']:>12.3f}"
               f"{c['grad_rel_err_vs_reference']:>14.1e}")
-    path = output_path(args, RESULT_NAME)
-    if path:
-        write_json(path, record)
-        print(f"wrote {path}")
+    save_result(args, RESULT_NAME, record)
     return record
 
 

@@ -26,12 +26,11 @@ import time
 from typing import Any, Dict, List, Optional
 
 from _machine import (  # benchmarks/_machine.py
+    save_result,
     add_output_args,
     machine_record,
-    output_path,
     reset_peak_rss,
     status_kib,
-    write_json,
 )
 
 RESULT_NAME = "eval_sparse_msmt17_cpu.json"
@@ -205,10 +204,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
                            for k in results["dense"]["rows"][name]) for name in results["dense"]["rows"]}
         result["max_metric_diff_dense_vs_sparse"] = diffs
         print(f"  largest metric difference dense vs sparse: {max(diffs.values()):.2e}")
-    path = output_path(args, RESULT_NAME)
-    if path:
-        write_json(path, result)
-        print(f"wrote {path}")
+    save_result(args, RESULT_NAME, result)
     return result
 
 

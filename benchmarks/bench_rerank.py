@@ -25,8 +25,8 @@ import time
 from typing import Dict, List, Optional
 
 import numpy as np
-from _machine import (add_output_args, machine_record, output_path, reset_peak_rss,  # benchmarks/_machine.py
-                      status_kib, write_json)
+from _machine import (add_output_args, machine_record, reset_peak_rss, save_result,  # benchmarks/_machine.py
+                      status_kib)
 
 RESULT_NAME = "rerank_cpu.json"
 METHODS = ("dense", "sparse", "sparse-callable")
@@ -151,10 +151,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
         else:
             print(f"  MSMT17 size (11659 x 82161) sparse-callable: {msmt['seconds']:.1f} s, "
                   f"peak {msmt['peak_mib'] / 1024:.2f} GiB")
-    path = output_path(args, RESULT_NAME)
-    if path:
-        write_json(path, result)
-        print(f"wrote {path}")
+    save_result(args, RESULT_NAME, result)
     return result
 
 

@@ -31,12 +31,11 @@ import time
 from typing import Any, Dict, List, Optional
 
 from _machine import (  # benchmarks/_machine.py
+    save_result,
     add_output_args,
     machine_record,
-    output_path,
     reset_peak_rss,
     status_kib,
-    write_json,
 )
 
 RESULT_NAME = "search_cpu.json"
@@ -193,10 +192,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
                   "each method in a fresh process that opens the index") +
                  "; seconds per query = median search time / queries; peak = VmHWM; files in the page cache",
     }
-    path = output_path(args, RESULT_NAME)
-    if path:
-        write_json(path, result)
-        print(f"wrote {path}")
+    save_result(args, RESULT_NAME, result)
     return result
 
 

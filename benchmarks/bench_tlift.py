@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from qaconv_ext.postprocess import tlift
-from _machine import add_output_args, cpu_name, machine_record, output_path, write_json  # benchmarks/_machine.py
+from _machine import add_output_args, cpu_name, machine_record, save_result  # benchmarks/_machine.py
 
 
 
@@ -147,10 +147,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               f"{c['vectorised']['seconds_median']:>14.3f}{c['loop']['seconds_full_estimate']:>10.1f}"
               f"{c['speedup']:>9.1f}x{c['max_abs_diff_vs_loop']:>11.1e}")
     print(f"  ({cases[0]['loop']['note']})" if cases else "")
-    path = output_path(args, "tlift_gpu.json" if gpu else "tlift_cpu.json")
-    if path:
-        write_json(path, result)
-        print(f"wrote {path}")
+    save_result(args, "tlift_gpu.json" if gpu else "tlift_cpu.json", result)
     return result
 
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
-from _machine import add_output_args, machine_record, output_path, write_json  # benchmarks/_machine.py
+from _machine import add_output_args, machine_record, save_result  # benchmarks/_machine.py
 
 RESULT_NAME = "two_stage_synthetic.json"
 
@@ -180,10 +180,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result.update(machine_record(load_before, os.getloadavg()))
-    path = output_path(args, RESULT_NAME)
-    if path:
-        write_json(path, result)
-        print(f"wrote {path}")
+    save_result(args, RESULT_NAME, result)
     return result
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Tuple
 
 import pytest
 import torch
@@ -110,3 +110,36 @@ def error_of(call: Callable[[], object]):
     except Exception as exc:  # noqa: BLE001  (the type itself is what is compared)
         return type(exc).__name__, str(exc).split("\n")[0]
     return None
+
+
+def write_tiny_market(top, *, seed: int, train_ids: Iterable[int], test_ids: Iterable[int], noise: float = 20.0,
+                      size: Tuple[int, int] = (32, 16), train: bool = True, distractor: bool = False):
+    """A tiny Market-1501 tree in the folder ``top``: 4 training images per ``train_ids`` identity on
+    cameras 1/2 (unless not ``train``), one query (camera 1) and two gallery images (camera 2) per
+    ``test_ids`` identity, and with ``distractor`` one pid-0 gallery image. Each identity is a random
+    colour plus noise, drawn from ``numpy.random.default_rng(seed)`` in a fixed order. Returns ``top``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+
+    def put(sub, pid, cam, frame, k, color):
+        folder = top / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        img = np.clip(color + rng.normal(0, noise, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{pid:04d}_c{cam}s1_{frame:06d}_{k:02d}.jpg")
+
+    for pid in train_ids:
+        color = rng.integers(0, 255, size=3)
+        for k in range(4):
+            if train:
+                put("bounding_box_train", pid, k % 2 + 1, 100 * pid + k, k, color)
+    for pid in test_ids:
+        color = rng.integers(0, 255, size=3)
+        put("query", pid, 1, 50 * pid, 0, color)
+        for k in range(2):
+            put("bounding_box_test", pid, 2, 50 * pid + 25 + k, k, color)
+    if distractor:
+        put("bounding_box_test", 0, 1, 7, 0, rng.integers(0, 255, size=3))
+    return top

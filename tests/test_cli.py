@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
+from helpers import write_tiny_market
 import pytest
 import torch
 
@@ -19,24 +19,7 @@ H, W = 32, 16
 def market(tmp_path_factory):
     """A tiny Market-1501 tree: 6 training identities, 4 test identities (+ a distractor)."""
     root = tmp_path_factory.mktemp("market") / "Market-1501-v15.09.15"
-    rng = np.random.default_rng(1)
-
-    def put(sub, pid, cam, frame, k, color):
-        folder = root / sub
-        folder.mkdir(parents=True, exist_ok=True)
-        img = np.clip(color + rng.normal(0, 20, size=(H, W, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{pid:04d}_c{cam}s1_{frame:06d}_{k:02d}.jpg")
-
-    for pid in range(1, 7):
-        color = rng.integers(0, 255, size=3)
-        for k in range(4):
-            put("bounding_box_train", pid, k % 2 + 1, 100 * pid + k, k, color)
-    for pid in range(10, 14):
-        color = rng.integers(0, 255, size=3)
-        put("query", pid, 1, 50 * pid, 0, color)
-        for k in range(2):
-            put("bounding_box_test", pid, 2, 50 * pid + 25 + k, k, color)
-    put("bounding_box_test", 0, 1, 7, 0, rng.integers(0, 255, size=3))
+    write_tiny_market(root, seed=1, train_ids=range(1, 7), test_ids=range(10, 14), size=(H, W), distractor=True)
     return str(root)
 
 

@@ -15,7 +15,7 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
+from helpers import write_tiny_market
 import pytest
 import torch
 
@@ -33,26 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 def make_market(root: Path, train: bool = True, seed: int = 1) -> Path:
     """A tiny Market-1501 tree under ``root``: 6 training identities x 4 images (unless not ``train``),
     4 test identities with a query and two gallery images each."""
-    rng = np.random.default_rng(seed)
-    top = root / "Market-1501-v15.09.15"
-
-    def put(sub, pid, cam, frame, k, color):
-        folder = top / sub
-        folder.mkdir(parents=True, exist_ok=True)
-        img = np.clip(color + rng.normal(0, 20, size=(H, W, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{pid:04d}_c{cam}s1_{frame:06d}_{k:02d}.jpg")
-
-    for pid in range(1, 7):
-        color = rng.integers(0, 255, size=3)
-        for k in range(4):
-            if train:
-                put("bounding_box_train", pid, k % 2 + 1, 100 * pid + k, k, color)
-    for pid in range(10, 14):
-        color = rng.integers(0, 255, size=3)
-        put("query", pid, 1, 50 * pid, 0, color)
-        for k in range(2):
-            put("bounding_box_test", pid, 2, 50 * pid + 25 + k, k, color)
-    return top
+    return write_tiny_market(root / "Market-1501-v15.09.15", seed=seed, train_ids=range(1, 7),
+                             test_ids=range(10, 14), size=(H, W), train=train)
 
 
 @pytest.fixture(scope="module")

@@ -236,7 +236,7 @@ def test_an_unknown_isa_name_is_refused():
 
 @pytest.mark.parametrize("layout", ["v2", "eccv"])
 def test_evaluation_scores_bfloat16_maps_under_cpu_autocast(layout):
-    from qaconv_ext.evaluation.scoring import score_blocks, self_score_blocks
+    from qaconv_ext.evaluation.scoring import qaconv_scores, qaconv_self_scores
     from qaconv_ext.head import QAConv
 
     torch.manual_seed(71)
@@ -244,12 +244,12 @@ def test_evaluation_scores_bfloat16_maps_under_cpu_autocast(layout):
     q = _maps(9, 32, 6, 3, 72).float()
     g = _maps(13, 32, 6, 3, 73).float() + 0.01  # not exactly representable in bfloat16
     weight, bias = head.folded()
-    plain = score_blocks(head, q, g, query_chunk=4, gallery_chunk=5, progress=False)
+    plain = qaconv_scores(head, q, g, query_chunk=4, gallery_chunk=5, progress=False)
     # float32 evaluation is the float32 op, unchanged
     assert torch.equal(plain, qaconv_ext.qaconv_score(q, g, weight.float(), bias.float()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = score_blocks(head, q, g, query_chunk=4, gallery_chunk=5, progress=False)
-        mixed_self = self_score_blocks(head, g, chunk=5, progress=False)
+        mixed = qaconv_scores(head, q, g, query_chunk=4, gallery_chunk=5, progress=False)
+        mixed_self = qaconv_self_scores(head, g, chunk=5, progress=False)
     assert mixed.dtype == torch.float32
     assert torch.equal(mixed, qaconv_ext.qaconv_score(q.bfloat16(), g.bfloat16(), weight.float(), bias.float()))
     # (the symmetric v2 head mirrors blocks: its scores may differ in the last bit of the head's sum)

@@ -83,53 +83,9 @@ def _cuda_requested() -> bool:
     return available
 
 
-# CPU translation units built for an instruction-set extension (file-name suffix -> compiler flags, the
-# define that tells the library the unit is linked in). The library enters them only after checking the
-# processor at run time, so the rest of the build stays portable.
-ISA_UNITS = {
-    "_avx512bf16.cpp": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"], "QACONV_WITH_AVX512BF16"),
-}
-
-
-def _isa_unit(path: str):
-    return next((unit for suffix, unit in ISA_UNITS.items() if path.endswith(suffix)), None)
-
-
-def _build_ext_command():
-    """torch's BuildExtension (with ninja) that also compiles the instruction-set units with their own
-    flags and links them in; a compiler without the flags (or a machine that is not x86-64) builds the
-    library without them, which then never selects those kernels."""
-    import platform
-
-    from setuptools.errors import CompileError
-
-    class BuildExtension(cpp_extension.BuildExtension):
-        def build_extensions(self) -> None:
-            units = [p for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp"))) if _isa_unit(p)]
-            x86 = platform.machine().lower() in ("x86_64", "amd64")
-            for ext in self.extensions:
-                for path in units:
-                    flags, define = _isa_unit(path)
-                    try:
-                        if not x86:
-                            raise CompileError(f"{platform.machine()} is not x86-64")
-                        objects = self.compiler.compile([os.path.relpath(path, HERE)], output_dir=self.build_temp,
-                                                        include_dirs=ext.include_dirs,
-                                                        extra_postargs=["-O3", "-std=c++17", "-fPIC"] + flags)
-                    except CompileError as exc:
-                        print(f"qaconv-ext: building without {os.path.basename(path)} ({exc})")
-                        continue
-                    ext.extra_objects = list(ext.extra_objects or []) + objects
-                    ext.define_macros = list(ext.define_macros or []) + [(define, "1")]
-            super().build_extensions()
-
-    return BuildExtension.with_options(use_ninja=True)
-
-
 def _extension():
     sources = [os.path.relpath(p, HERE) for p in
-               sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-               if _isa_unit(p) is None]
+               sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
     cxx = ["-O3", "-fopenmp"]
     if os.environ.get("QACONV_EXT_NATIVE_ARCH", "0") == "1":
         cxx.append("-march=native")
@@ -152,5 +108,6 @@ def _extension():
 setup(
     packages=find_packages(include=["qaconv_ext", "qaconv_ext.*"]),
     ext_modules=[_extension()] if torch is not None else [],  # none only for metadata and the sdist
-    cmdclass={"build_ext": _build_ext_command()} if torch is not None else {},
+    cmdclass=({"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+              if torch is not None else {}),
 )

@@ -8,8 +8,7 @@
 //    location-major copies (each gallery block is copied once per thread and then matched against every
 //    query block); with small maps one GEMM per pair would be dominated by its fixed cost.
 //  * Fewer queries: one query x a few gallery images per tile, one GEMM per pair on views of the inputs.
-//  * bfloat16 maps on processors with AVX512-BF16: a kernel of its own (cpu/match_bf16.h). Elsewhere,
-//    and for float16, the maps are widened to float32 (exact products) and take the paths above.
+//  * float16 and bfloat16 maps are widened to float32 (exact products) and take the paths above.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,8 +19,6 @@
 #include <vector>
 
 #include "checks.h"
-#include "cpu/isa.h"
-#include "cpu/match_bf16.h"
 #include "cpu/pool.h"
 
 namespace qaconv {
@@ -126,8 +123,6 @@ void for_each_pair(const at::Tensor& query, const at::Tensor& gallery, const Mat
     for_each_tile<T>(query, gallery, d, ct, epilogue);
 }
 
-bool native_bf16(const at::Tensor& query) { return query.scalar_type() == at::kBFloat16 && cpu::bf16_kernel(); }
-
 std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& query, const at::Tensor& gallery, bool with_indices) {
   const MatchDims d = check_pair(query, gallery);
   TORCH_CHECK(query.device().is_cpu(), "qaconv: match_cpu called with ", query.device(), " tensors");
@@ -135,9 +130,7 @@ std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& query, const at::
   at::Tensor values = at::empty({d.P, d.N, d.L()}, query.options().dtype(ct));
   at::Tensor indices = with_indices ? at::empty({d.P, d.N, d.L()}, query.options().dtype(at::kLong))
                                     : at::empty({0}, query.options().dtype(at::kLong));
-  if (d.P > 0 && d.N > 0 && native_bf16(query)) {
-    cpu::match_bf16(query, gallery, d, values.data_ptr<float>(), with_indices ? indices.data_ptr<int64_t>() : nullptr);
-  } else if (d.P > 0 && d.N > 0) {
+  if (d.P > 0 && d.N > 0) {
     AT_DISPATCH_FLOATING_TYPES(ct, "qaconv_match_cpu", [&] {
       scalar_t* vals = values.data_ptr<scalar_t>();
       int64_t* idx = with_indices ? indices.data_ptr<int64_t>() : nullptr;
@@ -162,11 +155,6 @@ at::Tensor score_cpu(const at::Tensor& query, const at::Tensor& gallery, const a
   if (d.P == 0 || d.N == 0) return out;
   const at::Tensor w = weight.reshape({-1}).to(ct).contiguous();
   const double b = (bias.has_value() && bias->defined()) ? bias->item<double>() : 0.0;
-  if (native_bf16(query)) {
-    const at::Tensor wd = w.to(at::kDouble).contiguous();
-    cpu::score_bf16(query, gallery, d, wd.data_ptr<double>(), b, out.data_ptr<float>());
-    return out;
-  }
   AT_DISPATCH_FLOATING_TYPES(ct, "qaconv_score_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();

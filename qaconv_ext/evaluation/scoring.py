@@ -117,9 +117,9 @@ def score_blocks(head: nn.Module, query_fea: torch.Tensor, gallery_fea: torch.Te
                dynamic_ncols=True)
     with torch.no_grad():
         for g0, g1 in _blocks(N, gallery_chunk):
-            g = _matched(gallery_fea[g0:g1], device)
+            g = gallery_fea[g0:g1].to(device, non_blocking=True)
             for q0, q1 in _blocks(P, query_chunk):
-                q = _matched(query_fea[q0:q1], device)
+                q = query_fea[q0:q1].to(device, non_blocking=True)
                 out[q0:q1, g0:g1] = qaconv_score(q, g, weight, bias).float().cpu()
                 bar.update((q1 - q0) * (g1 - g0))
     bar.close()
@@ -151,9 +151,9 @@ def self_score_blocks(head: nn.Module, fea: torch.Tensor, chunk: int = 1024, pro
                dynamic_ncols=True)
     with torch.no_grad():
         for i, (a0, a1) in enumerate(blocks):
-            a = _matched(fea[a0:a1], device)
+            a = fea[a0:a1].to(device, non_blocking=True)
             for b0, b1 in blocks[i:]:
-                b = _matched(fea[b0:b1], device)
+                b = fea[b0:b1].to(device, non_blocking=True)
                 s = qaconv_score(a, b, weight, bias).float().cpu()
                 out[a0:a1, b0:b1] = s
                 if b0 != a0:
@@ -215,18 +215,6 @@ class _DistanceRows:
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         return score_to_distance(self.score_rows(start, stop))
-
-
-def _matched(fea: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A block of feature maps on ``device`` in the dtype it is matched in. Under CPU autocast with
-    bfloat16 (mixed-precision evaluation) float32 maps are rounded to bfloat16, which the fused op
-    matches with its AVX512-BF16 kernel where the processor has one (float32 scores either way);
-    otherwise the maps are matched as given."""
-    fea = fea.to(device, non_blocking=True)
-    if (fea.device.type == "cpu" and fea.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
-        return fea.to(torch.bfloat16)
-    return fea
 
 
 def _folded(head: nn.Module, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,38 +1,167 @@
 // CPU kernels of the fused QAConv matching ops.
 //
-// Work is split into tiles of query images x gallery images. GEMMs write the local similarities of a
-// tile, S = Q^T [Lq x d] . G [d x Lg] per pair, into a thread-local scratch sized to stay in L2, and an
-// epilogue (cpu/pool.h) max-pools each pair's block in both directions, optionally with argmax,
-// optionally folding the linear head. The [P, N, Lq, Lg] tensor is never materialised.
-//  * From a few queries on: one GEMM per tile of several queries x several gallery images, on
-//    location-major copies (each gallery block is copied once per thread and then matched against every
-//    query block); with small maps one GEMM per pair would be dominated by its fixed cost.
-//  * Fewer queries: one query x a few gallery images per tile, one GEMM per pair on views of the inputs.
-//  * float16 and bfloat16 maps are widened to float32 (exact products) and take the paths above.
+// Work is split into tiles of one query image x `nb` gallery images. For a tile, one GEMM writes the
+// local similarities S = Q_p^T [Lq x d] . G_block [d x nb*Lg] into a thread-local scratch sized to stay
+// in L2, and a vectorisable epilogue max-pools S in both directions (optionally with argmax, optionally
+// folding the linear head). The [P, N, Lq, Lg] tensor is never materialised.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
 #include "checks.h"
-#include "cpu/pool.h"
 
 namespace qaconv {
 namespace {
 
-using cpu::pool;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(QACONV_NO_MULTIVERSION)
+#define QACONV_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define QACONV_MULTIVERSION
+#endif
+#define QACONV_ALWAYS_INLINE __attribute__((always_inline))
 
-constexpr int64_t kScratchBytes = 512 * 1024;  // S tile budget (per thread)
-constexpr int64_t kBlockRows = 192;            // tile GEMMs: query locations per GEMM at least
-constexpr int64_t kBlockQueries = 4;           // tile GEMMs from this many queries (each copied gallery
-                                               // block is then matched against several of them)
-constexpr int64_t kBackwardBlock = 4;          // images per backward task (their gradients stay cached)
+constexpr int64_t kLanes = 16;                    // partial maxima per row: keeps the row loop vectorisable
+constexpr int64_t kScratchBytes = 512 * 1024;     // S tile budget (per thread)
+constexpr int64_t kBackwardBlock = 4;             // images per backward task (their gradients stay cached)
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// NaN-propagating "is v a new maximum": NaN beats numbers, the first NaN stays (torch.max semantics).
+template <typename T>
+inline bool takes_over(T v, T best) {
+  return (v > best) | ((v != v) & (best == best));
+}
+
+// Tie/NaN-aware merge of two (value, index) candidates: the larger value, the smaller index on ties,
+// the first NaN over anything.
+template <typename T>
+inline void merge(T& best, int64_t& best_i, T v, int64_t vi) {
+  const bool best_nan = best != best, v_nan = v != v;
+  if (best_nan) {
+    if (v_nan && vi < best_i) { best = v; best_i = vi; }
+  } else if (v_nan || v > best || (v == best && vi < best_i)) {
+    best = v;
+    best_i = vi;
+  }
+}
+
+// Max-pool one pair's block of S (Lq rows of Lg entries, row stride ld) in both directions.
+// row_max[s] = max_r S[s, r]; col_max[r] = max_s S[s, r]; with indices when row_idx/col_idx are given.
+template <typename T, bool kIndices>
+QACONV_ALWAYS_INLINE inline void pool_pair(const T* S, int64_t ld, int64_t Lq, int64_t Lg, T* row_max, T* col_max,
+                                           int64_t* row_idx, int64_t* col_idx) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < Lg; ++r) col_max[r] = neg_inf;
+  if (kIndices)
+    for (int64_t r = 0; r < Lg; ++r) col_idx[r] = 0;
+  const int64_t body = Lg - Lg % kLanes;
+  for (int64_t s = 0; s < Lq; ++s) {
+    const T* row = S + s * ld;
+    T part[kLanes];
+    int64_t part_i[kLanes];
+    for (int64_t k = 0; k < kLanes; ++k) {
+      part[k] = neg_inf;
+      part_i[k] = k;
+    }
+    for (int64_t r0 = 0; r0 < body; r0 += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) {
+        const T v = row[r0 + k];
+        if (kIndices) {  // branch-free selects, so the loop vectorises
+          const bool row_new = takes_over(v, part[k]);
+          part[k] = row_new ? v : part[k];
+          part_i[k] = row_new ? r0 + k : part_i[k];
+          const bool col_new = takes_over(v, col_max[r0 + k]);
+          col_max[r0 + k] = col_new ? v : col_max[r0 + k];
+          col_idx[r0 + k] = col_new ? s : col_idx[r0 + k];
+        } else {
+          part[k] = (v > part[k] || v != v) ? v : part[k];
+          col_max[r0 + k] = (v > col_max[r0 + k] || v != v) ? v : col_max[r0 + k];
+        }
+      }
+    }
+    T best = neg_inf;
+    int64_t best_i = 0;
+    for (int64_t k = 0; k < kLanes && k < Lg; ++k) merge(best, best_i, part[k], part_i[k]);
+    for (int64_t r = body; r < Lg; ++r) {
+      const T v = row[r];
+      merge(best, best_i, v, r);
+      if (takes_over(v, col_max[r])) {
+        col_max[r] = v;
+        if (kIndices) col_idx[r] = s;
+      }
+    }
+    row_max[s] = best;
+    if (kIndices) row_idx[s] = best_i;
+  }
+}
+
+// Values-only pooling for a block of finite values: max instructions, no NaN bookkeeping. Alongside,
+// every value is folded into `check` as v * 0, which stays 0 for finite values and becomes NaN for a
+// NaN or an infinity. Returns false when the block holds one; the caller then runs pool_pair, whose
+// NaN and infinity semantics are exact.
+template <typename T>
+QACONV_ALWAYS_INLINE inline bool pool_pair_finite(const T* S, int64_t ld, int64_t Lq, int64_t Lg, T* row_max,
+                                                  T* col_max) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < Lg; ++r) col_max[r] = neg_inf;
+  const int64_t body = Lg - Lg % kLanes;
+  T check[kLanes];
+  for (int64_t k = 0; k < kLanes; ++k) check[k] = T(0);
+  for (int64_t s = 0; s < Lq; ++s) {
+    const T* row = S + s * ld;
+    T part[kLanes];
+    for (int64_t k = 0; k < kLanes; ++k) part[k] = neg_inf;
+    for (int64_t r0 = 0; r0 < body; r0 += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) {
+        const T v = row[r0 + k];
+        check[k] += v * T(0);
+        part[k] = std::max(part[k], v);
+        col_max[r0 + k] = std::max(col_max[r0 + k], v);
+      }
+    }
+    T best = neg_inf;
+    if (body > 0)
+      for (int64_t k = 0; k < kLanes; ++k) best = std::max(best, part[k]);
+    for (int64_t r = body; r < Lg; ++r) {
+      const T v = row[r];
+      check[0] += v * T(0);
+      best = std::max(best, v);
+      col_max[r] = std::max(col_max[r], v);
+    }
+    row_max[s] = best;
+  }
+  T sum = T(0);
+  for (int64_t k = 0; k < kLanes; ++k) sum += check[k];
+  return sum == sum;
+}
+
+// The epilogue is compiled for several instruction sets and picked at load time, so a portable build
+// still runs it with AVX-512 or AVX2 where the processor has them. Values only: the finite fast path
+// first (1.2x the op's throughput); with indices the exact version is as fast (its selects vectorise).
+#define QACONV_POOL_VARIANT(NAME, T, IDX)                                                                  \
+  QACONV_MULTIVERSION void NAME(const T* S, int64_t ld, int64_t Lq, int64_t Lg, T* row_max, T* col_max,    \
+                                int64_t* row_idx, int64_t* col_idx) {                                      \
+    if (IDX || !pool_pair_finite<T>(S, ld, Lq, Lg, row_max, col_max))                                   \
+      pool_pair<T, IDX>(S, ld, Lq, Lg, row_max, col_max, row_idx, col_idx);                               \
+  }
+QACONV_POOL_VARIANT(pool_f32, float, false)
+QACONV_POOL_VARIANT(pool_f32_idx, float, true)
+QACONV_POOL_VARIANT(pool_f64, double, false)
+QACONV_POOL_VARIANT(pool_f64_idx, double, true)
+#undef QACONV_POOL_VARIANT
+
+inline void pool(const float* S, int64_t ld, int64_t Lq, int64_t Lg, float* rm, float* cm, int64_t* ri, int64_t* ci) {
+  if (ri != nullptr) pool_f32_idx(S, ld, Lq, Lg, rm, cm, ri, ci); else pool_f32(S, ld, Lq, Lg, rm, cm, ri, ci);
+}
+inline void pool(const double* S, int64_t ld, int64_t Lq, int64_t Lg, double* rm, double* cm, int64_t* ri,
+                 int64_t* ci) {
+  if (ri != nullptr) pool_f64_idx(S, ld, Lq, Lg, rm, cm, ri, ci); else pool_f64(S, ld, Lq, Lg, rm, cm, ri, ci);
+}
 
 // Number of gallery images per tile: S of one tile stays within the scratch budget.
 int64_t gallery_block(const MatchDims& d, int64_t elem) {
@@ -46,12 +175,10 @@ at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::
 // channels_last both do), so large galleries are not copied. Detached: the kernels run below autograd.
 at::Tensor channel_rows(const at::Tensor& x, at::ScalarType ct) { return x.detach().to(ct).flatten(2); }
 
-// Large maps: runs `epilogue(p, n, S_pair, ld)` for every pair, tile by tile, in parallel. Each pair's
-// block of S is one GEMM S_n = Q_p^T [Lq x d] . G_n [d x Lg] written into the tile's scratch at column n * Lg.
+// Runs `epilogue(p, n, S_pair, ld)` for every pair, tile by tile, in parallel. Each pair's block of S is
+// one GEMM S_n = Q_p^T [Lq x d] . G_n [d x Lg] written into the tile's scratch at column n * Lg.
 template <typename T, typename Epilogue>
-void for_each_tile(const at::Tensor& query, const at::Tensor& gallery, const MatchDims& d, at::ScalarType ct,
-                   Epilogue&& epilogue) {
-  const at::Tensor q = channel_rows(query, ct), g = channel_rows(gallery, ct);
+void for_each_tile(const at::Tensor& q, const at::Tensor& g, const MatchDims& d, Epilogue&& epilogue) {
   const int64_t nb = gallery_block(d, sizeof(T));
   const int64_t blocks = (d.N + nb - 1) / nb;
   at::parallel_for(0, d.P * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -71,58 +198,6 @@ void for_each_tile(const at::Tensor& query, const at::Tensor& gallery, const Mat
   });
 }
 
-// Small maps: one GEMM per tile of mb queries x nb gallery images, S_tile = Q_rows [mb Lq x d] .
-// G_rows^T [d x nb Lg], pair (a, b)'s block at row a * Lq, column b * Lg. Tiles run gallery block
-// outermost, so a thread copies a gallery block to location-major rows once for all query blocks.
-template <typename T, typename Epilogue>
-void for_each_block(const at::Tensor& query, const at::Tensor& gallery, const MatchDims& d, at::ScalarType ct,
-                    Epilogue&& epilogue) {
-  int64_t mb = std::clamp<int64_t>(ceil_div(kBlockRows, d.Lq), 1, d.P);
-  int64_t nb = std::clamp<int64_t>(kScratchBytes / static_cast<int64_t>(sizeof(T) * mb * d.Lq * d.Lg), 1, d.N);
-  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());  // tiles enough for every thread
-  while (ceil_div(d.P, mb) * ceil_div(d.N, nb) < want && (nb > 1 || mb > 1)) {
-    if (nb > 1)
-      nb = ceil_div(nb, 2);
-    else
-      mb = ceil_div(mb, 2);
-  }
-  const int64_t query_blocks = ceil_div(d.P, mb), gallery_blocks = ceil_div(d.N, nb);
-  const at::Tensor q = locations_major(query.detach()).to(ct).reshape({d.P * d.Lq, d.channels});
-  const at::Tensor g = gallery.detach().flatten(2).transpose(1, 2);  // [N, Lg, d] view
-  at::parallel_for(0, query_blocks * gallery_blocks, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor rows = at::empty({nb * d.Lg, d.channels}, q.options());
-    at::Tensor scratch = at::empty({mb * d.Lq, nb * d.Lg}, q.options());
-    const T* base = scratch.data_ptr<T>();
-    const int64_t ld = scratch.stride(0);
-    int64_t copied = -1;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t gb = task / query_blocks, qb = task % query_blocks;
-      const int64_t n0 = gb * nb, images = std::min(nb, d.N - n0);
-      const int64_t p0 = qb * mb, queries = std::min(mb, d.P - p0);
-      if (gb != copied) {
-        rows.narrow(0, 0, images * d.Lg).view({images, d.Lg, d.channels}).copy_(g.narrow(0, n0, images));
-        copied = gb;
-      }
-      at::Tensor S = scratch.narrow(0, 0, queries * d.Lq).narrow(1, 0, images * d.Lg);
-      at::mm_out(S, q.narrow(0, p0 * d.Lq, queries * d.Lq), rows.narrow(0, 0, images * d.Lg).t());
-      for (int64_t a = 0; a < queries; ++a)
-        for (int64_t b = 0; b < images; ++b) epilogue(p0 + a, n0 + b, base + a * d.Lq * ld + b * d.Lg, ld);
-    }
-  });
-}
-
-// One GEMM per tile beats one per pair at every map size measured (most at small maps, where the fixed
-// cost of a GEMM call dominates: 12 x 4 maps, d = 128, one core: 47 -> 78 GFLOP/s; 24 x 8: 70 -> 80),
-// once the copy of a gallery block is shared by a few queries; for fewer, GEMMs on views of the inputs.
-template <typename T, typename Epilogue>
-void for_each_pair(const at::Tensor& query, const at::Tensor& gallery, const MatchDims& d, at::ScalarType ct,
-                   Epilogue&& epilogue) {
-  if (d.P >= kBlockQueries)
-    for_each_block<T>(query, gallery, d, ct, epilogue);
-  else
-    for_each_tile<T>(query, gallery, d, ct, epilogue);
-}
-
 std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& query, const at::Tensor& gallery, bool with_indices) {
   const MatchDims d = check_pair(query, gallery);
   TORCH_CHECK(query.device().is_cpu(), "qaconv: match_cpu called with ", query.device(), " tensors");
@@ -131,10 +206,11 @@ std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& query, const at::
   at::Tensor indices = with_indices ? at::empty({d.P, d.N, d.L()}, query.options().dtype(at::kLong))
                                     : at::empty({0}, query.options().dtype(at::kLong));
   if (d.P > 0 && d.N > 0) {
+    const at::Tensor q = channel_rows(query, ct), g = channel_rows(gallery, ct);
     AT_DISPATCH_FLOATING_TYPES(ct, "qaconv_match_cpu", [&] {
       scalar_t* vals = values.data_ptr<scalar_t>();
       int64_t* idx = with_indices ? indices.data_ptr<int64_t>() : nullptr;
-      for_each_pair<scalar_t>(query, gallery, d, ct, [&](int64_t p, int64_t n, const scalar_t* S, int64_t ld) {
+      for_each_tile<scalar_t>(q, g, d, [&](int64_t p, int64_t n, const scalar_t* S, int64_t ld) {
         const int64_t off = (p * d.N + n) * d.L();
         pool(S, ld, d.Lq, d.Lg, vals + off, vals + off + d.Lq, idx ? idx + off : nullptr,
              idx ? idx + off + d.Lq : nullptr);
@@ -153,13 +229,14 @@ at::Tensor score_cpu(const at::Tensor& query, const at::Tensor& gallery, const a
   const auto ct = compute_type(query.scalar_type());
   at::Tensor out = at::empty({d.P, d.N}, query.options().dtype(ct));
   if (d.P == 0 || d.N == 0) return out;
+  const at::Tensor q = channel_rows(query, ct), g = channel_rows(gallery, ct);
   const at::Tensor w = weight.reshape({-1}).to(ct).contiguous();
   const double b = (bias.has_value() && bias->defined()) ? bias->item<double>() : 0.0;
   AT_DISPATCH_FLOATING_TYPES(ct, "qaconv_score_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     const double bb = b;
-    for_each_pair<scalar_t>(query, gallery, d, ct, [&](int64_t p, int64_t n, const scalar_t* S, int64_t ld) {
+    for_each_tile<scalar_t>(q, g, d, [&](int64_t p, int64_t n, const scalar_t* S, int64_t ld) {
       // Small per-call buffers: one pair's maxima, then the folded head as a dot product.
       thread_local std::vector<scalar_t> maxima;
       maxima.resize(d.L());

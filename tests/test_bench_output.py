@@ -82,5 +82,5 @@ def test_benchmarks_leave_the_committed_results_alone(machine):
 def test_every_benchmark_takes_its_path_from_the_shared_rule(script):
     with open(os.path.join(BENCH, script)) as fh:
         src = fh.read()
-    assert "add_output_args(" in src and "output_path(args" in src
+    assert "add_output_args(" in src and ("output_path(args" in src or "save_result(args" in src)
     assert not re.search(r'join\([^)]*"results"', src)  # no path of its own into benchmarks/results

@@ -16,6 +16,7 @@ from qaconv_ext.search import (
     GalleryIndexError,
     descriptor_topk,
     global_descriptors,
+    merge_topk,
     rerank_shortlist,
     select_topk,
     streaming_topk,
@@ -95,6 +96,23 @@ def test_select_topk_orders_by_score_then_index():
     i = torch.tensor([[9, 7, 2, 4, 5]])
     sv, si = select_topk(v, i, 4)
     assert si.tolist() == [[2, 5, 7, 4]] and sv.tolist() == [[3.0, 3.0, 3.0, 2.0]]
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_merging_blocks_equals_one_sort_with_ties_and_nan(k):
+    """Blocks merged one by one (each pre-selected by its k-th value) give the order of one stable sort."""
+    gen = torch.Generator().manual_seed(11)
+    values = torch.randint(0, 6, (5, 40), generator=gen).float()  # many ties
+    values[1, [3, 17, 30]] = float("nan")
+    values[2, :] = float("nan")
+    values[3, [0, 9]] = -float("inf")
+    ref = torch.sort(values, dim=1, descending=True, stable=True)
+    run_v, run_i = torch.empty(5, 0), torch.empty(5, 0, dtype=torch.int64)
+    for a in range(0, 40, 7):
+        block = values[:, a:a + 7]
+        run_v, run_i = merge_topk(run_v, run_i, block, torch.arange(a, a + block.shape[1]).expand(5, -1), k)
+    assert torch.equal(run_i, ref.indices[:, :k])
+    assert torch.equal(run_v.nan_to_num(nan=99.0), ref.values[:, :k].nan_to_num(nan=99.0))
 
 
 def test_streaming_topk_k_larger_than_the_source():

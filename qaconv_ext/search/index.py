@@ -131,7 +131,8 @@ class GalleryIndex:
         ``records``: one per map (records, mappings, paths; default: unknown). ``checkpoint``/``config``
         record where the maps came from. The index is written to a temporary folder beside ``path`` and
         renamed into place, so an interrupted create leaves nothing (or, with ``overwrite``, the old
-        index) behind.
+        index) behind. (Replacing takes two renames: a crash between them leaves the old index in a
+        hidden ``.<name>.*.old`` folder beside ``path``.)
         """
         arr = _as_maps(maps, "maps")
         ident = model_identity(head, arr.shape[1:], checkpoint=checkpoint, config=config)

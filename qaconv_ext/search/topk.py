@@ -16,6 +16,7 @@ from torch.nn import functional as F
 __all__ = [
     "select_topk",
     "merge_topk",
+    "candidates",
     "streaming_topk",
     "global_descriptors",
     "descriptor_topk",
@@ -40,9 +41,32 @@ def select_topk(values: Tensor, indices: Tensor, k: int) -> Tuple[Tensor, Tensor
     return torch.gather(v, 1, order), torch.gather(by_index.values, 1, order)
 
 
+def candidates(values: Tensor, indices: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The entries of each row ``[P, n]`` that can be among its top ``k``: every entry at or above the
+    row's ``k``-th largest value (ties kept, NaN kept), packed into ``[P, w]`` in their column order
+    (``w`` = the largest such count); short rows are padded with ``-inf`` at index ``int64`` max, which
+    :func:`select_topk` ranks after every real entry. A fast ``torch.topk`` finds the threshold; the
+    exact order is left to :func:`select_topk` on the few survivors."""
+    P, n = values.shape
+    if n <= k:
+        return values, indices
+    kth = torch.topk(values, k, dim=1).values[:, -1:]
+    keep = (values >= kth) | torch.isnan(values) | torch.isnan(kth)
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major: each row's survivors in column order
+    counts = torch.bincount(rows, minlength=P)
+    width = int(counts.max())
+    slot = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts)[rows]
+    out_v = torch.full((P, width), -float("inf"), dtype=values.dtype)
+    out_i = torch.full((P, width), torch.iinfo(torch.int64).max, dtype=torch.int64)
+    out_v[rows, slot] = values[rows, cols]
+    out_i[rows, slot] = indices[rows, cols]
+    return out_v, out_i
+
+
 def merge_topk(run_v: Tensor, run_i: Tensor, block_v: Tensor, block_i: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """Merge a block of candidates ``[P, c]`` into running top-``k`` lists ``[P, <= k]`` (see
     :func:`select_topk` for the order)."""
+    block_v, block_i = candidates(block_v, block_i, k)
     if run_v.shape[1] == 0:
         return select_topk(block_v, block_i, k)
     return select_topk(torch.cat([run_v, block_v], dim=1), torch.cat([run_i, block_i], dim=1), k)

@@ -10,32 +10,23 @@ from typing import Any, List
 
 __version__ = "0.1.0"
 
-__all__ = ["qaconv_match", "qaconv_score", "native_available", "reference", "QAConv", "ClassMemoryLoss",
-           "build_backbone", "evaluate_rank", "__version__"]
+#: Each public name and the part of the package it lives in.
+_HOMES = {
+    "qaconv_match": "ops", "qaconv_score": "ops", "native_available": "ops", "reference": "ops",
+    "QAConv": "head", "ClassMemoryLoss": "losses", "build_backbone": "models", "evaluate_rank": "evaluation",
+    "tlift": "postprocess", "k_reciprocal_rerank": "postprocess",
+}
+
+__all__ = [*_HOMES, "__version__"]
 
 #: The parts of the package, importable as attributes (``qaconv_ext.engine`` after ``import qaconv_ext``).
-_PARTS = ("cli", "data", "engine", "evaluation", "head", "losses", "models", "ops", "postprocess", "utils",
-                "viz")
+_PARTS = ("cli", "data", "distributed", "engine", "evaluation", "head", "losses", "models", "ops", "postprocess",
+          "search", "utils", "viz")
 
 
 def _public(name: str) -> Any:
     """The public name ``name`` of :data:`__all__`, imported from where it lives."""
-    if name in ("qaconv_match", "qaconv_score", "native_available", "reference"):
-        from . import ops
-        return getattr(ops, name)
-    if name == "QAConv":
-        from .head import QAConv
-        return QAConv
-    if name == "ClassMemoryLoss":
-        from .losses import ClassMemoryLoss
-        return ClassMemoryLoss
-    if name == "build_backbone":
-        from .models import build_backbone
-        return build_backbone
-    if name == "evaluate_rank":
-        from .evaluation import evaluate_rank
-        return evaluate_rank
-    raise AttributeError(name)
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
 
 
 def __getattr__(name: str) -> Any:

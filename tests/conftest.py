@@ -6,12 +6,13 @@ previous one exactly, and a failure reproduces with the same command.
 from __future__ import annotations
 
 import random
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import DEVICES, seed_of
+from helpers import BENCH_DIR, DEVICES, seed_of
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +40,12 @@ def rng(request) -> np.random.Generator:
 def device(request) -> str:
     """The device a contract test runs on: "cpu", and "cuda" when a device is present."""
     return request.param
+
+
+@pytest.fixture
+def bench_path(monkeypatch):
+    """The benchmark scripts importable by name; the modules they loaded are forgotten afterwards."""
+    monkeypatch.syspath_prepend(BENCH_DIR)
+    yield BENCH_DIR
+    for name in [m for m in sys.modules if m.startswith("bench_") or m == "_machine"]:
+        sys.modules.pop(name, None)

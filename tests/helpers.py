@@ -1,6 +1,7 @@
 """Helpers shared by the test modules: inputs, error measures, device parameters, seeds."""
 from __future__ import annotations
 
+import os
 import zlib
 from typing import Callable, Dict, Iterable, List, Tuple
 
@@ -112,6 +113,18 @@ def error_of(call: Callable[[], object]):
     return None
 
 
+def put_market_image(top, sub: str, pid: int, cam: int, frame: int, color, rng, *, noise: float,
+                     size: Tuple[int, int], k: int = 0) -> None:
+    """One Market-1501-named JPEG in ``top/sub``: ``color`` plus Gaussian noise drawn from ``rng``."""
+    import numpy as np
+    from PIL import Image
+
+    folder = top / sub
+    folder.mkdir(parents=True, exist_ok=True)
+    img = np.clip(color + rng.normal(0, noise, size=(size[0], size[1], 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(folder / f"{pid:04d}_c{cam}s1_{frame:06d}_{k:02d}.jpg")
+
+
 def write_tiny_market(top, *, seed: int, train_ids: Iterable[int], test_ids: Iterable[int], noise: float = 20.0,
                       size: Tuple[int, int] = (32, 16), train: bool = True, distractor: bool = False):
     """A tiny Market-1501 tree in the folder ``top``: 4 training images per ``train_ids`` identity on
@@ -119,16 +132,11 @@ def write_tiny_market(top, *, seed: int, train_ids: Iterable[int], test_ids: Ite
     ``test_ids`` identity, and with ``distractor`` one pid-0 gallery image. Each identity is a random
     colour plus noise, drawn from ``numpy.random.default_rng(seed)`` in a fixed order. Returns ``top``."""
     import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
-    h, w = size
 
     def put(sub, pid, cam, frame, k, color):
-        folder = top / sub
-        folder.mkdir(parents=True, exist_ok=True)
-        img = np.clip(color + rng.normal(0, noise, size=(h, w, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{pid:04d}_c{cam}s1_{frame:06d}_{k:02d}.jpg")
+        put_market_image(top, sub, pid, cam, frame, color, rng, noise=noise, size=size, k=k)
 
     for pid in train_ids:
         color = rng.integers(0, 255, size=3)
@@ -143,3 +151,7 @@ def write_tiny_market(top, *, seed: int, train_ids: Iterable[int], test_ids: Ite
     if distractor:
         put("bounding_box_test", 0, 1, 7, 0, rng.integers(0, 255, size=3))
     return top
+
+
+#: The benchmark scripts' folder (they import their shared helpers as ``_machine``).
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")

@@ -2,23 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
-def test_distributed_benchmark_runs_and_processes_agree(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(BENCH)
-    try:
-        import bench_distributed
+def test_distributed_benchmark_runs_and_processes_agree(bench_path, tmp_path):
+    import bench_distributed
 
-        out = tmp_path / "dist.json"
-        assert bench_distributed.main(["--queries", "6", "--gallery", "21", "--channels", "8", "--height", "4",
-                                       "--width", "3", "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
-    finally:
-        for name in ("bench_distributed", "_machine"):
-            sys.modules.pop(name, None)
+    out = tmp_path / "dist.json"
+    assert bench_distributed.main(["--queries", "6", "--gallery", "21", "--channels", "8", "--height", "4",
+                                   "--width", "3", "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
     rec = json.loads(out.read_text())
     assert [r["processes"] for r in rec["rows"]] == [1, 2]
     assert all(r["identical_to_one_process"] for r in rec["rows"])

@@ -7,24 +7,20 @@ import hashlib
 import json
 import os
 import re
-import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+from helpers import BENCH_DIR as BENCH
 
 
 @pytest.fixture
-def machine(monkeypatch, tmp_path):
+def machine(bench_path, monkeypatch, tmp_path):
     """benchmarks/_machine.py with its run and results folders moved under tmp_path."""
-    monkeypatch.syspath_prepend(BENCH)
     import _machine
 
     monkeypatch.setattr(_machine, "RUNS_DIR", str(tmp_path / "runs" / "bench"))
     monkeypatch.setattr(_machine, "RESULTS_DIR", str(tmp_path / "results"))
-    yield _machine
-    for name in ("bench_backward", "bench_tlift", "_machine"):
-        sys.modules.pop(name, None)
+    return _machine
 
 
 def _args(machine, argv):

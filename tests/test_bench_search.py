@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-
-
-@pytest.fixture
-def bench_path(monkeypatch):
-    monkeypatch.syspath_prepend(BENCH)  # the scripts import their shared helpers as `_machine`
-    yield
-    for name in ("bench_search", "bench_eval_sparse", "bench_two_stage", "_machine"):
-        sys.modules.pop(name, None)
 
 
 def test_search_benchmark_runs(bench_path, tmp_path):

@@ -5,20 +5,6 @@ They check the scripts' plumbing and that the paths they compare agree; the timi
 from __future__ import annotations
 
 import json
-import os
-import sys
-
-import pytest
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-
-
-@pytest.fixture
-def bench_path(monkeypatch):
-    monkeypatch.syspath_prepend(BENCH)  # the scripts import their shared helpers as `_machine`
-    yield
-    for name in ("bench_gallery", "bench_tlift", "bench_backward", "_machine"):
-        sys.modules.pop(name, None)
 
 
 def test_gallery_benchmark_runs_and_its_paths_agree(bench_path, tmp_path):

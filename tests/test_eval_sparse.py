@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import put_market_image
 from qaconv_ext import QAConv, cli
 
 Image = pytest.importorskip("PIL.Image")
@@ -74,10 +75,7 @@ def market(tmp_path_factory):
         color = rng.integers(0, 255, size=3)
         for k, (sub, cam) in enumerate([("query", 1), ("bounding_box_test", 2), ("bounding_box_test", 2),
                                         ("bounding_box_test", 1), ("bounding_box_train", 1)]):
-            folder = data / sub
-            folder.mkdir(parents=True, exist_ok=True)
-            img = np.clip(color + rng.normal(0, 40, size=(IMG_H, IMG_W, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(folder / f"{pid:04d}_c{cam}s1_{100 * pid + k:06d}_00.jpg")
+            put_market_image(data, sub, pid, cam, 100 * pid + k, color, rng, noise=40, size=(IMG_H, IMG_W))
     torch.manual_seed(0)
     backbone = build_backbone("small", neck=NECK).eval()
     head = QAConv(NECK, IMG_H // 8, IMG_W // 8).eval()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import put_market_image
 from qaconv_ext import QAConv, qaconv_score
 from qaconv_ext import cli
 from qaconv_ext.search import (
@@ -364,10 +365,7 @@ def market(tmp_path_factory):
         color = rng.integers(0, 255, size=3)
         for k, (sub, cam) in enumerate([("query", 1), ("bounding_box_test", 2), ("bounding_box_test", 2),
                                         ("bounding_box_train", 1)]):
-            folder = data / sub
-            folder.mkdir(parents=True, exist_ok=True)
-            img = np.clip(color + rng.normal(0, 25, size=(IMG_H, IMG_W, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(folder / f"{pid:04d}_c{cam}s1_{100 * pid + k:06d}_00.jpg")
+            put_market_image(data, sub, pid, cam, 100 * pid + k, color, rng, noise=25, size=(IMG_H, IMG_W))
     return {"root": str(root), "data": str(data), "ck": _save_checkpoint(root / "a.pt", 0),
             "other": _save_checkpoint(root / "b.pt", 1)}
 

@@ -218,36 +218,31 @@ def _float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    """``argparse`` type: an integer >= 1."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _bounded(parse: Callable[[str], Any], bound: float, *, strict: bool, rule: str, name: str,
+             doc: str) -> Callable[[str], Any]:
+    """An ``argparse`` type: ``parse(text)``, refused below ``bound`` (and at it when ``strict``) with
+    ``"must be <rule>, got <value>"``."""
+    def check(text: str) -> Any:
+        value = parse(text)
+        if value < bound or (strict and value == bound):
+            shown = value if isinstance(value, int) else text
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {shown}")
+        return value
+
+    check.__name__ = check.__qualname__ = name
+    check.__doc__ = doc
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    """``argparse`` type: an integer >= 0."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """``argparse`` type: a finite number > 0 (``nan``, ``inf`` and negative numbers are refused)."""
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """``argparse`` type: a finite number >= 0."""
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+positive_int = _bounded(_int, 1, strict=False, rule="at least 1", name="positive_int",
+                        doc="``argparse`` type: an integer >= 1.")
+non_negative_int = _bounded(_int, 0, strict=False, rule="0 or more", name="non_negative_int",
+                            doc="``argparse`` type: an integer >= 0.")
+positive_float = _bounded(_float, 0.0, strict=True, rule="greater than 0", name="positive_float",
+                          doc="``argparse`` type: a finite number > 0 (``nan``, ``inf`` and negative numbers "
+                              "are refused).")
+non_negative_float = _bounded(_float, 0.0, strict=False, rule="0 or more", name="non_negative_float",
+                              doc="``argparse`` type: a finite number >= 0.")
 
 
 def output_file(extensions: Sequence[str], what: str) -> Callable[[str], str]:

@@ -1,5 +1,5 @@
-// The one registration layer: operator schemas of the qaconv_ext library and the Python module.
-// Kernels register themselves per device in csrc/cpu and csrc/cuda.
+// Operator schemas of the qaconv_ext library and the Python module (fake kernels, autograd and the fallback are
+// added in qaconv_ext/ops/_library.py). Kernels register themselves per device in csrc/cpu and csrc/cuda.
 #include <Python.h>
 #include <torch/library.h>
 

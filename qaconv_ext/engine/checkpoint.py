@@ -18,11 +18,9 @@ writes)::
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
 import secrets
-import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np

@@ -12,7 +12,6 @@ The folder layout and the rules that keep it valid under interruptions are descr
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile

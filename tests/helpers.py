@@ -113,6 +113,20 @@ def error_of(call: Callable[[], object]):
     return None
 
 
+def uneven_head(d: int, h: int, w: int, seed: int = 0):
+    """An eval-mode QAConv head for ``d x h x w`` maps whose FC weights are positive and uneven (drawn
+    with ``seed``), so that a map's best match is itself, and with non-trivial BN statistics."""
+    from qaconv_ext import QAConv
+
+    torch.manual_seed(seed)
+    head = QAConv(d, h, w)
+    with torch.no_grad():
+        head.fc.weight.uniform_(0.5, 1.5)
+        head.bn.running_mean.fill_(0.1)
+        head.bn.running_var.fill_(2.0)
+    return head.eval()
+
+
 def put_market_image(top, sub: str, pid: int, cam: int, frame: int, color, rng, *, noise: float,
                      size: Tuple[int, int], k: int = 0) -> None:
     """One Market-1501-named JPEG in ``top/sub``: ``color`` plus Gaussian noise drawn from ``rng``."""
@@ -151,6 +165,39 @@ def write_tiny_market(top, *, seed: int, train_ids: Iterable[int], test_ids: Ite
     if distractor:
         put("bounding_box_test", 0, 1, 7, 0, rng.integers(0, 255, size=3))
     return top
+
+
+def write_train_records(root, *, seed: int, size: Tuple[int, int], time_of: Callable[[int, int], float]) -> List:
+    """24 small JPEGs in ``root``, 6 identities x 4 images on two cameras, as training ``Record``s.
+    Identity ``pid`` is a random colour plus noise (``numpy.random.default_rng(seed)``); image ``k`` of it
+    is on camera ``k % 2`` at time ``time_of(pid, k)``."""
+    import numpy as np
+    from PIL import Image
+
+    from qaconv_ext.data import Record
+
+    rng = np.random.default_rng(seed)
+    records = []
+    for pid in range(6):
+        base = rng.integers(0, 255, size=3)
+        for k in range(4):
+            img = np.clip(base + rng.normal(0, 25, size=(size[0], size[1], 3)), 0, 255).astype(np.uint8)
+            path = os.path.join(root, f"{pid:04d}_c{k % 2 + 1}_{k}.jpg")
+            Image.fromarray(img).save(path)
+            records.append(Record(path, pid, k % 2, float(time_of(pid, k))))
+    return records
+
+
+def put_market_views(data, pids: Iterable[int], views, *, seed: int, noise: float, size: Tuple[int, int]) -> None:
+    """For every identity of ``pids`` (a random colour each), one Market-1501-named image per
+    ``(subfolder, camera)`` of ``views``, the k-th view at frame ``100 * pid + k``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for pid in pids:
+        color = rng.integers(0, 255, size=3)
+        for k, (sub, cam) in enumerate(views):
+            put_market_image(data, sub, pid, cam, 100 * pid + k, color, rng, noise=noise, size=size)
 
 
 #: The benchmark scripts' folder (they import their shared helpers as ``_machine``).

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import rel_err, unit_maps
+from helpers import rel_err, unit_maps, write_train_records
 from qaconv_ext import QAConv
 from qaconv_ext.data import Record
 from qaconv_ext.engine import (
@@ -24,7 +24,7 @@ from qaconv_ext.engine import (
 from qaconv_ext.engine import checkpoint as ckpt_mod
 from qaconv_ext.evaluation import rank_metrics, score_blocks, self_score_blocks
 
-Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("PIL.Image")
 
 H, W = 32, 16
 
@@ -32,17 +32,7 @@ H, W = 32, 16
 @pytest.fixture(scope="module")
 def tiny_records(tmp_path_factory):
     """24 small JPEGs, 6 identities x 4 images, two cameras."""
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    recs = []
-    for pid in range(6):
-        base = rng.integers(0, 255, size=3)
-        for k in range(4):
-            img = np.clip(base + rng.normal(0, 25, size=(H, W, 3)), 0, 255).astype(np.uint8)
-            path = os.path.join(root, f"{pid:04d}_c{k % 2 + 1}_{k}.jpg")
-            Image.fromarray(img).save(path)
-            recs.append(Record(path, pid, k % 2, float(10 * pid + k)))
-    return recs
+    return write_train_records(tmp_path_factory.mktemp("tiny"), seed=0, size=(H, W), time_of=lambda pid, k: 10 * pid + k)
 
 
 def _cfg(**kw) -> TrainConfig:

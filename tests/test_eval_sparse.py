@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import put_market_image
+from helpers import put_market_views, uneven_head
 from qaconv_ext import QAConv, cli
 
 Image = pytest.importorskip("PIL.Image")
@@ -16,22 +16,12 @@ Image = pytest.importorskip("PIL.Image")
 IMG_H, IMG_W, NECK = 32, 16, 8
 
 
-def make_head(d: int, h: int, w: int, seed: int = 0) -> QAConv:
-    torch.manual_seed(seed)
-    head = QAConv(d, h, w)
-    with torch.no_grad():
-        head.fc.weight.uniform_(0.5, 1.5)  # positive and uneven: a map's best match is itself
-        head.bn.running_mean.fill_(0.1)
-        head.bn.running_var.fill_(2.0)
-    return head.eval()
-
-
 def test_sparse_rerank_mode_equals_dense():
     from qaconv_ext.data import Record
     from qaconv_ext.evaluation import evaluate_qaconv_features, rerank_distance, score_rows, self_score_blocks
 
     gen = torch.Generator().manual_seed(8)
-    head = make_head(d=16, h=2, w=2)
+    head = uneven_head(16, 2, 2)
     ids = 20
     base = torch.randn(ids, 16, 2, 2, generator=gen)
 
@@ -70,12 +60,9 @@ def market(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("market")
     data = root / "Market-1501-v15.09.15"
-    rng = np.random.default_rng(3)
-    for pid in range(1, 7):
-        color = rng.integers(0, 255, size=3)
-        for k, (sub, cam) in enumerate([("query", 1), ("bounding_box_test", 2), ("bounding_box_test", 2),
-                                        ("bounding_box_test", 1), ("bounding_box_train", 1)]):
-            put_market_image(data, sub, pid, cam, 100 * pid + k, color, rng, noise=40, size=(IMG_H, IMG_W))
+    put_market_views(data, range(1, 7), [("query", 1), ("bounding_box_test", 2), ("bounding_box_test", 2),
+                                          ("bounding_box_test", 1), ("bounding_box_train", 1)],
+                     seed=3, noise=40, size=(IMG_H, IMG_W))
     torch.manual_seed(0)
     backbone = build_backbone("small", neck=NECK).eval()
     head = QAConv(NECK, IMG_H // 8, IMG_W // 8).eval()
@@ -104,5 +91,5 @@ def test_rerank_mode_is_checked():
     from qaconv_ext.evaluation import evaluate_qaconv_features
 
     with pytest.raises(ValueError, match="rerank_mode"):
-        evaluate_qaconv_features(make_head(4, 2, 2), torch.randn(2, 4, 2, 2), torch.randn(3, 4, 2, 2), [], [],
+        evaluate_qaconv_features(uneven_head(4, 2, 2), torch.randn(2, 4, 2, 2), torch.randn(3, 4, 2, 2), [], [],
                                  rerank=True, rerank_mode="blocks")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import put_market_image
+from helpers import put_market_views, uneven_head
 from qaconv_ext import QAConv, qaconv_score
 from qaconv_ext import cli
 from qaconv_ext.search import (
@@ -35,14 +35,8 @@ def unit(n: int, gen: torch.Generator, shape=(D, FH, FW)) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(n, *shape, generator=gen), dim=1)
 
 
-def make_head(seed: int = 0, d: int = D, h: int = FH, w: int = FW) -> QAConv:
-    torch.manual_seed(seed)
-    head = QAConv(d, h, w)
-    with torch.no_grad():
-        head.fc.weight.uniform_(0.5, 1.5)  # positive and uneven: a map's best match is itself
-        head.bn.running_mean.fill_(0.1)
-        head.bn.running_var.fill_(2.0)
-    return head.eval()
+def make_head(seed: int = 0) -> QAConv:
+    return uneven_head(D, FH, FW, seed)
 
 
 def dense_topk(q: torch.Tensor, g: torch.Tensor, head: QAConv, k: int):
@@ -360,12 +354,8 @@ def market(tmp_path_factory):
     """A tiny Market-1501 tree (5 identities, 2 cameras) and two tiny QAConv checkpoints."""
     root = tmp_path_factory.mktemp("market")
     data = root / "Market-1501-v15.09.15"
-    rng = np.random.default_rng(7)
-    for pid in range(1, 6):
-        color = rng.integers(0, 255, size=3)
-        for k, (sub, cam) in enumerate([("query", 1), ("bounding_box_test", 2), ("bounding_box_test", 2),
-                                        ("bounding_box_train", 1)]):
-            put_market_image(data, sub, pid, cam, 100 * pid + k, color, rng, noise=25, size=(IMG_H, IMG_W))
+    put_market_views(data, range(1, 6), [("query", 1), ("bounding_box_test", 2), ("bounding_box_test", 2),
+                                          ("bounding_box_train", 1)], seed=7, noise=25, size=(IMG_H, IMG_W))
     return {"root": str(root), "data": str(data), "ck": _save_checkpoint(root / "a.pt", 0),
             "other": _save_checkpoint(root / "b.pt", 1)}
 

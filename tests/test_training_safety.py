@@ -9,27 +9,15 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from qaconv_ext.data import Record
-from qaconv_ext.engine import (
-    MAX_BAD_STEPS,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    build_model,
-    build_optimizer,
-    build_scheduler,
-    build_train_loader,
-    load_checkpoint,
-    save_checkpoint,
-    seed_everything,
-)
+from helpers import write_train_records
+from qaconv_ext.engine import (MAX_BAD_STEPS, TrainConfig, Trainer, TrainingDiverged, build_model, build_optimizer,
+                               build_scheduler, build_train_loader, load_checkpoint, save_checkpoint, seed_everything)
 
-Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("PIL.Image")
 
 H, W = 32, 16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,17 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     """24 small JPEGs, 6 identities x 4 images, two cameras."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(1)
-    recs = []
-    for pid in range(6):
-        base = rng.integers(0, 255, size=3)
-        for k in range(4):
-            img = np.clip(base + rng.normal(0, 25, size=(H, W, 3)), 0, 255).astype(np.uint8)
-            path = os.path.join(root, f"{pid:04d}_c{k % 2 + 1}_{k}.jpg")
-            Image.fromarray(img).save(path)
-            recs.append(Record(path, pid, k % 2, float(k)))
-    return recs
+    return write_train_records(tmp_path_factory.mktemp("imgs"), seed=1, size=(H, W), time_of=lambda pid, k: k)
 
 
 def _trainer(records, ckdir=None, batch_size=4, criterion_wrapper=None, **kw):

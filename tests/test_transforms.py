@@ -7,19 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from qaconv_ext.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ColorJitter,
-    RandomBlock,
-    RandomCrop,
-    RandomHorizontalFlip,
-    RandomOcclusion,
-    RandomRotation,
-    build_test_transform,
-    build_train_transform,
-    denormalize,
-)
+from qaconv_ext.data import (IMAGENET_MEAN, IMAGENET_STD, ColorJitter, RandomBlock, RandomCrop, RandomHorizontalFlip,
+                             RandomOcclusion, RandomRotation, build_test_transform, build_train_transform, denormalize)
 from qaconv_ext.data.transforms import Compose, Normalize, Pad, Resize, ToTensor, _PILToUint8, _shift_hue
 
 Image = pytest.importorskip("PIL.Image")

@@ -5,15 +5,8 @@ import argparse
 import os
 from typing import Any, Optional
 
-from .common import (
-    PICTURES_DIR,
-    CommandError,
-    add_checkpoint_args,
-    check_writable_folder,
-    load_qaconv,
-    picture_path,
-    resolve_device,
-)
+from .common import (PICTURES_DIR, CommandError, add_checkpoint_args, check_writable_folder, load_qaconv, picture_path,
+                     resolve_device)
 
 COMMAND = "qaconv match"
 

@@ -5,16 +5,8 @@ import argparse
 import os
 from typing import Any, Dict, Optional
 
-from .common import (
-    PICTURES_DIR,
-    CommandError,
-    add_checkpoint_args,
-    check_writable_folder,
-    load_qaconv,
-    picture_path,
-    positive_int,
-    resolve_device,
-)
+from .common import (PICTURES_DIR, CommandError, add_checkpoint_args, check_writable_folder, load_qaconv, picture_path,
+                     positive_int, resolve_device)
 
 DEFAULT_SYNTHETIC_ROOT = os.path.join("data_cache", "synthetic")
 _DATASET_KEYS = ("test_root", "target_root", "eval_root", "dataset_root", "data_dir")

@@ -317,3 +317,113 @@ def test_mem_batch_size_matches_a_chunked_rederivation(gen):
 def test_mem_batch_size_must_be_positive():
     with pytest.raises(ValueError, match="mem_batch_size must be None or a positive integer"):
         ClassMemoryLoss(QAConv(8, 3, 2), 7, 8, 3, 2, mem_batch_size=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The gs recipe: the schedule, the command, exact resume, bad input
+# ----------------------------------------------------------------------------------------------
+
+def test_loss_drop_schedule_follows_the_public_rule():
+    from qaconv_ext.engine import LossDropSchedule
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.005)
+    s = LossDropSchedule(opt)
+    fired = [s.step(x) for x in (9.0, 5.0, 4.0, 3.6, 3.4, 1.0)]
+    # the second epoch's loss (5.0) is the reference; 3.4 < 0.7 x 5 after epoch 5 -> x0.1, end after 5 + 2
+    assert fired == [False, False, False, False, True, False]
+    assert (s.base_loss, s.stepped_at, s.final_epochs) == (5.0, 5, 7)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0005)
+    t = LossDropSchedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0))
+    t.load_state_dict(s.state_dict())
+    assert t.state_dict() == s.state_dict()
+
+
+def test_recipe_tables_match_the_library():
+    from qaconv_ext.cli import common
+    from qaconv_ext.engine.config import RECIPE_DEFAULTS, RECIPES
+
+    assert common.RECIPE_CHOICES == RECIPES and common.GS_DEFAULTS == RECIPE_DEFAULTS["gs"]
+
+
+@pytest.fixture(scope="module")
+def tiny_market(tmp_path_factory):
+    from helpers import write_tiny_market
+
+    root = tmp_path_factory.mktemp("gsmarket") / "Market-1501-v15.09.15"
+    return str(write_tiny_market(root, seed=2, train_ids=range(1, 7), test_ids=range(10, 12), size=(32, 16)))
+
+
+def _gs(market, *extra):
+    from qaconv_ext import cli
+
+    argv = ["train", "--recipe", "gs", "--dataset", "market1501", "--data-root", market, "--arch", "small",
+            "--neck", "16", "--height", "32", "--width", "16", "--batch-size", "8", "--workers", "0",
+            "--device", "cpu", "--no-progress", *extra]
+    return cli.main([str(a) for a in argv])
+
+
+def test_gs_recipe_trains_and_resumes_exactly(tiny_market, tmp_path, capsys):
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    assert _gs(tiny_market, "--epochs", 3, "--checkpoint-dir", straight) == 0
+    out = capsys.readouterr().out
+    assert "recipe=gs" in out
+    assert _gs(tiny_market, "--epochs", 2, "--checkpoint-dir", parted) == 0
+    from qaconv_ext import cli
+    assert cli.main(["train", "--resume", str(parted), "--epochs", "3", "--device", "cpu", "--no-progress"]) == 0
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(parted / "checkpoint.pt", weights_only=True)
+    cfg = a["config"]
+    assert (cfg["recipe"], cfg["batch_size"], cfg["lr"], cfg["clip_grad"], cfg["augment"], cfg["freeze_bn"]) == \
+        ("gs", 8, 0.005, 8.0, "v2", True)
+    assert a["scheduler"]["kind"] == "loss_drop" and a["epoch"] == 3
+    assert set(a["criterion"]) == {"matcher." + k for k in a["head"]}      # triplet loss: no class memory
+    assert [h["batches"] for h in a["history"]] == [6, 6, 6]                # 6 classes x 8 images / 8
+    for part in ("model", "criterion"):
+        for key, value in a[part].items():
+            assert torch.equal(b[part][key], value), (part, key)
+    for key, value in a["sampler"].items():
+        assert torch.equal(b["sampler"][key], value), key
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert a["scheduler"] == b["scheduler"]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--batch-size", "7"], "the gs batch size 7 is not a multiple of num_instance 2"),
+    (["--batch-size", "16"], "needs 8 classes, market1501 in .* has 6"),
+    (["--mem-batch-size", "4"], "--mem-batch-size applies to the class memory of --recipe eccv"),
+])
+def test_gs_bad_input_is_one_line(tiny_market, tmp_path, capsys, extra, match):
+    import re
+
+    with pytest.raises(SystemExit) as err:
+        _gs(tiny_market, "--epochs", 1, "--checkpoint-dir", tmp_path / "run", *extra)
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qaconv train: ") and re.search(match, lines[0]), lines
+
+
+def test_unknown_recipe_is_refused(capsys):
+    from qaconv_ext import cli
+    from qaconv_ext.engine import TrainConfig, build_model
+
+    with pytest.raises(ValueError, match="unknown recipe 'fast'"):
+        TrainConfig.for_recipe("fast")
+    with pytest.raises(ValueError, match="unknown recipe 'fast'"):
+        build_model(TrainConfig(recipe="fast", arch="small"), 4)
+    with pytest.raises(SystemExit) as err:
+        cli.main(["train", "--recipe", "fast", "--dataset", "market1501"])
+    assert err.value.code == 2 and "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+def test_sharded_graph_sampler_batches_join_to_the_one_process_epoch():
+    """Under DDP each rank takes its slice of every global batch of the same graph-sampled epoch."""
+    from qaconv_ext.distributed import ShardedBatchSampler
+
+    expected = _sampler(torch.Generator().manual_seed(11), seed=4)[0].epoch_batches().tolist()
+    for world in (1, 2, 4):
+        parts = []
+        for r in range(world):
+            s = _sampler(torch.Generator().manual_seed(11), seed=4)[0]
+            parts.append(list(ShardedBatchSampler(0, 8, r, world, sampler=s)))
+        assert all(len(p) == len(SIZES) for p in parts)
+        assert [sum((p[i] for p in parts), []) for i in range(len(SIZES))] == expected

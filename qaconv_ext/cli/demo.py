@@ -58,7 +58,7 @@ The defaults finish within minutes on a two-core CPU. A folder that holds a trai
 
 #: Demo settings, sized for a two-core CPU (the README's demo section gives the measured table).
 DEMO_DEFAULTS: Dict[str, Any] = dict(arch="small", height=128, width=64, neck=128, epochs=15, batch_size=32,
-                                     lr=0.05, step_size=11, workers=1, seed=0, gs_epochs=5, gs_batch_size=16)
+                                     lr=0.05, step_size=11, workers=1, seed=0, gs_epochs=4, gs_batch_size=16)
 #: The row of the QAConv 2.x recipe (graph sampling + triplet loss) in the demo's table.
 GS_ROW = "QAConv-GS"
 #: The demo's input preset: bilinear resize and ImageNet mean/std, what its README table was measured with

@@ -1,18 +1,19 @@
-"""Training losses: QAConv's class-memory loss, and the cosine-softmax loss of the GAP baseline.
+"""Training losses: QAConv's class-memory loss, the batch losses of QAConv 2.x (hard triplet and pairwise
+matching, used with graph sampling), and the cosine-softmax loss of the GAP baseline.
 
-Both take ``(feature [B, d, h, w], target [B])`` and return per-sample ``(loss [B], acc [B])``; the
+All take ``(feature [B, d, h, w], target [B])`` and return per-sample ``(loss [B], acc [B])``; the
 trainer averages them.
 """
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["ClassMemoryLoss", "CosineSoftmaxLoss", "focal_bce_with_logits"]
+__all__ = ["ClassMemoryLoss", "TripletLoss", "PairwiseMatchingLoss", "CosineSoftmaxLoss", "focal_bce_with_logits"]
 
 
 def focal_bce_with_logits(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
@@ -39,11 +40,21 @@ class ClassMemoryLoss(nn.Module):
         matcher: module mapping ``(query [B, d, h, w], gallery [C, d, h, w])`` to logits ``[B, C]``.
         num_classes, num_features, height, width: the memory's shape.
         gamma: focal exponent (2 in the paper).
+        mem_batch_size: ``None`` (default, ECCV 2020) matches the whole memory in one call of ``matcher``;
+            an integer ``k`` matches it in chunks of ``k`` classes, one call per chunk in class order, as
+            the public code does from v1.2 on: in training mode each chunk's logits are normalised with
+            that chunk's own BatchNorm statistics, and the running statistics are updated once per
+            chunk, in that order. ``k >= num_classes`` is one call, as ``None``.
     """
 
     def __init__(self, matcher: nn.Module, num_classes: int, num_features: int, height: int, width: int,
-                 gamma: float = 2.0) -> None:
+                 gamma: float = 2.0, mem_batch_size: Optional[int] = None) -> None:
         super().__init__()
+        if mem_batch_size is not None and (isinstance(mem_batch_size, bool) or int(mem_batch_size) != mem_batch_size
+                                           or mem_batch_size < 1):
+            raise ValueError(f"ClassMemoryLoss: mem_batch_size must be None or a positive integer, "
+                             f"got {mem_batch_size!r}")
+        self.mem_batch_size = None if mem_batch_size is None else int(mem_batch_size)
         self.matcher = matcher
         self.num_classes = int(num_classes)
         self.num_features = int(num_features)
@@ -67,7 +78,7 @@ class ClassMemoryLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, num_features={self.num_features}, "
-                f"height={self.height}, width={self.width}, gamma={self.gamma}")
+                f"height={self.height}, width={self.width}, gamma={self.gamma}, mem_batch_size={self.mem_batch_size}")
 
     def forward(self, feature: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(loss [B], acc [B])`` for feature maps ``[B, d, h, w]`` and class labels ``[B]``."""
@@ -83,7 +94,12 @@ class ClassMemoryLoss(nn.Module):
             raise ValueError(f"ClassMemoryLoss: targets must lie in [0, {self.num_classes}), "
                              f"got [{int(target.min())}, {int(target.max())}]")
         memory = self.class_memory.detach().to(feature.dtype, copy=True)  # updated in place below
-        score = self.matcher(feature, memory)  # [B, C]
+        k = self.mem_batch_size
+        if k is None or k >= self.num_classes:
+            score = self.matcher(feature, memory)  # [B, C]
+        else:   # chunk by chunk: each call normalises with its own statistics and updates the running ones
+            score = torch.cat([self.matcher(feature, memory[i:i + k]) for i in range(0, self.num_classes, k)],
+                              dim=1)
         if score.dtype in (torch.float16, torch.bfloat16):
             score = score.float()
         onehot = torch.zeros_like(score).scatter_(1, target[:, None], 1.0)
@@ -103,6 +119,100 @@ class ClassMemoryLoss(nn.Module):
         classes = torch.nonzero(last >= 0).reshape(-1)
         self.class_memory[classes] = feature.detach()[last[classes]].to(self.class_memory.dtype)
         self.valid_class[classes] = 1.0
+
+
+def _pair_masks(target: torch.Tensor, n: int, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(same [B, B], eye [B, B])`` boolean masks of a batch's labels."""
+    target = target.reshape(-1)
+    if target.numel() != n:
+        raise ValueError(f"{what}: {target.numel()} targets for {n} features")
+    same = target[:, None] == target[None, :]
+    return same, torch.eye(n, dtype=torch.bool, device=target.device)
+
+
+#: Stand-in for "no such pair" in the hardest-pair search (the public code's 1e15).
+_FAR = 1e15
+
+
+def _hardest_pairs(score: torch.Tensor, same: torch.Tensor, eye: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the lowest score of a positive other than itself (``1e15`` when there is none) and the
+    highest score of a negative (``-1e15`` when there is none)."""
+    min_pos = torch.where(same & ~eye, score, torch.full_like(score, _FAR)).min(dim=1).values
+    max_neg = torch.where(same, torch.full_like(score, -_FAR), score).max(dim=1).values
+    return min_pos, max_neg
+
+
+def _batch_scores(matcher: nn.Module, feature: torch.Tensor, what: str) -> torch.Tensor:
+    if feature.dim() != 4:
+        raise ValueError(f"{what}: expected a 4-D feature map, got shape {tuple(feature.shape)}")
+    score = matcher(feature, feature)  # [B, B]
+    return score.float() if score.dtype in (torch.float16, torch.bfloat16) else score
+
+
+class TripletLoss(nn.Module):
+    """Hard triplet loss on QAConv scores within a batch (QAConv 2.x with graph sampling).
+
+    The batch is matched against itself, ``score = matcher(feature, feature)`` ``[B, B]`` (the head in
+    training mode). For sample ``i``: ``min_pos`` = lowest score of another sample of its class,
+    ``max_neg`` = highest score of a sample of another class; ``loss = max(0, max_neg - min_pos +
+    margin)`` and ``acc = (min_pos >= max_neg)``. A sample without another of its class (or without a
+    sample of another class) has loss 0 and acc 1, as in the public code (there ``1e15`` stands in for
+    the missing pair).
+
+    Args:
+        matcher: module mapping ``(query [B, d, h, w], gallery [B, d, h, w])`` to scores ``[B, B]``.
+        margin: the hinge margin (public default 16, on the scale of QAConv logits).
+    """
+
+    def __init__(self, matcher: nn.Module, margin: float = 16.0) -> None:
+        super().__init__()
+        self.matcher = matcher
+        self.margin = float(margin)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}"
+
+    def reset_running_stats(self) -> None:
+        if hasattr(self.matcher, "reset_running_stats"):
+            self.matcher.reset_running_stats()
+
+    def forward(self, feature: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(loss [B], acc [B])`` for feature maps ``[B, d, h, w]`` and class labels ``[B]``."""
+        score = _batch_scores(self.matcher, feature, "TripletLoss")
+        same, eye = _pair_masks(target.to(score.device), score.shape[0], "TripletLoss")
+        min_pos, max_neg = _hardest_pairs(score, same, eye)
+        loss = F.relu(max_neg - min_pos + self.margin)
+        with torch.no_grad():
+            acc = (min_pos >= max_neg).to(score.dtype)
+        return loss, acc
+
+
+class PairwiseMatchingLoss(nn.Module):
+    """Pairwise matching loss of QAConv 2.x: binary cross-entropy on every pair of the batch.
+
+    ``score = matcher(feature, feature)`` ``[B, B]``; the label of pair ``(i, j)`` is 1 when the two
+    samples share a class (``i = j`` included: the public code masks no pair) and 0 otherwise; the loss
+    of sample ``i`` is the sum over ``j`` of BCE-with-logits, without focal weighting.
+    ``acc = (min_pos > max_neg)`` (strictly), with ``min_pos``/``max_neg`` as in :class:`TripletLoss`.
+    """
+
+    def __init__(self, matcher: nn.Module) -> None:
+        super().__init__()
+        self.matcher = matcher
+
+    def reset_running_stats(self) -> None:
+        if hasattr(self.matcher, "reset_running_stats"):
+            self.matcher.reset_running_stats()
+
+    def forward(self, feature: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(loss [B], acc [B])``."""
+        score = _batch_scores(self.matcher, feature, "PairwiseMatchingLoss")
+        same, eye = _pair_masks(target.to(score.device), score.shape[0], "PairwiseMatchingLoss")
+        loss = F.binary_cross_entropy_with_logits(score, same.to(score.dtype), reduction="none").sum(dim=-1)
+        with torch.no_grad():
+            min_pos, max_neg = _hardest_pairs(score, same, eye)
+            acc = (min_pos > max_neg).to(score.dtype)
+        return loss, acc
 
 
 class CosineSoftmaxLoss(nn.Module):

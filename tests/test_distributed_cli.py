@@ -142,3 +142,30 @@ def test_two_process_training_shares_one_new_run_folder(trained, tmp_path, monke
     runs = list((work / "runs" / "train").iterdir())
     assert len(runs) == 1 and sorted(p.name for p in runs[0].iterdir()) == ["checkpoint.pt"]
     assert f"run folder: {os.path.join('runs', 'train', runs[0].name)} (new" in out0
+
+
+def test_two_process_gs_training_matches_one_process(trained, tmp_path):
+    """The gs recipe across 2 ranks: the graph sampler's epoch (distances from rank 0) cut into the same
+    global batches as in one process, so the checkpoint matches the one-process run's."""
+    root, _ = trained
+    gs = ["--recipe", "gs", "--augment", "eccv"]   # without random augmentations: one process = two
+    one_ck, two_ck = tmp_path / "one", tmp_path / "two"
+    assert cli.main(_train_argv(root, one_ck, *gs)) == 0
+    argv = _train_argv(root, two_ck, *gs)
+    workers.spawn(workers.cli_worker, 2, str(tmp_path), [argv, argv])
+    rc0, out0 = (tmp_path / "rank0.out").read_text().split("\n", 1)
+    rc1, out1 = (tmp_path / "rank1.out").read_text().split("\n", 1)
+    assert rc0 == rc1 == "0" and out1 == "" and "x 2 processes" in out0
+    one = torch.load(one_ck / "checkpoint.pt", weights_only=True)
+    two = torch.load(two_ck / "checkpoint.pt", weights_only=True)
+    assert two["config"]["recipe"] == "gs" and two["history"][0]["batches"] == one["history"][0]["batches"] == 4
+    for k, v in one["sampler"].items():
+        assert torch.equal(two["sampler"][k], v), k
+    for part in ("model", "criterion"):
+        for k, ref in one[part].items():
+            got = two[part][k]
+            if ref.is_floating_point():
+                assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), f"{part}.{k}"
+            else:
+                assert torch.equal(got, ref), f"{part}.{k}"
+    assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-5)

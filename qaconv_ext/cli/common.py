@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DATASET_CHOICES", "ARCHITECTURE_CHOICES", "NECK_TYPE_CHOICES", "PREPROCESS_CHOICES", "AUGMENT_CHOICES",
-    "TRAIN_DEFAULTS", "DEFAULT_CHECKPOINT", "PICTURES_DIR", "PICTURE_EXTENSIONS", "BAD_INPUT", "FAILED",
+    "RECIPE_CHOICES", "GS_DEFAULTS", "TRAIN_DEFAULTS", "DEFAULT_CHECKPOINT", "PICTURES_DIR", "PICTURE_EXTENSIONS", "BAD_INPUT", "FAILED",
     "CommandError", "library_error", "run_command",
     "default_data_root", "default_synthetic_root", "load_dataset", "check_time_stamps",
     "positive_int", "non_negative_int", "positive_float", "non_negative_float", "output_file", "picture_path",
@@ -40,10 +40,14 @@ ARCHITECTURE_CHOICES = ("resnet101", "resnet152", "resnet18", "resnet34", "resne
 NECK_TYPE_CHOICES = ("bn", "bias")
 PREPROCESS_CHOICES = ("public", "imagenet")
 AUGMENT_CHOICES = ("eccv", "v2")
+#: :data:`qaconv_ext.engine.config.RECIPES`, and where the ``gs`` recipe's defaults differ
+#: (``RECIPE_DEFAULTS["gs"]``), spelled out for the same reason.
+RECIPE_CHOICES = ("eccv", "gs")
+GS_DEFAULTS: Dict[str, Any] = dict(batch_size=64, lr=0.005, clip_grad=8.0, augment="v2", freeze_bn=True)
 
 #: The defaults of :class:`qaconv_ext.engine.TrainConfig` that the help texts name (spelled out for the
 #: same reason; a test keeps them equal). A new run takes its defaults from ``TrainConfig`` itself.
-TRAIN_DEFAULTS: Dict[str, Any] = dict(method="qaconv", arch="resnet50", neck=128, layout="v2", neck_type="bn",
+TRAIN_DEFAULTS: Dict[str, Any] = dict(method="qaconv", recipe="eccv", arch="resnet50", neck=128, layout="v2", neck_type="bn",
                                       preprocess="public", augment="eccv", height=384, width=128, epochs=60,
                                       batch_size=32, lr=0.01, step_size=40, weight_decay=5e-4, clip_grad=0.0,
                                       workers=2, seed=0)
@@ -346,7 +350,8 @@ def add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     if defaults:
         p.add_argument("--augment", choices=AUGMENT_CHOICES, default=None,
                        help=f"training augmentation: eccv = flip + random occlusion; v2 = QAConv 2.x (pad + crop, "
-                            f"rotation, colour jitter, flip, occlusion) (default: {td['augment']})")
+                            f"rotation, colour jitter, flip, occlusion) (default: {td['augment']}; "
+                            f"{GS_DEFAULTS['augment']} with --recipe gs)")
     p.add_argument("--pretrained", default=None, metavar="PATH",
                    help="local file with ImageNet weights in torchvision or IBN-Net naming (nothing is downloaded)")
     p.add_argument("--neck", type=positive_int, default=None, help=f"neck channels {d('neck')}")
@@ -355,7 +360,8 @@ def add_model_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     p.add_argument("--width", type=positive_int, default=None, help=f"input width {d('width')}")
     if defaults:
         p.add_argument("--batch-size", type=positive_int, default=None,
-                       help=f"images per batch (default: {TRAIN_DEFAULTS['batch_size']})")
+                       help=f"images per batch (default: {TRAIN_DEFAULTS['batch_size']}; "
+                            f"{GS_DEFAULTS['batch_size']} with --recipe gs)")
         p.add_argument("--workers", type=non_negative_int, default=None,
                        help=f"data-loading processes, 0 to load in this process (default: {TRAIN_DEFAULTS['workers']})")
     else:

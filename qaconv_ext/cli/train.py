@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 
 from .common import (
     DATASET_CHOICES,
+    GS_DEFAULTS,
+    RECIPE_CHOICES,
     CommandError,
     add_dataset_command,
     add_postprocess_args,
@@ -37,8 +39,13 @@ __all__ = ["register", "run", "RUN_OPTIONS", "RUNS_DIR", "RunPlan", "plan_run", 
            "check_run_inputs", "config_from_args", "resolve_test_root", "new_run_dir"]
 
 COMMAND = "qaconv train"
-DESCRIPTION = ("Train a QAConv model with the class-memory loss (paper recipe by default: SGD, lr 0.01 for new layers "
-               "and 0.001 for a pretrained trunk, x0.1 after 40 epochs, 60 epochs, Random Block). A checkpoint is "
+DESCRIPTION = ("Train a QAConv model. --recipe eccv (the default) is the ECCV 2020 paper's: class-memory loss, SGD, "
+               "lr 0.01 for new layers and 0.001 for a pretrained trunk, x0.1 after 40 epochs, 60 epochs, Random "
+               "Block. --recipe gs is QAConv 2.x's: graph sampling (each batch a class and its nearest classes by "
+               "the current model's QAConv distances, 2 images each), hard triplet loss, batch 64, lr 0.005, "
+               "gradient clipping at 8, the v2 augmentations, frozen backbone BatchNorms, lr x0.1 once the epoch "
+               "loss falls below 0.7 x the second epoch's and then half as many epochs again (at most --epochs). "
+               "A checkpoint is "
                "written atomically after every epoch into the run's folder (default: a new folder "
                "runs/train/DATE-TIME). --resume continues a run exactly, with the settings it was started with.")
 
@@ -50,14 +57,15 @@ RUNS_DIR = os.path.join("runs", "train")
 #: run then takes ``TrainConfig``'s default, a resumed run the checkpoint's value.
 RUN_OPTIONS = ("method", "arch", "neck", "layout", "height", "width", "ibn", "neck_type", "preprocess", "augment",
                "pretrained", "epochs", "batch_size", "lr", "base_lr_mult", "step_size", "weight_decay",
-               "random_block", "flip", "freeze_bn", "clip_grad", "amp", "workers", "seed")
+               "random_block", "flip", "freeze_bn", "clip_grad", "amp", "workers", "seed", "recipe",
+               "mem_batch_size", "num_instance")
 
 #: What a checkpoint that lacks a setting was trained with (it predates the option).
 _LEGACY = {"preprocess": "imagenet"}   # before the input presets, ImageNet mean/std
 
 #: How a setting is named in messages when that is not simply ``--<name>``.
 _LABELS = {"random_block": "Random Block (--no-random-block)", "flip": "flips (--no-flip)",
-           "freeze_bn": "frozen BatchNorms (--freeze-bn)", "amp": "mixed precision (--amp/--no-amp)"}
+           "freeze_bn": "frozen BatchNorms (--freeze-bn/--no-freeze-bn)", "amp": "mixed precision (--amp/--no-amp)"}
 
 
 def _synthetic(name: str) -> bool:
@@ -80,10 +88,21 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                             dataset_required=False)
     p.set_defaults(combine_all=None, skip_bad_images=None)   # None: not given (a resumed run keeps its own)
     p.add_argument("--method", choices=("qaconv", "baseline"), default=None,
-                   help="qaconv: class-memory loss; baseline: GAP + cosine softmax (default: qaconv)")
+                   help="qaconv: QAConv (loss per --recipe); baseline: GAP + cosine softmax (default: qaconv)")
+    p.add_argument("--recipe", choices=RECIPE_CHOICES, default=None,
+                   help="eccv: class-memory loss, step schedule (ECCV 2020); gs: graph sampling, hard triplet loss, "
+                        "loss-driven schedule (QAConv 2.x; its defaults: "
+                        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in GS_DEFAULTS.items()) + ") (default: eccv)")
+    p.add_argument("--mem-batch-size", type=positive_int, default=None, metavar="N",
+                   help="eccv: match the class memory in chunks of N classes, each with its own BatchNorm "
+                        "statistics (public code v1.2+, which uses 16) (default: all classes at once, ECCV 2020)")
+    p.add_argument("--num-instance", type=positive_int, default=None, metavar="K",
+                   help="gs: images per class in a batch; the batch size must be a multiple (default: 2)")
     p.add_argument("--epochs", type=positive_int, default=None,
-                   help="epochs to train (default: 60); with --resume, more than the run planned extends it")
-    p.add_argument("--lr", type=positive_float, default=None, help="learning rate of new layers (default: 0.01)")
+                   help="epochs to train, with --recipe gs at most (default: 60); with --resume, more than the run "
+                        "planned extends it")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate of new layers (default: 0.01; 0.005 with --recipe gs)")
     p.add_argument("--base-lr-mult", type=non_negative_float, default=None,
                    help="trunk lr = lr x this (default: 0.1 with --pretrained, else 1)")
     p.add_argument("--step-size", type=positive_int, default=None,
@@ -92,10 +111,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-random-block", dest="random_block", action="store_false", default=None,
                    help="no Random Block augmentation")
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
-    p.add_argument("--freeze-bn", action="store_true", default=None,
-                   help="keep the backbone's BatchNorms frozen (eval mode)")
+    freeze = p.add_mutually_exclusive_group()
+    freeze.add_argument("--freeze-bn", action="store_true", default=None,
+                        help="keep the backbone's BatchNorms frozen (eval mode) (default: off; on with --recipe gs)")
+    freeze.add_argument("--no-freeze-bn", dest="freeze_bn", action="store_false",
+                        help="train the backbone's BatchNorms (also with --recipe gs)")
     p.add_argument("--clip-grad", type=non_negative_float, default=None,
-                   help="max gradient norm, 0 for no clipping (default: 0)")
+                   help="max gradient norm, 0 for no clipping (default: 0; 8 with --recipe gs)")
     amp = p.add_mutually_exclusive_group()
     amp.add_argument("--amp", dest="amp", action="store_true", default=None,
                      help="mixed precision: float16 on CUDA (the default there), bfloat16 on the CPU")
@@ -224,10 +246,11 @@ def _progress(path: str) -> str:
 # Settings: a new run's defaults, or the resumed run's own
 # ----------------------------------------------------------------------------------------------
 
-def _defaults() -> Dict[str, Any]:
+def _defaults(recipe: Optional[str] = None) -> Dict[str, Any]:
+    """The defaults of a new run of ``recipe`` (default ``eccv``)."""
     from ..engine import TrainConfig
 
-    cfg = TrainConfig()
+    cfg = TrainConfig.for_recipe(recipe or "eccv")
     return {k: getattr(cfg, k) for k in RUN_OPTIONS}
 
 
@@ -242,12 +265,12 @@ def _show(key: str, value: Any) -> str:
     return str(value)
 
 
-def _as_option(key: str, value: Any) -> Optional[str]:
+def _as_option(key: str, value: Any, recipe: str = "eccv") -> Optional[str]:
     """The command-line words that give ``key`` the value ``value`` (None when nothing needs giving)."""
     if key in ("random_block", "flip"):
         return None if value else f"--no-{key.replace('_', '-')}"
     if key == "freeze_bn":
-        return "--freeze-bn" if value else None
+        return "--freeze-bn" if value else ("--no-freeze-bn" if recipe == "gs" else None)
     if key == "amp":
         return None if value is None else ("--amp" if value else "--no-amp")
     if key == "ibn":
@@ -279,8 +302,8 @@ def settle_run_options(args: argparse.Namespace, plan: Optional[RunPlan] = None)
     than the epochs done sets where the run ends (and says so); a number not larger is refused, and
     without ``--epochs`` a run that is complete is refused too.
     """
-    defaults = _defaults()
     if plan is None or plan.resume is None:
+        defaults = _defaults(args.recipe)
         if args.dataset is None:
             raise CommandError(f"{COMMAND}: --dataset is required (or --resume a run)")
         for key in RUN_OPTIONS:
@@ -290,6 +313,7 @@ def settle_run_options(args: argparse.Namespace, plan: Optional[RunPlan] = None)
         return []
 
     saved, done = plan.saved or {}, plan.done
+    defaults = _defaults(saved.get("recipe", "eccv"))
     conflicts, adopted = [], []
     for key in RUN_OPTIONS:
         if key == "epochs":
@@ -301,7 +325,7 @@ def settle_run_options(args: argparse.Namespace, plan: Optional[RunPlan] = None)
             continue
         setattr(args, key, old)
         if given is None and key in saved:
-            words = _as_option(key, old)
+            words = _as_option(key, old, saved.get("recipe", "eccv"))
             if words:
                 adopted.append(words)
     old_dataset = saved.get("dataset") or None
@@ -324,6 +348,11 @@ def settle_run_options(args: argparse.Namespace, plan: Optional[RunPlan] = None)
 
     planned = int(saved.get("epochs", defaults["epochs"]))
     notes = [f"from the checkpoint: {' '.join(adopted)}"] if adopted else []
+    final = (plan.scheduler or {}).get("final_epochs")
+    if final is not None and done >= int(final):
+        raise CommandError(f"{COMMAND}: --resume: {plan.resume} is complete: the gs schedule lowered the learning rate "
+                           f"after epoch {(plan.scheduler or {}).get('stepped_at')} and ended the run after epoch "
+                           f"{final}; start a new run to train more")
     if args.epochs is None:
         if done >= planned:
             raise CommandError(f"{COMMAND}: --resume: {plan.resume} is complete ({done} of {planned} epochs); "
@@ -362,7 +391,16 @@ def config_from_args(args: argparse.Namespace, device: str, saved: Optional[Dict
     if saved is None or data_root != saved.get("data_root", ""):
         data_root = os.path.abspath(data_root) if data_root else ""
     values.update(device=device, dataset=args.dataset, data_root=data_root)
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    if cfg.recipe == "gs" and args.mem_batch_size is not None and saved is None:
+        raise CommandError(f"{COMMAND}: --mem-batch-size applies to the class memory of --recipe eccv, not to "
+                           "--recipe gs")
+    try:
+        cfg.check_recipe()
+    except ValueError as exc:
+        hint = "; give --batch-size and --num-instance that fit" if "multiple" in str(exc) else ""
+        raise CommandError(f"{COMMAND}: {exc}{hint}") from None
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +424,13 @@ def check_run_inputs(args: argparse.Namespace, cfg: Any, plan: RunPlan) -> None:
 def check_training_data(ds: Any, cfg: Any, plan: RunPlan) -> None:
     """The training set can fill a batch, and a resumed run reads the same images as before."""
     n = len(ds.train)
-    if cfg.batch_size > n:
+    if cfg.recipe == "gs":
+        need = cfg.batch_size // cfg.num_instance
+        if ds.num_train_pids < need:
+            raise CommandError(f"{COMMAND}: --recipe gs: a batch of {cfg.batch_size} images with --num-instance "
+                               f"{cfg.num_instance} needs {need} classes, {cfg.dataset} in {ds.root} has "
+                               f"{ds.num_train_pids}; give a smaller --batch-size")
+    elif cfg.batch_size > n:
         raise CommandError(f"{COMMAND}: --batch-size {cfg.batch_size} is larger than the {n} training images of "
                            f"{cfg.dataset} in {ds.root}; give at most {n}")
     saved = plan.saved
@@ -411,6 +455,8 @@ def _lr_now(cfg: Any, plan: RunPlan) -> float:
     """The new layers' learning rate after ``plan.done`` epochs of the step schedule (the restored
     scheduler's own step size and decay when it has them)."""
     sched = plan.scheduler or {}
+    if sched.get("kind") == "loss_drop":
+        return cfg.lr * (float(sched.get("gamma", cfg.gamma)) if sched.get("stepped_at") else 1.0)
     step = int(sched.get("step_size", cfg.step_size))
     gamma = float(sched.get("gamma", cfg.gamma))
     return cfg.lr * gamma ** (plan.done // max(1, step))

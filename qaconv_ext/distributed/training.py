@@ -3,7 +3,9 @@
 What each step does with ``W`` ranks and a global batch of ``B`` images (``B / W`` per rank):
 
 * :class:`ShardedBatchSampler`: every rank draws the same global order and takes its contiguous
-  slice of each global batch, so the ranks together see exactly the batches of one process.
+  slice of each global batch, so the ranks together see exactly the batches of one process. With the
+  ``gs`` recipe the global order is the graph sampler's epoch (the same on every rank: the same
+  generator, and the class distances computed on the main rank and broadcast, :meth:`DistributedTraining.from_main`).
 * The backbone runs on the local slice, wrapped in ``DistributedDataParallel``. With ``sync_bn`` its
   BatchNorms use the statistics of the global batch (``torch.nn.SyncBatchNorm`` on CUDA,
   :class:`CrossRankBatchNorm` on the CPU, where the former does not run).
@@ -38,10 +40,14 @@ class ShardedBatchSampler:
 
     ``global_batch`` must be a multiple of ``world``. The generator's state advances as in one
     process, so it can be checkpointed and restored the same way.
+
+    ``sampler``: the global order comes from this sampler instead (e.g. the graph sampler, whose epoch is
+    a whole number of global batches), cut into ``global_batch`` pieces in the same way; every rank must
+    hold an identical copy.
     """
 
     def __init__(self, num_samples: int, global_batch: int, rank: int, world: int,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, sampler: Optional[Any] = None) -> None:
         if global_batch % world:
             raise ValueError(f"the batch size {global_batch} is not a multiple of the {world} processes")
         if not 0 <= rank < world:
@@ -49,16 +55,19 @@ class ShardedBatchSampler:
         self.num_samples, self.global_batch = int(num_samples), int(global_batch)
         self.rank, self.world = int(rank), int(world)
         self.generator = generator
+        self.sampler = sampler
         self.local_batch = self.global_batch // self.world
 
     def __len__(self) -> int:
-        return self.num_samples // self.global_batch
+        n = len(self.sampler) if self.sampler is not None else self.num_samples
+        return n // self.global_batch
 
     def __iter__(self) -> Iterator[List[int]]:
         from torch.utils.data import BatchSampler, RandomSampler
 
-        batches = BatchSampler(RandomSampler(range(self.num_samples), generator=self.generator),
-                               self.global_batch, drop_last=True)
+        order = self.sampler if self.sampler is not None else RandomSampler(range(self.num_samples),
+                                                                            generator=self.generator)
+        batches = BatchSampler(order, self.global_batch, drop_last=True)
         lo = self.rank * self.local_batch
         for batch in batches:
             yield batch[lo:lo + self.local_batch]
@@ -168,19 +177,41 @@ class DistributedTraining:
         """:func:`gather_batch`."""
         return gather_batch(feature, target)
 
-    def batch_sampler(self, num_samples: int, global_batch: int, generator: torch.Generator) -> ShardedBatchSampler:
+    def batch_sampler(self, num_samples: int, global_batch: int, generator: torch.Generator,
+                      sampler: Optional[Any] = None) -> ShardedBatchSampler:
         """This rank's :class:`ShardedBatchSampler` (the loader must use the same ``generator``)."""
-        return ShardedBatchSampler(num_samples, global_batch, self.env.rank, self.env.world_size, generator)
+        return ShardedBatchSampler(num_samples, global_batch, self.env.rank, self.env.world_size, generator,
+                                   sampler=sampler)
 
     def shard_loader(self, loader: Any, global_batch: int, generator: torch.Generator) -> Any:
         """A loader over ``loader``'s dataset (same workers, pinning) yielding this rank's part of each
-        global batch (:meth:`batch_sampler`); ``generator`` must be ``loader``'s."""
-        from torch.utils.data import DataLoader
+        global batch (:meth:`batch_sampler`); ``generator`` must be ``loader``'s. A loader with its own
+        sampler (not a plain shuffle: the graph sampler) keeps it as the global order."""
+        from torch.utils.data import DataLoader, RandomSampler
 
+        own = loader.sampler if loader.batch_sampler is not None and not isinstance(loader.sampler, RandomSampler) \
+            else None
         return DataLoader(loader.dataset, batch_sampler=self.batch_sampler(len(loader.dataset), global_batch,
-                                                                           generator),
+                                                                           generator, sampler=own),
                           num_workers=loader.num_workers, generator=generator, pin_memory=loader.pin_memory,
                           persistent_workers=False)
+
+    def from_main(self, fn: Any) -> Any:
+        """``fn`` computed on the main rank only and broadcast to every rank: a function of the same
+        arguments returning the main rank's tensor (all ranks must call it together; the graph sampler's
+        class distances, so that every rank samples the same epoch)."""
+        from .collectives import all_gather_objects, collective
+
+        def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
+            value = torch.as_tensor(fn(*args, **kwargs)) if self.is_main else None
+            shape, dtype = all_gather_objects(None if value is None else (tuple(value.shape), value.dtype))[0]
+            comm = self.env.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            buf = value.to(comm).contiguous() if value is not None else torch.empty(shape, dtype=dtype, device=comm)
+            with collective("broadcasting the graph sampler's distances"):
+                dist.broadcast(buf, src=0)
+            return buf.cpu()
+
+        return wrapped
 
     def seed_rank(self, seed: int) -> None:
         """Seed the global generators per rank (rank 0 keeps ``seed``): each rank draws its own

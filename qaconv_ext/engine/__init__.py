@@ -12,11 +12,13 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import RECIPE_DEFAULTS, RECIPES, TrainConfig
 from .trainer import (
     MAX_BAD_STEPS,
     Trainer,
+    LossDropSchedule,
     TrainingDiverged,
+    build_graph_sampler,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -26,7 +28,7 @@ from .trainer import (
 )
 
 __all__ = [
-    "TrainConfig", "Trainer", "run_training", "build_model", "build_optimizer", "build_scheduler", "build_train_loader",
+    "TrainConfig", "RECIPES", "RECIPE_DEFAULTS", "LossDropSchedule", "build_graph_sampler", "Trainer", "run_training", "build_model", "build_optimizer", "build_scheduler", "build_train_loader",
     "seed_everything", "CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "find_checkpoint",
     "capture_rng_state", "restore_rng_state", "load_public_qaconv", "load_trained", "CheckpointError",
     "TrainingDiverged", "MAX_BAD_STEPS",

@@ -5,7 +5,20 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "RECIPES", "RECIPE_DEFAULTS"]
+
+#: The training recipes: ``eccv`` (class-memory loss, step schedule; the ECCV 2020 paper) and ``gs``
+#: (QAConv 2.x: graph sampling, hard triplet loss, the loss-driven schedule).
+RECIPES = ("eccv", "gs")
+
+#: Where a recipe's defaults differ from :class:`TrainConfig`'s (which are the ``eccv`` recipe's).
+#: ``gs`` follows the public code v2.x: batch 64 (2 images per class), lr 0.005 (trunk x0.1 with
+#: pretrained weights), gradient clipping at 8, the v2 augmentations, the backbone's BatchNorms frozen
+#: (its trainer keeps the backbone in eval mode), at most 60 epochs.
+RECIPE_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "eccv": {},
+    "gs": dict(batch_size=64, lr=0.005, clip_grad=8.0, augment="v2", freeze_bn=True),
+}
 
 
 @dataclass
@@ -19,6 +32,7 @@ class TrainConfig:
     """
 
     method: str = "qaconv"              # "qaconv" (class-memory loss) or "baseline" (GAP + cosine softmax)
+    recipe: str = "eccv"                 # "eccv" (class memory, step schedule) or "gs" (graph sampling, triplet)
     arch: str = "resnet50"
     pretrained: Optional[str] = None     # local file with ImageNet weights (torchvision naming)
     neck: int = 128
@@ -44,6 +58,10 @@ class TrainConfig:
     clip_grad: float = 0.0               # max gradient norm (0: off)
     amp: Optional[bool] = None           # mixed precision; default: on for CUDA (float16), off on the CPU (bfloat16)
     baseline_scale: float = 16.0         # cosine-softmax scale of the baseline
+    mem_batch_size: Optional[int] = None  # eccv: classes of the memory per head call (None: all at once)
+    num_instance: int = 2                # gs: images per class in a batch
+    margin: float = 16.0                 # gs: triplet margin
+    step_factor: float = 0.7             # gs: lr x gamma once the epoch loss < this x the base epoch's loss
     workers: int = 2
     seed: int = 0
     device: str = "cpu"
@@ -58,6 +76,27 @@ class TrainConfig:
             return float(self.base_lr_mult)
         return 0.1 if self.pretrained else 1.0
 
+    @classmethod
+    def for_recipe(cls, recipe: str = "eccv", **values: Any) -> "TrainConfig":
+        """A config with ``recipe``'s defaults (:data:`RECIPE_DEFAULTS`), then ``values``."""
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; use one of {', '.join(RECIPES)}")
+        return cls(recipe=recipe, **{**RECIPE_DEFAULTS[recipe], **values})
+
+    def check_recipe(self) -> None:
+        """``ValueError`` naming what does not fit the recipe: an unknown recipe, ``gs`` with the baseline,
+        a ``gs`` batch that is not a multiple of ``num_instance``, a ``mem_batch_size`` below 1."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; use one of {', '.join(RECIPES)}")
+        if self.mem_batch_size is not None and int(self.mem_batch_size) < 1:
+            raise ValueError(f"mem_batch_size must be None or a positive integer, got {self.mem_batch_size}")
+        if self.recipe == "gs":
+            if self.method != "qaconv":
+                raise ValueError(f"the gs recipe trains QAConv, not method {self.method!r}")
+            if self.num_instance < 1 or self.batch_size % self.num_instance:
+                raise ValueError(f"the gs batch size {self.batch_size} is not a multiple of num_instance "
+                                 f"{self.num_instance}")
+
     def to_dict(self) -> Dict[str, Any]:
         """Plain dict (safe for ``torch.load(weights_only=True)``)."""
         return dataclasses.asdict(self)
@@ -68,6 +107,6 @@ class TrainConfig:
 
     def summary(self) -> List[str]:
         """``key=value`` strings of the fields that matter for a log line."""
-        keys = ("method", "arch", "height", "width", "epochs", "batch_size", "lr", "step_size", "neck", "layout",
+        keys = ("method", "recipe", "arch", "height", "width", "epochs", "batch_size", "lr", "step_size", "neck", "layout",
                 "preprocess")
         return [f"{k}={getattr(self, k)}" for k in keys]

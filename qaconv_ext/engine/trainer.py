@@ -32,7 +32,7 @@ from .checkpoint import (
 from .config import TrainConfig
 
 __all__ = ["Trainer", "run_training", "build_optimizer", "build_scheduler", "build_train_loader", "build_model",
-           "seed_everything", "TrainingDiverged", "MAX_BAD_STEPS"]
+           "build_graph_sampler", "LossDropSchedule", "seed_everything", "TrainingDiverged", "MAX_BAD_STEPS"]
 
 #: Consecutive batches with a non-finite loss after which training stops (a single bad batch is skipped:
 #: no optimiser step, counted in the epoch's ``skipped_batches``).
@@ -110,20 +110,85 @@ def build_scheduler(optimizer: torch.optim.Optimizer, step_size: int, gamma: flo
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, int(step_size)), gamma=gamma)
 
 
+class LossDropSchedule:
+    """The loss-driven schedule of QAConv 2.x (``step(loss)`` after every epoch).
+
+    The loss of epoch ``base_epoch`` (1-based; the public code takes its second epoch, index 1) is the
+    reference. After the first later epoch whose mean loss is below ``factor`` x that reference, every
+    group's learning rate is multiplied by ``gamma`` once, and the run ends after half as many epochs
+    again: :attr:`final_epochs` = ``e + e // 2`` for a step after epoch ``e`` (the trainer also stops at
+    its ``epochs``, the public ``max_epochs``). Until then :attr:`final_epochs` is None.
+    """
+
+    needs_loss = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: float = 0.7, gamma: float = 0.1,
+                 base_epoch: int = 2) -> None:
+        self.optimizer = optimizer
+        self.factor, self.gamma, self.base_epoch = float(factor), float(gamma), int(base_epoch)
+        self.epoch = 0
+        self.base_loss: Optional[float] = None
+        self.stepped_at: Optional[int] = None
+        self.final_epochs: Optional[int] = None
+
+    def step(self, loss: float) -> bool:
+        """Record one epoch's mean loss; True when the learning rate was lowered now."""
+        self.epoch += 1
+        if self.epoch == self.base_epoch:
+            self.base_loss = float(loss)
+        if self.stepped_at is None and self.base_loss is not None and float(loss) < self.base_loss * self.factor:
+            self.stepped_at = self.epoch
+            self.final_epochs = self.epoch + self.epoch // 2
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.gamma
+            return True
+        return False
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": "loss_drop", "factor": self.factor, "gamma": self.gamma, "base_epoch": self.base_epoch,
+                "epoch": self.epoch, "base_loss": self.base_loss, "stepped_at": self.stepped_at,
+                "final_epochs": self.final_epochs}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.factor, self.gamma = float(state["factor"]), float(state["gamma"])
+        self.base_epoch, self.epoch = int(state["base_epoch"]), int(state["epoch"])
+        self.base_loss, self.stepped_at = state["base_loss"], state["stepped_at"]
+        self.final_epochs = state["final_epochs"]
+
+
+def _train_dataset(records: Sequence[Any], cfg: TrainConfig) -> Any:
+    from ..data import ImageDataset, build_train_transform
+
+    return ImageDataset(records, build_train_transform(cfg.height, cfg.width, random_block=cfg.random_block,
+                                                       flip=cfg.flip, preprocess=cfg.preprocess, augment=cfg.augment))
+
+
+def build_graph_sampler(records: Sequence[Any], cfg: TrainConfig, model: nn.Module, matcher: nn.Module,
+                        progress: bool = True) -> Any:
+    """The ``gs`` recipe's :class:`~qaconv_ext.data.GraphSampler` over ``records``: ``cfg.batch_size``,
+    ``cfg.num_instance``, QAConv distances from ``model`` and ``matcher`` on ``cfg.device``, its own
+    generator seeded from ``cfg.seed`` (its state goes into checkpoints)."""
+    from ..data import GraphSampler
+
+    return GraphSampler(records, cfg.batch_size, cfg.num_instance, model=model, matcher=matcher, height=cfg.height,
+                        width=cfg.width, device=cfg.device, seed=int(cfg.seed), progress=progress)
+
+
 def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
-                       generator: Optional[torch.Generator] = None) -> DataLoader:
+                       generator: Optional[torch.Generator] = None, sampler: Optional[Any] = None) -> DataLoader:
     """Shuffled, ``drop_last`` loader over training records with ``cfg``'s preset and augmentation.
 
     ``generator`` (default: seeded from ``cfg.seed``) drives the shuffling and the worker seeds; its
-    state goes into checkpoints.
+    state goes into checkpoints. ``sampler`` (the ``gs`` recipe's :func:`build_graph_sampler`): the
+    indices of each epoch come from it instead, cut into batches of ``cfg.batch_size``.
     """
-    from ..data import ImageDataset, build_train_transform
-
     if generator is None:
         generator = torch.Generator()
         generator.manual_seed(int(cfg.seed))
-    ds = ImageDataset(records, build_train_transform(cfg.height, cfg.width, random_block=cfg.random_block,
-                                                     flip=cfg.flip, preprocess=cfg.preprocess, augment=cfg.augment))
+    ds = _train_dataset(records, cfg)
+    if sampler is not None:
+        return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
+                          generator=generator, pin_memory=cfg.device.startswith("cuda"), persistent_workers=False)
     if len(ds) < cfg.batch_size:
         raise ValueError(f"{len(ds)} training images is less than one batch of {cfg.batch_size}")
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.workers,
@@ -132,17 +197,23 @@ def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> Tuple[nn.Module, nn.Module]:
-    """``(backbone, criterion)`` for ``cfg.method``: QAConv class-memory loss or the GAP baseline."""
+    """``(backbone, criterion)`` for ``cfg.method`` and ``cfg.recipe``: QAConv with the class-memory loss
+    (``eccv``) or the hard triplet loss (``gs``), or the GAP baseline."""
     from ..head import QAConv
-    from ..losses import ClassMemoryLoss, CosineSoftmaxLoss
+    from ..losses import ClassMemoryLoss, CosineSoftmaxLoss, TripletLoss
     from ..models import build_backbone, feature_map_size
+
+    cfg.check_recipe()
 
     backbone = build_backbone(cfg.arch, pretrained_path=cfg.pretrained, neck=cfg.neck, ibn=cfg.ibn,
                               neck_type=cfg.neck_type)
     backbone.preprocess = cfg.preprocess
     d, h, w = feature_map_size(backbone, cfg.height, cfg.width)
-    if cfg.method == "qaconv":
-        criterion: nn.Module = ClassMemoryLoss(QAConv(d, h, w, layout=cfg.layout), num_classes, d, h, w)
+    if cfg.method == "qaconv" and cfg.recipe == "gs":
+        criterion: nn.Module = TripletLoss(QAConv(d, h, w, layout=cfg.layout), margin=cfg.margin)
+    elif cfg.method == "qaconv":
+        criterion = ClassMemoryLoss(QAConv(d, h, w, layout=cfg.layout), num_classes, d, h, w,
+                                    mem_batch_size=cfg.mem_batch_size)
     elif cfg.method == "baseline":
         criterion = CosineSoftmaxLoss(d, num_classes, scale=cfg.baseline_scale)
     else:
@@ -183,6 +254,11 @@ class Trainer:
         dist: training across processes (:class:`qaconv_ext.distributed.DistributedTraining`): it wraps
             the model and the criterion for the step, gathers each step's batch from all ranks before
             the loss, and only its main rank writes checkpoints. None: one process.
+        sampler: a sampler with state (the ``gs`` recipe's graph sampler): its ``state_dict`` goes into
+            checkpoints and is restored on resume.
+
+    A scheduler with ``needs_loss`` (:class:`LossDropSchedule`) is stepped with the epoch's mean loss, and
+    its ``final_epochs``, once set, ends the run early.
     """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
@@ -191,7 +267,8 @@ class Trainer:
                  loader_generator: Optional[torch.Generator] = None, checkpoint_dir: Optional[str] = None,
                  config: Union[TrainConfig, Dict[str, Any], None] = None, progress: bool = True,
                  log: Callable[[str], None] = print, checkpoint_name: str = CHECKPOINT_NAME,
-                 max_bad_steps: int = MAX_BAD_STEPS, dist: Optional[Any] = None) -> None:
+                 max_bad_steps: int = MAX_BAD_STEPS, dist: Optional[Any] = None,
+                 sampler: Optional[Any] = None) -> None:
         if int(max_bad_steps) != max_bad_steps or max_bad_steps < 1:
             raise ValueError(f"max_bad_steps: must be a positive integer, got {max_bad_steps}")
         self.max_bad_steps = int(max_bad_steps)
@@ -217,6 +294,7 @@ class Trainer:
         self.epoch = 0
         self.history: List[Dict[str, float]] = []
         self.dist = dist
+        self.sampler = sampler
         # the modules called in a step (wrapped for data parallelism); self.model/self.criterion stay plain
         self._step_model, self._step_criterion = (dist.prepare(self.model, self.criterion) if dist is not None
                                                   else (self.model, self.criterion))
@@ -331,15 +409,27 @@ class Trainer:
             raise TrainingDiverged(f"training diverged in epoch {epoch}: {note}; {_ADVICE}; this state is not "
                                    f"saved{self._kept_checkpoint_note()}", epoch, step)
 
+    def end_epoch(self, epochs: int) -> int:
+        """Where the run ends: ``epochs``, or earlier when the schedule set ``final_epochs``."""
+        final = getattr(self.scheduler, "final_epochs", None)
+        return int(epochs) if final is None else min(int(epochs), int(final))
+
     def fit(self, loader: Any, epochs: int) -> List[Dict[str, float]]:
         """Train from the current epoch up to ``epochs``; checkpoint after each. Returns the history.
 
         Raises :class:`TrainingDiverged` when the loss stays non-finite or the weights become non-finite;
         the checkpoint of the last good epoch is then left as it was."""
-        while self.epoch < epochs:
-            stats = self.train_epoch(loader, self.epoch, epochs)
+        note = ""
+        while self.epoch < self.end_epoch(epochs):
+            stats = self.train_epoch(loader, self.epoch, self.end_epoch(epochs))
             self.check_finite_state(self.epoch + 1, stats["batches"])
-            if self.scheduler is not None:
+            if self.scheduler is not None and getattr(self.scheduler, "needs_loss", False):
+                note = ""
+                if self.scheduler.step(stats["loss"]):
+                    s = self.scheduler
+                    note = (f"; loss below {s.factor:g} x epoch {s.base_epoch}'s {s.base_loss:.4f}: learning rate "
+                            f"x{s.gamma:g}, the run ends after epoch {self.end_epoch(epochs)}")
+            elif self.scheduler is not None:
                 self.scheduler.step()
             self.epoch += 1
             self.history.append(stats)
@@ -347,7 +437,7 @@ class Trainer:
             skipped = (f", {stats['skipped_batches']} of {stats['batches']} batches skipped (loss not finite)"
                        if stats["skipped_batches"] else "")
             self.log(f"epoch {self.epoch}/{epochs}: loss {stats['loss']:.4f}, acc {100 * stats['acc']:.1f}%, "
-                     f"lr [{lr}], {stats['time']:.1f} s{skipped}")
+                     f"lr [{lr}], {stats['time']:.1f} s{skipped}{note}")
             if self.checkpoint_path:
                 state = self.state_dict() if self.dist is None else self.dist.checkpoint_state(self.state_dict())
                 if state is not None:  # across processes: the main rank writes, with every rank's RNG states
@@ -370,6 +460,7 @@ class Trainer:
             "rng": capture_rng_state(self.loader_generator),
             "config": self.config,
             "history": [dict(h) for h in self.history],
+            "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
         }
 
     def load_state_dict(self, ckpt: Dict[str, Any], restore_rng: bool = True) -> None:
@@ -381,6 +472,8 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.sampler is not None and ckpt.get("sampler") is not None:
+            self.sampler.load_state_dict(ckpt["sampler"])
         self.epoch = int(ckpt["epoch"])
         self.history = [dict(h) for h in ckpt.get("history", [])]
         rng = ckpt.get("rng")
@@ -421,13 +514,20 @@ def run_training(cfg: TrainConfig, train_records: Sequence[Any], num_classes: in
     backbone, criterion = build_model(cfg, num_classes)
     generator = torch.Generator()
     generator.manual_seed(int(cfg.seed))
-    loader = build_train_loader(train_records, cfg, generator)
+    sampler = None
+    if cfg.recipe == "gs":
+        sampler = build_graph_sampler(train_records, cfg, backbone, criterion.matcher,
+                                      progress=progress and (dist is None or dist.is_main))
+        if dist is not None:   # every rank samples from the main rank's distances
+            sampler.distance_fn = dist.from_main(sampler.distance_fn)
+    loader = build_train_loader(train_records, cfg, generator, sampler=sampler)
     if dist is not None:
         loader = dist.shard_loader(loader, cfg.batch_size, generator)  # this rank's part of each batch
         dist.seed_rank(cfg.seed)  # the same model everywhere; augmentations drawn per rank
     optimizer = build_optimizer(backbone, criterion, cfg.lr, cfg.trunk_lr_mult, cfg.momentum, cfg.weight_decay,
                                 cfg.nesterov)
-    scheduler = build_scheduler(optimizer, cfg.step_size, cfg.gamma)
+    scheduler: Any = (LossDropSchedule(optimizer, cfg.step_factor, cfg.gamma) if cfg.recipe == "gs"
+                      else build_scheduler(optimizer, cfg.step_size, cfg.gamma))
     config = cfg.to_dict()
     config.update({"backbone": cfg.arch, "num_classes": int(num_classes)})
     config.update(extra_config or {})
@@ -439,7 +539,7 @@ def run_training(cfg: TrainConfig, train_records: Sequence[Any], num_classes: in
     trainer = Trainer(backbone, criterion, optimizer, scheduler, device=cfg.device, amp=cfg.amp,
                       clip_grad=cfg.clip_grad, freeze_bn=cfg.freeze_bn, loader_generator=generator,
                       checkpoint_dir=checkpoint_dir, checkpoint_name=checkpoint_name, config=config,
-                      progress=progress, log=log, dist=dist)
+                      progress=progress, log=log, dist=dist, sampler=sampler)
     if resume:
         done = trainer.resume(resume)
         log(f"resumed from {resume} after epoch {done}")

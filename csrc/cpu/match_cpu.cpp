@@ -38,7 +38,8 @@ namespace {
 constexpr int64_t kLanes = 16;                    // partial maxima per row: keeps the row loop vectorisable
 constexpr int64_t kScratchBytes = 512 * 1024;     // S tile budget of the float64 path (per thread)
 constexpr int64_t kPanelBytes = 256 * 1024;       // packed gallery panel budget (per thread)
-constexpr int64_t kTileBytes = 64 * 1024;         // S budget of one query against the panel (per thread)
+constexpr int64_t kTileBytes = 64 * 1024;
+constexpr int64_t kGroupBytes = 1024 * 1024;      // the panels of one task's gallery group (per thread)         // S budget of one query against the panel (per thread)
 constexpr int64_t kTasksPerThread = 4;            // query chunks are cut so that threads get several tasks
 constexpr int64_t kBackwardBlock = 4;             // images per backward task (their gradients stay cached)
 
@@ -292,8 +293,10 @@ const cpu::TileKernel& tile_kernel() {
 }
 
 // Blocking of one call. Only the amount of work per task depends on it, never a pair's arithmetic.
+// A task is a chunk of queries x a group of `sub` gallery blocks of `nb` images: the group's panels are
+// packed once, each query once per task, and each query runs against every panel of the group.
 struct TilePlan {
-  int64_t nb, blocks, qchunk, qchunks, row_blocks, strips, ldS;
+  int64_t nb, sub, groups, qchunk, qchunks, row_blocks, strips, ldS;
 };
 
 TilePlan tile_plan(const MatchDims& d, const cpu::TileKernel& k) {
@@ -302,13 +305,17 @@ TilePlan tile_plan(const MatchDims& d, const cpu::TileKernel& k) {
   const int64_t panel_per_image = d.channels * d.Lg * int64_t(sizeof(float));
   const int64_t s_per_image = t.row_blocks * cpu::kMR * d.Lg * int64_t(sizeof(float));
   t.nb = std::max<int64_t>(1, std::min({d.N, kPanelBytes / panel_per_image, kTileBytes / s_per_image}));
-  t.blocks = (d.N + t.nb - 1) / t.nb;
-  const int64_t want = kTasksPerThread * at::get_num_threads();
-  t.qchunks = std::max<int64_t>(1, std::min<int64_t>(d.P, (want + t.blocks - 1) / t.blocks));
-  t.qchunk = (d.P + t.qchunks - 1) / t.qchunks;
-  t.qchunks = (d.P + t.qchunk - 1) / t.qchunk;
   t.strips = (t.nb * d.Lg + k.nr - 1) / k.nr;
   t.ldS = t.strips * k.nr;
+  const int64_t blocks = (d.N + t.nb - 1) / t.nb;
+  const int64_t panel_bytes = t.strips * k.nr * d.channels * int64_t(sizeof(float));
+  t.sub = std::max<int64_t>(1, std::min(blocks, kGroupBytes / panel_bytes));
+  const int64_t want = kTasksPerThread * at::get_num_threads();
+  t.sub = std::max<int64_t>(1, std::min(t.sub, blocks / want));  // enough groups for the threads, if N allows
+  t.groups = (blocks + t.sub - 1) / t.sub;
+  t.qchunks = std::max<int64_t>(1, std::min<int64_t>(d.P, (want + t.groups - 1) / t.groups));
+  t.qchunk = (d.P + t.qchunks - 1) / t.qchunks;
+  t.qchunks = (d.P + t.qchunk - 1) / t.qchunk;
   return t;
 }
 
@@ -335,41 +342,53 @@ void for_each_tile(const at::Tensor& q, const at::Tensor& g, const MatchDims& d,
   const src_t* G = g.const_data_ptr<src_t>();
   const int64_t qsp = q.stride(0), qsc = q.stride(1), qss = q.stride(2);
   const int64_t gsn = g.stride(0), gsc = g.stride(1), gsr = g.stride(2);
-  at::parallel_for(0, t.blocks * t.qchunks, 1, [&](int64_t begin, int64_t end) {
-    Buffer panel(t.strips * NR * D), A(t.row_blocks * MR * D), S(t.row_blocks * MR * t.ldS);
+  const int64_t panel_size = t.strips * NR * D;
+  at::parallel_for(0, t.groups * t.qchunks, 1, [&](int64_t begin, int64_t end) {
+    Buffer panel(t.sub * panel_size), A(t.row_blocks * MR * D), S(t.row_blocks * MR * t.ldS);
     std::vector<int64_t> offset(t.strips * NR);
-    int64_t packed_block = -1;
+    int64_t packed_group = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task / t.qchunks, qc = task % t.qchunks;
-      const int64_t n0 = blk * t.nb, cnt = std::min(t.nb, d.N - n0);
-      const int64_t cols = cnt * d.Lg, strips = (cols + NR - 1) / NR;
-      if (blk != packed_block) {  // pack the gallery block: panel[strip][c][NR], zeros past the last column
-        for (int64_t col = 0; col < cols; ++col) offset[col] = (n0 + col / d.Lg) * gsn + (col % d.Lg) * gsr;
-        for (int64_t st = 0; st < strips; ++st)
-          for (int64_t c = 0; c < D; ++c) {
-            float* dst = panel.data + (st * D + c) * NR;
-            const src_t* src = G + c * gsc;
-            for (int64_t j = 0; j < NR; ++j) {
-              const int64_t col = st * NR + j;
-              dst[j] = col < cols ? widen(src[offset[col]]) : 0.0f;
+      const int64_t grp = task / t.qchunks, qc = task % t.qchunks;
+      const int64_t first = grp * t.sub * t.nb;  // first gallery image of the group
+      const int64_t nblk = std::min(t.sub, (d.N - first + t.nb - 1) / t.nb);
+      if (grp != packed_group) {  // pack the group's blocks: panel[strip][c][NR], zeros past the last column
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const int64_t n0 = first + blk * t.nb, cols = std::min(t.nb, d.N - n0) * d.Lg;
+          const int64_t strips = (cols + NR - 1) / NR;
+          for (int64_t col = 0; col < cols; ++col) offset[col] = (n0 + col / d.Lg) * gsn + (col % d.Lg) * gsr;
+          for (int64_t st = 0; st < strips; ++st)
+            for (int64_t c = 0; c < D; ++c) {
+              float* dst = panel.data + blk * panel_size + (st * D + c) * NR;
+              const src_t* src = G + c * gsc;
+              for (int64_t j = 0; j < NR; ++j) {
+                const int64_t col = st * NR + j;
+                dst[j] = col < cols ? widen(src[offset[col]]) : 0.0f;
+              }
             }
-          }
-        packed_block = blk;
+        }
+        packed_group = grp;
       }
       const int64_t p_end = std::min(d.P, (qc + 1) * t.qchunk);
       for (int64_t p = qc * t.qchunk; p < p_end; ++p) {
         // pack the query: A[row block][c][MR], zeros past the last location
-        for (int64_t b = 0; b < t.row_blocks; ++b)
+        for (int64_t b = 0; b < t.row_blocks; ++b) {
+          const bool full = (b + 1) * MR <= d.Lq;
           for (int64_t c = 0; c < D; ++c) {
             float* dst = A.data + (b * D + c) * MR;
-            const src_t* src = Q + p * qsp + c * qsc;
-            for (int64_t i = 0; i < MR; ++i) {
-              const int64_t s = b * MR + i;
-              dst[i] = s < d.Lq ? widen(src[s * qss]) : 0.0f;
+            const src_t* src = Q + p * qsp + c * qsc + b * MR * qss;
+            if (full && qss == 1) {
+              for (int64_t i = 0; i < MR; ++i) dst[i] = widen(src[i]);
+            } else {
+              for (int64_t i = 0; i < MR; ++i) dst[i] = b * MR + i < d.Lq ? widen(src[i * qss]) : 0.0f;
             }
           }
-        k.run(A.data, t.row_blocks, panel.data, strips, D, S.data, t.ldS);
-        epilogue(p, n0, cnt, static_cast<const float*>(S.data), t.ldS);
+        }
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const int64_t n0 = first + blk * t.nb, cnt = std::min(t.nb, d.N - n0);
+          const int64_t strips = (cnt * d.Lg + NR - 1) / NR;
+          k.run(A.data, t.row_blocks, panel.data + blk * panel_size, strips, D, S.data, t.ldS);
+          epilogue(p, n0, cnt, static_cast<const float*>(S.data), t.ldS);
+        }
       }
     }
   });

@@ -1,11 +1,15 @@
 """CPU matching throughput: the fused op against the chunked PyTorch reference, in one run.
 
 Each method runs in its own worker process on the same seeded inputs, so its peak extra memory (the
-resident-set high-water mark above what the inputs already occupy) is measured in isolation. Prints a
-table and writes JSON with the machine and versions.
+resident-set high-water mark above what the inputs already occupy) is measured in isolation. The fused
+op also runs on bfloat16 maps (--extra-dtypes), and the machine's torch.mm GEMM rates in float32 and
+bfloat16 are measured in the same run, so every rate is also given as a fraction of the GEMM limit of
+its dtype. A sweep (--sweep, default on) times qaconv_score over map sizes 12x4, 24x8, 48x16 and
+d = 64, 128, 512, plus 2x2 maps with d = 16 (pairs/s of a small-map evaluation). Prints tables and
+writes JSON with the machine, versions, the micro-kernel variant and the load average.
 
     python benchmarks/bench_match.py                      # 64 x 1024 pairs, L = 24x8, d = 128, float32
-    python benchmarks/bench_match.py --queries 8 --gallery 128 --json /tmp/quick.json
+    python benchmarks/bench_match.py --queries 8 --gallery 128 --no-sweep --json /tmp/quick.json
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ METHODS = {
     "fused match": ("qaconv_ext", "qaconv_match"),
     "reference match": ("qaconv_ext.ops.reference", "qaconv_match"),
 }
+# (height, width, channels) of the sweep; 2x2 maps with 16 channels stand for a small-map evaluation.
+SWEEP = [(2, 2, 16)] + [(h, w, d) for (h, w) in ((12, 4), (24, 8), (48, 16)) for d in (64, 128, 512)]
+SWEEP_SECONDS = 0.4  # aimed time per sweep measurement
 
 
 
@@ -69,6 +76,95 @@ def _worker(args: argparse.Namespace) -> Dict[str, float]:
 
 
 
+def _gemm_worker(args: argparse.Namespace) -> Dict[str, float]:
+    """torch.mm rates (GFLOP/s) per dtype: the limit a GEMM-bound op reaches on this machine.
+
+    Measured with the run's thread count and with one thread; the limit ("gflops") is the larger of the
+    first and threads x the second (on a loaded machine a multi-threaded GEMM's barriers lose more than
+    independent per-thread work does, so the per-thread rate scaled up is the fairer bound)."""
+    import torch
+
+    out = {}
+    for threads in sorted({args.threads, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        for name, rec in _gemm_rates(args).items():
+            entry = out.setdefault(name, {"shapes": {}, "gflops": 0.0})
+            entry["shapes" if threads == args.threads else "shapes_1_thread"] = rec["shapes"]
+            entry["gflops"] = max(entry["gflops"], rec["gflops"] * (args.threads if threads == 1 else 1))
+    return out
+
+
+def _gemm_rates(args: argparse.Namespace) -> Dict[str, Dict]:
+    import torch
+
+    L, d = args.height * args.width, args.channels
+    out = {}
+    for name in args.gemm_dtypes:
+        dtype = getattr(torch, name)
+        shapes = {"square 512": (512, 512, 512), f"L x d x 8L ({L}, {d}, {8 * L})": (L, d, 8 * L)}
+        rates = {}
+        for label, (m, k, n) in shapes.items():
+            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+            c = torch.empty(m, n, dtype=dtype)
+            torch.mm(a, b, out=c)
+            t0 = time.perf_counter()
+            reps = 0
+            while time.perf_counter() - t0 < 0.05:
+                torch.mm(a, b, out=c)
+                reps += 1
+            reps = max(1, int(reps * SWEEP_SECONDS / 0.05 / 3))
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    torch.mm(a, b, out=c)
+                best = min(best, (time.perf_counter() - t0) / reps)
+            rates[label] = 2.0 * m * k * n / best / 1e9
+        out[name] = {"shapes": rates, "gflops": max(rates.values())}
+    return out
+
+
+def _sweep_worker(args: argparse.Namespace) -> List[Dict]:
+    """qaconv_score pairs/s over the SWEEP map sizes, per dtype (the pair count aimed at SWEEP_SECONDS)."""
+    import torch
+
+    import qaconv_ext
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for h, w, d in SWEEP:
+        L = h * w
+        flop = 2.0 * L * L * d
+        for name in args.sweep_dtypes:
+            dtype = getattr(torch, name)
+            P = 64 if L <= 4 else 16
+            N = max(8, int(min(2e6 / P, 60e9 * SWEEP_SECONDS / flop / P)))  # ~60 GFLOP/s, at most 2 M pairs
+            q = torch.nn.functional.normalize(torch.randn(P, d, h, w, generator=g), dim=1).to(dtype)
+            gal = torch.nn.functional.normalize(torch.randn(N, d, h, w, generator=g), dim=1).to(dtype)
+            weight = torch.randn(2 * L, generator=g)
+            qaconv_ext.qaconv_score(q, gal[: max(1, N // 8)], weight)
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                qaconv_ext.qaconv_score(q, gal, weight)
+                times.append(time.perf_counter() - t0)
+            sec = statistics.median(times)
+            rows.append({"map": f"{h}x{w}", "channels": d, "dtype": name, "pairs": P * N,
+                         "seconds": sec, "pairs_per_s": P * N / sec, "gflops": P * N * flop / sec / 1e9})
+    return rows
+
+
+def _run_worker(kind: str, args: argparse.Namespace, extra: List[str]):
+    cmd = [sys.executable, os.path.abspath(__file__), f"--{kind}"] + extra + [
+        f"--{k}={getattr(args, k)}" for k in ("queries", "gallery", "channels", "height", "width", "threads",
+                                              "repeats", "seed")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} {' '.join(extra)} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: Optional[List[str]] = None) -> Dict:
     """Run the benchmark; returns the JSON record (also printed as a table and written to --json)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,32 +178,61 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--extra-dtypes", nargs="*", default=["bfloat16"],
+                   choices=["bfloat16", "float16", "float32", "float64"],
+                   help="also run the fused methods on maps of these dtypes (rows 'fused score <dtype>')")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="time qaconv_score over the map-size sweep (12x4, 24x8, 48x16 x d 64/128/512; 2x2 d 16)")
+    p.add_argument("--sweep-dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--gemm-dtypes", nargs="+", default=["float32", "bfloat16"])
     add_output_args(p, RESULT_NAME)
     p.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
+    p.add_argument("--gemm-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sweep-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args)))
+        return {}
+    if args.gemm_worker:
+        print(json.dumps(_gemm_worker(args)))
+        return {}
+    if args.sweep_worker:
+        print(json.dumps(_sweep_worker(args)))
         return {}
 
     import torch
 
     import qaconv_ext
+    from qaconv_ext.ops import _library
 
+    load_before = os.getloadavg()
     L = args.height * args.width
     results = {}
-    for method in args.methods:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", method] + [
-            f"--{k}={getattr(args, k)}" for k in ("queries", "gallery", "channels", "height", "width", "dtype",
-                                                  "threads", "repeats", "seed")]
-        print(f"running {method} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{method} failed:\n{proc.stderr}")
-        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = [(m, args.dtype) for m in args.methods]
+    runs += [(m, dt) for dt in args.extra_dtypes if dt != args.dtype for m in args.methods if m.startswith("fused")]
+    for method, dtype in runs:
+        label = method if dtype == args.dtype else f"{method} {dtype}"
+        print(f"running {label} ...", file=sys.stderr, flush=True)
+        results[label] = _run_worker("worker", args, [method, f"--dtype={dtype}"])
+        results[label]["dtype"] = dtype
+    print("measuring torch.mm ...", file=sys.stderr, flush=True)
+    gemm = _run_worker("gemm-worker", args, ["--gemm-dtypes", *args.gemm_dtypes])
+    sweep = []
+    if args.sweep:
+        print("running the map-size sweep ...", file=sys.stderr, flush=True)
+        sweep = _run_worker("sweep-worker", args, ["--sweep-dtypes", *args.sweep_dtypes])
+    load_after = os.getloadavg()
+
+    def fraction(dtype: str, gflops: float) -> Optional[float]:
+        limit = gemm.get(dtype, {}).get("gflops")
+        return gflops / limit if limit else None
 
     flop_per_pair = 2.0 * L * L * args.channels
     for r in results.values():
         r["gflops"] = r["pairs_per_s"] * flop_per_pair / 1e9
+        r["fraction_of_mm"] = fraction(r["dtype"], r["gflops"])
+    for r in sweep:
+        r["fraction_of_mm"] = fraction(r["dtype"], r["gflops"])
     ratios = {}
     for op in ("score", "match"):
         f, ref = results.get(f"fused {op}"), results.get(f"reference {op}")
@@ -119,16 +244,32 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
         "torch": torch.__version__, "qaconv_ext": qaconv_ext.__version__, "python": platform.python_version(),
+        "cpu_kernel": _library._C.cpu_kernel() if _library.NATIVE else None,
+        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "problem": {"queries": args.queries, "gallery": args.gallery, "pairs": args.queries * args.gallery,
                     "channels": args.channels, "height": args.height, "width": args.width, "L": L,
                     "dtype": args.dtype, "repeats": args.repeats},
         "results": results, "ratios": ratios,
+        "torch_mm_gflops": gemm, "sweep": sweep,
     }
     print(f"\n{args.queries} x {args.gallery} pairs, L = {args.height}x{args.width}, d = {args.channels}, "
           f"{args.dtype}, {args.threads} threads, {record['device']}")
-    print(f"{'method':<18}{'pairs/s':>12}{'GFLOP/s':>10}{'peak extra MiB':>16}")
+    print(f"{'method':<26}{'pairs/s':>12}{'GFLOP/s':>10}{'of mm':>8}{'peak extra MiB':>16}")
+    pct = lambda f: f"{100 * f:.0f}%" if f is not None else "-"  # noqa: E731
     for name, r in results.items():
-        print(f"{name:<18}{r['pairs_per_s']:>12,.0f}{r['gflops']:>10.1f}{r['peak_extra_mib']:>16.1f}")
+        print(f"{name:<26}{r['pairs_per_s']:>12,.0f}{r['gflops']:>10.1f}{pct(r['fraction_of_mm']):>8}"
+              f"{r['peak_extra_mib']:>16.1f}")
+    for name, r in gemm.items():
+        print(f"torch.mm {name}: limit {r['gflops']:.1f} GFLOP/s; {args.threads} threads: "
+              f"{', '.join(f'{k}: {v:.1f}' for k, v in r['shapes'].items())}; 1 thread: "
+              f"{', '.join(f'{k}: {v:.1f}' for k, v in r.get('shapes_1_thread', {}).items())}")
+    if sweep:
+        print(f"\nsweep (qaconv_score), kernel {record['cpu_kernel']}, load average "
+              f"{record['load_average_before_after']}")
+        print(f"{'map':<8}{'d':>5}{'dtype':>10}{'pairs/s':>14}{'GFLOP/s':>10}{'of mm':>8}")
+        for r in sweep:
+            print(f"{r['map']:<8}{r['channels']:>5}{r['dtype']:>10}{r['pairs_per_s']:>14,.0f}{r['gflops']:>10.1f}"
+                  f"{pct(r['fraction_of_mm']):>8}")
     for op, r in ratios.items():
         print(f"{op}: fused is {r['speedup']:.2f}x the reference's pairs/s with "
               f"{100 * r['peak_memory_fraction']:.1f}% of its peak extra memory")

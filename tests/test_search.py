@@ -164,6 +164,33 @@ def test_index_search_equals_dense_topk_after_append(built, chunk):
     assert i[3, :7].tolist() == [5, 7, 8, 31, 63, 64, 89]  # the tied copies, by index
 
 
+def test_float16_queries_score_the_float16_maps_without_a_float32_copy(built, monkeypatch):
+    # queries that float16 holds exactly (e.g. maps read back from an index) are scored against the
+    # stored float16 chunks as they are; the CPU kernel widens exactly, so the scores are the float32 ones
+    index, head, g, gen = built
+    q = torch.cat([unit(2, gen), g[5:6]]).half().float()
+    ref_v, ref_i = index.search(q, k=7, chunk=13, compute_dtype=torch.float32)
+    seen = []
+    real = torch.ops.qaconv_ext.score
+
+    def spy(query, gallery, *args):
+        seen.append((query.dtype, gallery.dtype))
+        return real(query, gallery, *args)
+
+    monkeypatch.setattr(torch.ops.qaconv_ext, "score", spy)
+    v, i = index.search(q, k=7, chunk=13)
+    assert seen and set(seen) == {(torch.float16, torch.float16)}
+    assert torch.equal(v, ref_v) and torch.equal(i, ref_i)
+    seen.clear()
+    v, i = index.search(q, k=7, shortlist=20)  # the two-stage path's exact re-scoring too
+    assert seen and set(seen) == {(torch.float16, torch.float16)}
+    ref = index.search(q, k=7, shortlist=20, compute_dtype=torch.float32)
+    assert torch.equal(v, ref[0]) and torch.equal(i, ref[1])
+    seen.clear()
+    index.search(unit(1, gen), k=3)  # float32 queries float16 cannot hold: scored in float32 as before
+    assert set(seen) == {(torch.float32, torch.float32)}
+
+
 def test_two_stage_search(built):
     index, head, g, gen = built
     q = g[[5, 20, 41]] + 0.05 * unit(3, gen)

@@ -1,21 +1,29 @@
 // CPU kernels of the fused QAConv matching ops.
 //
-// Work is split into tiles of one query image x `nb` gallery images. For a tile, one GEMM writes the
-// local similarities S = Q_p^T [Lq x d] . G_block [d x nb*Lg] into a thread-local scratch sized to stay
-// in L2, and a vectorisable epilogue max-pools S in both directions (optionally with argmax, optionally
-// folding the linear head). The [P, N, Lq, Lg] tensor is never materialised.
+// Work is split into tasks of a chunk of queries x a block of `nb` gallery images. A task packs its
+// gallery block once into a float32 panel [d][nb*Lg] (the images' locations side by side, widened from
+// bfloat16/float16 on the way: no float32 copy of the gallery is made), then for each query of its chunk
+// packs the query's [d][Lq] map and runs the micro-kernel of gemm_tile.h, which writes the local
+// similarities S = Q_p^T . panel into a thread-local scratch; a vectorisable epilogue max-pools S in both
+// directions (optionally with argmax, optionally folding the linear head). The [P, N, Lq, Lg] tensor is
+// never materialised. Each S[s, r] is one FMA chain over the channels in order, independent of the
+// blocking, so a pair's result does not depend on the batch it comes in (see gemm_tile.h).
+// float64 (for gradcheck) computes each pair's S with one at::mm_out instead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <array>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/gemm_tile.h"
 
 namespace qaconv {
 namespace {
@@ -28,7 +36,11 @@ namespace {
 #define QACONV_ALWAYS_INLINE __attribute__((always_inline))
 
 constexpr int64_t kLanes = 16;                    // partial maxima per row: keeps the row loop vectorisable
-constexpr int64_t kScratchBytes = 512 * 1024;     // S tile budget (per thread)
+constexpr int64_t kScratchBytes = 512 * 1024;     // S tile budget of the float64 path (per thread)
+constexpr int64_t kPanelBytes = 256 * 1024;       // packed gallery panel budget (per thread)
+constexpr int64_t kTileBytes = 64 * 1024;
+constexpr int64_t kGroupBytes = 1024 * 1024;      // the panels of one task's gallery group (per thread)         // S budget of one query against the panel (per thread)
+constexpr int64_t kTasksPerThread = 4;            // query chunks are cut so that threads get several tasks
 constexpr int64_t kBackwardBlock = 4;             // images per backward task (their gradients stay cached)
 
 // NaN-propagating "is v a new maximum": NaN beats numbers, the first NaN stays (torch.max semantics).
@@ -163,7 +175,81 @@ inline void pool(const double* S, int64_t ld, int64_t Lq, int64_t Lg, double* rm
   if (ri != nullptr) pool_f64_idx(S, ld, Lq, Lg, rm, cm, ri, ci); else pool_f64(S, ld, Lq, Lg, rm, cm, ri, ci);
 }
 
-// Number of gallery images per tile: S of one tile stays within the scratch budget.
+// Values-only pooling of `cnt` pairs side by side (pair j in columns j*Lg ... of S), for small gallery maps
+// (Lg < kLanes), where pool_pair_finite would run its scalar tail: the column maxima of the whole tile
+// row at once (contiguous, vectorised), the row maxima per pair. Same order of comparisons as
+// pool_pair_finite, hence the same results. rm[j*Lq + s], cm[j*Lg + r]; chk[j*Lg + r] is NaN where
+// that column holds a NaN or an infinity (the caller then pools the pair with pool_pair).
+template <typename T>
+QACONV_ALWAYS_INLINE inline void pool_tile_finite(const T* S, int64_t ld, int64_t Lq, int64_t Lg, int64_t cnt,
+                                                  T* rm, T* cm, T* chk) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t cols = cnt * Lg;
+  for (int64_t col = 0; col < cols; ++col) {
+    cm[col] = neg_inf;
+    chk[col] = T(0);
+  }
+  for (int64_t s = 0; s < Lq; ++s) {
+    const T* row = S + s * ld;
+    for (int64_t col = 0; col < cols; ++col) {
+      const T v = row[col];
+      chk[col] += v * T(0);
+      cm[col] = std::max(cm[col], v);
+    }
+    for (int64_t j = 0; j < cnt; ++j) {
+      T best = neg_inf;
+      for (int64_t r = 0; r < Lg; ++r) best = std::max(best, row[j * Lg + r]);
+      rm[j * Lq + s] = best;
+    }
+  }
+}
+QACONV_MULTIVERSION void pool_tile_f32(const float* S, int64_t ld, int64_t Lq, int64_t Lg, int64_t cnt, float* rm,
+                                       float* cm, float* chk) {
+  pool_tile_finite<float>(S, ld, Lq, Lg, cnt, rm, cm, chk);
+}
+QACONV_MULTIVERSION void pool_tile_f64(const double* S, int64_t ld, int64_t Lq, int64_t Lg, int64_t cnt,
+                                       double* rm, double* cm, double* chk) {
+  pool_tile_finite<double>(S, ld, Lq, Lg, cnt, rm, cm, chk);
+}
+inline void pool_tile(const float* S, int64_t ld, int64_t Lq, int64_t Lg, int64_t cnt, float* rm, float* cm,
+                      float* chk) {
+  pool_tile_f32(S, ld, Lq, Lg, cnt, rm, cm, chk);
+}
+inline void pool_tile(const double* S, int64_t ld, int64_t Lq, int64_t Lg, int64_t cnt, double* rm, double* cm,
+                      double* chk) {
+  pool_tile_f64(S, ld, Lq, Lg, cnt, rm, cm, chk);
+}
+
+// Values-only maxima of the `cnt` pairs of a tile: max_out(j) gives pair j's [Lq + Lg] destination.
+template <typename T, typename Out>
+void pool_values(const T* S, int64_t ld, int64_t Lq, int64_t Lg, int64_t cnt, Out&& max_out) {
+  if (Lg >= kLanes) {
+    for (int64_t j = 0; j < cnt; ++j) {
+      T* m = max_out(j);
+      pool(S + j * Lg, ld, Lq, Lg, m, m + Lq, nullptr, nullptr);
+    }
+    return;
+  }
+  thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < cnt * (Lq + 2 * Lg)) buf.resize(cnt * (Lq + 2 * Lg));
+  T* rm = buf.data();
+  T* cm = rm + cnt * Lq;
+  T* chk = cm + cnt * Lg;
+  pool_tile(S, ld, Lq, Lg, cnt, rm, cm, chk);
+  for (int64_t j = 0; j < cnt; ++j) {
+    T* m = max_out(j);
+    T flag = T(0);
+    for (int64_t r = 0; r < Lg; ++r) flag += chk[j * Lg + r];
+    if (flag != flag) {  // a NaN or an infinity: the exact semantics
+      pool_pair<T, false>(S + j * Lg, ld, Lq, Lg, m, m + Lq, nullptr, nullptr);
+      continue;
+    }
+    std::copy(rm + j * Lq, rm + (j + 1) * Lq, m);
+    std::copy(cm + j * Lg, cm + (j + 1) * Lg, m + Lq);
+  }
+}
+
+// float64 path: number of gallery images per tile, so that S of one tile stays within the scratch budget.
 int64_t gallery_block(const MatchDims& d, int64_t elem) {
   const int64_t per_pair = std::max<int64_t>(1, d.Lq * d.Lg * elem);
   return std::max<int64_t>(1, std::min<int64_t>(d.N, kScratchBytes / per_pair));
@@ -171,19 +257,15 @@ int64_t gallery_block(const MatchDims& d, int64_t elem) {
 
 at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
-// [B, d, h, w] -> [B, d, L] in the compute type, a view whenever the layout allows (contiguous and
-// channels_last both do), so large galleries are not copied. Detached: the kernels run below autograd.
-at::Tensor channel_rows(const at::Tensor& x, at::ScalarType ct) { return x.detach().to(ct).flatten(2); }
-
-// Runs `epilogue(p, n, S_pair, ld)` for every pair, tile by tile, in parallel. Each pair's block of S is
-// one GEMM S_n = Q_p^T [Lq x d] . G_n [d x Lg] written into the tile's scratch at column n * Lg.
-template <typename T, typename Epilogue>
-void for_each_tile(const at::Tensor& q, const at::Tensor& g, const MatchDims& d, Epilogue&& epilogue) {
-  const int64_t nb = gallery_block(d, sizeof(T));
+// float64 path: runs `epilogue(p, n0, cnt, S, ld)` for every tile, in parallel. Each pair's
+// block of S is one GEMM S_n = Q_p^T [Lq x d] . G_n [d x Lg] written into the tile's scratch at column n * Lg.
+template <typename Epilogue>
+void for_each_tile_f64(const at::Tensor& q, const at::Tensor& g, const MatchDims& d, Epilogue&& epilogue) {
+  const int64_t nb = gallery_block(d, sizeof(double));
   const int64_t blocks = (d.N + nb - 1) / nb;
   at::parallel_for(0, d.P * blocks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor scratch = at::empty({d.Lq, nb * d.Lg}, q.options());
-    const T* base = scratch.data_ptr<T>();
+    const double* base = scratch.data_ptr<double>();
     const int64_t ld = scratch.stride(0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / blocks, n0 = (task % blocks) * nb;
@@ -193,9 +275,146 @@ void for_each_tile(const at::Tensor& q, const at::Tensor& g, const MatchDims& d,
         at::Tensor S = scratch.narrow(1, j * d.Lg, d.Lg);
         at::mm_out(S, qp, g.select(0, n0 + j));
       }
-      for (int64_t j = 0; j < cnt; ++j) epilogue(p, n0 + j, base + j * d.Lg, ld);
+      epilogue(p, n0, cnt, base, ld);
     }
   });
+}
+
+inline float widen(float v) { return v; }
+inline float widen(c10::Half v) { return static_cast<float>(v); }      // exact
+inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }  // exact
+
+// The micro-kernel variant of this call (the processor's best, or QACONV_CPU_KERNEL's).
+const cpu::TileKernel& tile_kernel() {
+  const char* error = nullptr;
+  const cpu::TileKernel* k = cpu::select_tile_kernel(&error);
+  TORCH_CHECK(k != nullptr, "qaconv: QACONV_CPU_KERNEL=", std::getenv("QACONV_CPU_KERNEL"), ": ", error);
+  return *k;
+}
+
+// Blocking of one call. Only the amount of work per task depends on it, never a pair's arithmetic.
+// A task is a chunk of queries x a group of `sub` gallery blocks of `nb` images: the group's panels are
+// packed once, each query once per task, and each query runs against every panel of the group.
+struct TilePlan {
+  int64_t nb, sub, groups, qchunk, qchunks, row_blocks, strips, ldS;
+};
+
+TilePlan tile_plan(const MatchDims& d, const cpu::TileKernel& k) {
+  TilePlan t{};
+  t.row_blocks = (d.Lq + cpu::kMR - 1) / cpu::kMR;
+  const int64_t panel_per_image = d.channels * d.Lg * int64_t(sizeof(float));
+  const int64_t s_per_image = t.row_blocks * cpu::kMR * d.Lg * int64_t(sizeof(float));
+  t.nb = std::max<int64_t>(1, std::min({d.N, kPanelBytes / panel_per_image, kTileBytes / s_per_image}));
+  t.strips = (t.nb * d.Lg + k.nr - 1) / k.nr;
+  t.ldS = t.strips * k.nr;
+  const int64_t blocks = (d.N + t.nb - 1) / t.nb;
+  const int64_t panel_bytes = t.strips * k.nr * d.channels * int64_t(sizeof(float));
+  t.sub = std::max<int64_t>(1, std::min(blocks, kGroupBytes / panel_bytes));
+  const int64_t want = kTasksPerThread * at::get_num_threads();
+  t.sub = std::max<int64_t>(1, std::min(t.sub, blocks / want));  // enough groups for the threads, if N allows
+  t.groups = (blocks + t.sub - 1) / t.sub;
+  t.qchunks = std::max<int64_t>(1, std::min<int64_t>(d.P, (want + t.groups - 1) / t.groups));
+  t.qchunk = (d.P + t.qchunks - 1) / t.qchunks;
+  t.qchunks = (d.P + t.qchunk - 1) / t.qchunk;
+  return t;
+}
+
+// 64-byte aligned float buffer of a thread.
+struct Buffer {
+  float* data = nullptr;
+  explicit Buffer(int64_t n) {
+    data = static_cast<float*>(std::aligned_alloc(64, std::max<int64_t>(64, (n * 4 + 63) / 64 * 64)));
+    TORCH_CHECK(data != nullptr, "qaconv: out of memory for a ", n * 4, "-byte scratch buffer");
+  }
+  ~Buffer() { std::free(data); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
+
+// float32/float16/bfloat16 path: runs `epilogue(p, n0, cnt, S, ld)` for every query p against every gallery
+// block (images n0 ... n0 + cnt - 1; pair n0 + j in columns j*Lg ... of S), task by task, in parallel. q [P, d, Lq] and g [N, d, Lg] are views of the inputs in their own dtype and strides.
+template <typename src_t, typename Epilogue>
+void for_each_tile(const at::Tensor& q, const at::Tensor& g, const MatchDims& d, Epilogue&& epilogue) {
+  const cpu::TileKernel& k = tile_kernel();
+  const TilePlan t = tile_plan(d, k);
+  const int64_t D = d.channels, NR = k.nr, MR = cpu::kMR;
+  const src_t* Q = q.const_data_ptr<src_t>();
+  const src_t* G = g.const_data_ptr<src_t>();
+  const int64_t qsp = q.stride(0), qsc = q.stride(1), qss = q.stride(2);
+  const int64_t gsn = g.stride(0), gsc = g.stride(1), gsr = g.stride(2);
+  const int64_t panel_size = t.strips * NR * D;
+  at::parallel_for(0, t.groups * t.qchunks, 1, [&](int64_t begin, int64_t end) {
+    Buffer panel(t.sub * panel_size), A(t.row_blocks * MR * D), S(t.row_blocks * MR * t.ldS);
+    std::vector<int64_t> offset(t.strips * NR);
+    int64_t packed_group = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t grp = task / t.qchunks, qc = task % t.qchunks;
+      const int64_t first = grp * t.sub * t.nb;  // first gallery image of the group
+      const int64_t nblk = std::min(t.sub, (d.N - first + t.nb - 1) / t.nb);
+      if (grp != packed_group) {  // pack the group's blocks: panel[strip][c][NR], zeros past the last column
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const int64_t n0 = first + blk * t.nb, cols = std::min(t.nb, d.N - n0) * d.Lg;
+          const int64_t strips = (cols + NR - 1) / NR;
+          for (int64_t col = 0; col < cols; ++col) offset[col] = (n0 + col / d.Lg) * gsn + (col % d.Lg) * gsr;
+          for (int64_t st = 0; st < strips; ++st)
+            for (int64_t c = 0; c < D; ++c) {
+              float* dst = panel.data + blk * panel_size + (st * D + c) * NR;
+              const src_t* src = G + c * gsc;
+              for (int64_t j = 0; j < NR; ++j) {
+                const int64_t col = st * NR + j;
+                dst[j] = col < cols ? widen(src[offset[col]]) : 0.0f;
+              }
+            }
+        }
+        packed_group = grp;
+      }
+      const int64_t p_end = std::min(d.P, (qc + 1) * t.qchunk);
+      for (int64_t p = qc * t.qchunk; p < p_end; ++p) {
+        // pack the query: A[row block][c][MR], zeros past the last location
+        for (int64_t b = 0; b < t.row_blocks; ++b) {
+          const bool full = (b + 1) * MR <= d.Lq;
+          for (int64_t c = 0; c < D; ++c) {
+            float* dst = A.data + (b * D + c) * MR;
+            const src_t* src = Q + p * qsp + c * qsc + b * MR * qss;
+            if (full && qss == 1) {
+              for (int64_t i = 0; i < MR; ++i) dst[i] = widen(src[i]);
+            } else {
+              for (int64_t i = 0; i < MR; ++i) dst[i] = b * MR + i < d.Lq ? widen(src[i * qss]) : 0.0f;
+            }
+          }
+        }
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const int64_t n0 = first + blk * t.nb, cnt = std::min(t.nb, d.N - n0);
+          const int64_t strips = (cnt * d.Lg + NR - 1) / NR;
+          k.run(A.data, t.row_blocks, panel.data + blk * panel_size, strips, D, S.data, t.ldS);
+          epilogue(p, n0, cnt, static_cast<const float*>(S.data), t.ldS);
+        }
+      }
+    }
+  });
+}
+
+// Calls f.template operator()<src_t>() with the C++ type of a float32/float16/bfloat16 input.
+template <typename F>
+void dispatch_reduced(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f.template operator()<float>(); break;
+    case at::kHalf: f.template operator()<c10::Half>(); break;
+    case at::kBFloat16: f.template operator()<c10::BFloat16>(); break;
+    default: TORCH_CHECK(false, "qaconv: no CPU kernel for ", dtype_name(st));
+  }
+}
+
+// Runs `epilogue(p, n0, cnt, S, ld)` for every tile of pairs: S is float for float32/float16/bfloat16 inputs
+// (read in their own dtype, widened while packing), double for float64. Detached: below autograd.
+template <typename scalar_t, typename Epilogue>
+void for_each_pair(const at::Tensor& query, const at::Tensor& gallery, const MatchDims& d, Epilogue&& epilogue) {
+  // [B, d, h, w] -> [B, d, L]: a view whenever the layout allows (contiguous and channels_last both do)
+  const at::Tensor q = query.detach().flatten(2), g = gallery.detach().flatten(2);
+  if constexpr (std::is_same_v<scalar_t, double>)
+    for_each_tile_f64(q, g, d, epilogue);
+  else
+    dispatch_reduced(query.scalar_type(), [&]<typename src_t>() { for_each_tile<src_t>(q, g, d, epilogue); });
 }
 
 std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& query, const at::Tensor& gallery, bool with_indices) {
@@ -206,14 +425,20 @@ std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& query, const at::
   at::Tensor indices = with_indices ? at::empty({d.P, d.N, d.L()}, query.options().dtype(at::kLong))
                                     : at::empty({0}, query.options().dtype(at::kLong));
   if (d.P > 0 && d.N > 0) {
-    const at::Tensor q = channel_rows(query, ct), g = channel_rows(gallery, ct);
     AT_DISPATCH_FLOATING_TYPES(ct, "qaconv_match_cpu", [&] {
       scalar_t* vals = values.data_ptr<scalar_t>();
       int64_t* idx = with_indices ? indices.data_ptr<int64_t>() : nullptr;
-      for_each_tile<scalar_t>(q, g, d, [&](int64_t p, int64_t n, const scalar_t* S, int64_t ld) {
-        const int64_t off = (p * d.N + n) * d.L();
-        pool(S, ld, d.Lq, d.Lg, vals + off, vals + off + d.Lq, idx ? idx + off : nullptr,
-             idx ? idx + off + d.Lq : nullptr);
+      for_each_pair<scalar_t>(query, gallery, d, [&](int64_t p, int64_t n0, int64_t cnt, const scalar_t* S,
+                                                      int64_t ld) {
+        scalar_t* out = vals + (p * d.N + n0) * d.L();
+        if (idx == nullptr) {
+          pool_values(S, ld, d.Lq, d.Lg, cnt, [&](int64_t j) { return out + j * d.L(); });
+          return;
+        }
+        for (int64_t j = 0; j < cnt; ++j) {
+          const int64_t off = (p * d.N + n0 + j) * d.L();
+          pool(S + j * d.Lg, ld, d.Lq, d.Lg, vals + off, vals + off + d.Lq, idx + off, idx + off + d.Lq);
+        }
       });
     });
   }
@@ -229,21 +454,25 @@ at::Tensor score_cpu(const at::Tensor& query, const at::Tensor& gallery, const a
   const auto ct = compute_type(query.scalar_type());
   at::Tensor out = at::empty({d.P, d.N}, query.options().dtype(ct));
   if (d.P == 0 || d.N == 0) return out;
-  const at::Tensor q = channel_rows(query, ct), g = channel_rows(gallery, ct);
   const at::Tensor w = weight.reshape({-1}).to(ct).contiguous();
   const double b = (bias.has_value() && bias->defined()) ? bias->item<double>() : 0.0;
   AT_DISPATCH_FLOATING_TYPES(ct, "qaconv_score_cpu", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     const double bb = b;
-    for_each_tile<scalar_t>(q, g, d, [&](int64_t p, int64_t n, const scalar_t* S, int64_t ld) {
-      // Small per-call buffers: one pair's maxima, then the folded head as a dot product.
+    for_each_pair<scalar_t>(query, gallery, d, [&](int64_t p, int64_t n0, int64_t cnt, const scalar_t* S,
+                                                    int64_t ld) {
+      // A per-thread buffer for the tile's maxima, then the folded head as one dot product per pair.
       thread_local std::vector<scalar_t> maxima;
-      maxima.resize(d.L());
-      pool(S, ld, d.Lq, d.Lg, maxima.data(), maxima.data() + d.Lq, nullptr, nullptr);
-      double acc = 0;  // the head's dot product is short: accumulate it in double
-      for (int64_t k = 0; k < d.L(); ++k) acc += static_cast<double>(maxima[k]) * static_cast<double>(wp[k]);
-      o[p * d.N + n] = static_cast<scalar_t>(acc + bb);
+      if (int64_t(maxima.size()) < cnt * d.L()) maxima.resize(cnt * d.L());
+      scalar_t* m = maxima.data();
+      pool_values(S, ld, d.Lq, d.Lg, cnt, [&](int64_t j) { return m + j * d.L(); });
+      for (int64_t j = 0; j < cnt; ++j) {
+        const scalar_t* mj = m + j * d.L();
+        double acc = 0;  // the head's dot product is short: accumulate it in double
+        for (int64_t k = 0; k < d.L(); ++k) acc += static_cast<double>(mj[k]) * static_cast<double>(wp[k]);
+        o[p * d.N + n0 + j] = static_cast<scalar_t>(acc + bb);
+      }
     });
   });
   return out;

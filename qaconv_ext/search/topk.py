@@ -74,7 +74,9 @@ def merge_topk(run_v: Tensor, run_i: Tensor, block_v: Tensor, block_i: Tensor, k
 
 def compute_dtype_for(device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.dtype:
     """The dtype the gallery is scored in: ``dtype`` when given, else float16 on CUDA (tensor cores) and
-    float32 elsewhere (the CPU kernels are fastest in float32)."""
+    float32 elsewhere. On the CPU, with no ``dtype`` given, a float16/bfloat16 gallery chunk is scored in
+    its own dtype (no float32 copy) whenever the queries hold their values exactly in it: the CPU kernel
+    widens exactly and accumulates in float32, so the scores are the float32 ones, bit for bit."""
     if dtype is not None:
         return dtype
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
@@ -91,6 +93,37 @@ def _weights(weight: Tensor, bias: Union[Tensor, float, None], device: torch.dev
 def _as_chunk(chunk: ChunkLike, device: torch.device, dtype: torch.dtype) -> Tensor:
     t = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
     return t.to(device=device, dtype=dtype)
+
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _reduced_queries(q: Tensor, device: torch.device, compute_dtype: Optional[torch.dtype]) -> dict:
+    """The queries in float16/bfloat16 where those hold their values exactly, for CPU scoring by default.
+
+    The CPU kernel widens float16/bfloat16 maps to float32 while packing and every product of two such
+    numbers is exact in float32, so scoring a float16 gallery chunk (as the index stores it) against
+    float16 queries gives the bits of float32 scoring of the same values, without a float32 copy of the
+    chunk. Only used when the queries' values survive the cast (e.g. maps read from an index).
+    """
+    if compute_dtype is not None or device.type != "cpu" or not q.is_floating_point():
+        return {}
+    out = {}
+    for dt in _REDUCED:
+        r = q if q.dtype == dt else q.to(dt)
+        if q.dtype == dt or torch.equal(r.to(q.dtype), q):
+            out[dt] = r
+    return out
+
+
+def _chunk_and_queries(chunk: ChunkLike, q: Tensor, reduced: dict, device: torch.device, dtype: torch.dtype
+                       ) -> Tuple[Tensor, Tensor]:
+    """A gallery chunk and the queries to score it with: both in the chunk's own float16/bfloat16 when the
+    queries hold their values exactly in it (no copy of the chunk), else both in ``dtype``."""
+    t = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
+    if t.dtype in reduced and t.device == device:
+        return t, reduced[t.dtype]
+    return t.to(device=device, dtype=dtype), q
 
 
 def streaming_topk(query_maps: Tensor, chunks: Iterable[ChunkLike], weight: Tensor,
@@ -122,6 +155,7 @@ def streaming_topk(query_maps: Tensor, chunks: Iterable[ChunkLike], weight: Tens
     device = torch.device(device) if device is not None else query_maps.device
     dtype = compute_dtype_for(device, compute_dtype)
     q = query_maps.detach().to(device, dtype)
+    reduced = _reduced_queries(query_maps.detach().to(device), device, compute_dtype)
     w, b = _weights(weight, bias, device, dtype)
     P = q.shape[0]
     run_v = torch.empty(P, 0, dtype=torch.float32)
@@ -129,11 +163,11 @@ def streaming_topk(query_maps: Tensor, chunks: Iterable[ChunkLike], weight: Tens
     offset = 0
     with torch.no_grad():
         for chunk in chunks:
-            g = _as_chunk(chunk, device, dtype)
+            g, qq = _chunk_and_queries(chunk, q, reduced, device, dtype)
             n = g.shape[0]
             if n == 0:
                 continue
-            s = qaconv_score(q, g, w, b).float().cpu()
+            s = qaconv_score(qq, g, w, b).float().cpu()
             idx = torch.arange(offset, offset + n, dtype=torch.int64).expand(P, n)
             run_v, run_i = merge_topk(run_v, run_i, s, idx, k)
             offset += n
@@ -198,8 +232,10 @@ def rerank_shortlist(query_maps: Tensor, shortlist: Tensor, fetch: Callable[[np.
     with torch.no_grad():
         for p in range(P):
             cand = torch.unique(shortlist[p])  # sorted ascending, duplicates (none expected) dropped
-            maps = _as_chunk(fetch(cand.numpy()), device, dtype)
-            s = qaconv_score(query_maps[p:p + 1].detach().to(device, dtype), maps, w, b).float().cpu()
+            qp = query_maps[p:p + 1].detach().to(device)
+            maps, qq = _chunk_and_queries(fetch(cand.numpy()), qp.to(dtype), _reduced_queries(qp, device, compute_dtype),
+                                          device, dtype)
+            s = qaconv_score(qq, maps, w, b).float().cpu()
             v, i = select_topk(s, cand[None], k)
             out_v[p], out_i[p] = v[0], i[0]
     return out_v, out_i

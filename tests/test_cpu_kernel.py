@@ -190,3 +190,33 @@ def test_reduced_dtypes_keep_the_nan_and_inf_policy(gen):
         assert torch.equal(torch.isnan(qaconv_ext.qaconv_match(q, g)), torch.isnan(ref_v))
         nan_rows = torch.isnan(ref_v)
         assert torch.equal(indices[nan_rows], ref_i[nan_rows])
+
+
+def test_cpu_autocast_matches_in_bfloat16_and_differentiates_in_float32():
+    """Inside CPU bfloat16 autocast, qaconv_match runs the bfloat16 kernel forward (the values of
+    bfloat16-rounded maps) and the float32 backward through the same argmax."""
+    from qaconv_ext import qaconv_match
+
+    gen = torch.Generator().manual_seed(11)
+    q = torch.nn.functional.normalize(torch.randn(3, 17, 5, 3, generator=gen), dim=1).requires_grad_()
+    g = torch.nn.functional.normalize(torch.randn(4, 17, 2, 7, generator=gen), dim=1).requires_grad_()
+    upstream = torch.randn(3, 4, 15 + 14, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values, indices = qaconv_match(q, g, return_indices=True)
+    ref_values, ref_indices = qaconv_match(q.detach().bfloat16(), g.detach().bfloat16(), return_indices=True)
+    assert values.dtype == torch.float32
+    assert torch.equal(values, ref_values.float()) and torch.equal(indices, ref_indices)
+    (values * upstream).sum().backward()
+    gq, gg = torch.ops.qaconv_ext.match_backward(upstream, indices, q.detach(), g.detach(), [True, True])
+    assert q.grad.dtype == torch.float32 and torch.equal(q.grad, gq) and torch.equal(g.grad, gg)
+    # float64 check of the query gradient through the returned argmax
+    qd, gd, up = q.detach().double(), g.detach().double(), upstream.double()
+    want = torch.zeros_like(qd).flatten(2)
+    Q, G = qd.flatten(2), gd.flatten(2)
+    for p in range(3):
+        for n in range(4):
+            for s in range(15):
+                want[p, :, s] += up[p, n, s] * G[n, :, indices[p, n, s]]
+            for r in range(14):
+                want[p, :, indices[p, n, 15 + r]] += up[p, n, 15 + r] * G[n, :, r]
+    assert torch.allclose(q.grad.double().flatten(2), want, atol=1e-5)

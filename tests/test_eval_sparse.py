@@ -3,6 +3,7 @@ in blocks, no [G, G] matrix) gives the dense mode's distances and metrics; ``qac
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -93,3 +94,34 @@ def test_rerank_mode_is_checked():
     with pytest.raises(ValueError, match="rerank_mode"):
         evaluate_qaconv_features(uneven_head(4, 2, 2), torch.randn(2, 4, 2, 2), torch.randn(3, 4, 2, 2), [], [],
                                  rerank=True, rerank_mode="blocks")
+
+
+def test_amp_evaluation_on_the_cpu_scores_bfloat16_maps(market, tmp_path, monkeypatch):
+    """``--amp`` on the CPU keeps the feature maps in bfloat16 and the fused op scores them as they are:
+    the rows equal a float32 evaluation of the same maps rounded to bfloat16."""
+    from qaconv_ext import ops
+    from qaconv_ext.data import Market1501
+    from qaconv_ext.engine import load_trained
+    from qaconv_ext.evaluation import evaluate_qaconv, evaluate_qaconv_features, extract_features
+
+    backbone, head, cfg = load_trained(market["ck"])
+    ds = Market1501(os.path.join(market["root"], "Market-1501-v15.09.15"))
+    seen = []
+    real_score = ops.qaconv_score
+    monkeypatch.setattr("qaconv_ext.ops.qaconv_score",
+                        lambda q, g, *a: (seen.append((q.dtype, g.dtype)), real_score(q, g, *a))[1])
+    amp = evaluate_qaconv(backbone, head, ds.query, ds.gallery, IMG_H, IMG_W, rerank=True, progress=False, amp=True)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    q, g = (extract_features(backbone, recs, IMG_H, IMG_W, progress=False, dtype=torch.bfloat16)
+            for recs in (ds.query, ds.gallery))
+    assert q.dtype == torch.bfloat16
+    ref = evaluate_qaconv_features(head, q.float(), g.float(), ds.query, ds.gallery, rerank=True, progress=False)
+    assert amp.rows == ref.rows
+    assert torch.equal(amp.scores["qg"], ref.scores["qg"])
+    argv = ["eval", "--checkpoint", market["ck"], "--dataset", "market1501", "--data-root", market["root"],
+            "--device", "cpu", "--workers", 0, "--no-progress", "--amp", "--json", tmp_path / "amp.json"]
+    seen.clear()
+    assert cli.main([str(a) for a in argv]) == 0
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    row = json.loads((tmp_path / "amp.json").read_text())["QAConv"]
+    assert (row["rank1"], row["mAP"]) == pytest.approx((amp.rows["QAConv"]["rank1"], amp.rows["QAConv"]["mAP"]))

@@ -43,6 +43,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="folder holding checkpoint.pt or checkpoint.pth.tar (alternative to --checkpoint)")
     add_postprocess_args(p)
     add_rerank_mode_arg(p)
+    amp = p.add_mutually_exclusive_group()
+    amp.add_argument("--amp", dest="amp", action="store_true", default=None,
+                     help="reduced precision: bfloat16 feature maps on the CPU (scored with float32 accumulation, "
+                          "half the memory), float16 autocast on CUDA (the default there)")
+    amp.add_argument("--no-amp", dest="amp", action="store_false", help="float32 throughout, also on CUDA")
     p.add_argument("--json", type=json_path, default=None, metavar="FILE.json", help="write the rows as JSON here")
     p.set_defaults(func=run)
     return p
@@ -91,8 +96,12 @@ def _evaluate(args: argparse.Namespace, path: str, device: str, env: Any) -> int
     kwargs = dict(device=device, batch_size=args.batch_size, workers=args.workers, rerank=args.rerank,
                   tlift=args.tlift, progress=not args.no_progress, rerank_mode=args.rerank_mode)
     if env is None:
-        rows = evaluate_or_exit(COMMAND, backbone, head, ds, int(cfg["height"]), int(cfg["width"]), **kwargs)
+        rows = evaluate_or_exit(COMMAND, backbone, head, ds, int(cfg["height"]), int(cfg["width"]), amp=args.amp,
+                                **kwargs)
     else:
+        if args.amp and str(device).startswith("cpu"):
+            raise CommandError(f"{COMMAND}: --amp (bfloat16 feature maps) is not supported on the CPU with several "
+                               f"processes; run it in one process")
         from ..distributed import sharded_evaluate_trained
 
         rows = evaluate_or_exit(COMMAND, backbone, head, ds, int(cfg["height"]), int(cfg["width"]),

@@ -57,13 +57,15 @@ ScoreRows = Callable[[int, int], torch.Tensor]
 def extract_features(model: nn.Module, records: Records, height: int, width: int, batch_size: int = 64,
                      device: Union[str, torch.device] = "cpu", workers: int = 0, progress: bool = True,
                      desc: str = "features", amp: Optional[bool] = None,
-                     out_device: Union[str, torch.device] = "cpu", preprocess: Optional[str] = None) -> torch.Tensor:
-    """Run ``model`` (eval mode, no grad) over the images of ``records`` -> float32 ``[N, ...]``.
+                     out_device: Union[str, torch.device] = "cpu", preprocess: Optional[str] = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Run ``model`` (eval mode, no grad) over the images of ``records`` -> ``[N, ...]`` in ``dtype``.
 
     ``records`` are :class:`~qaconv_ext.data.Record` s or image paths; images are resized to
     ``height x width`` and scaled with the test transform of ``preprocess`` (default: the model's
     ``preprocess`` attribute, which training and checkpoint loading set, else ``"public"``).
-    ``amp``: fp16 autocast on CUDA (default on for CUDA). The result is on ``out_device``.
+    ``amp``: fp16 autocast on CUDA (default on for CUDA). The result is on ``out_device``, each batch
+    converted to ``dtype`` as it is produced (``torch.bfloat16`` halves the memory of stored maps).
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -84,7 +86,7 @@ def extract_features(model: nn.Module, records: Records, height: int, width: int
             for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                     out = model(batch[0].to(device, non_blocking=True))
-                parts.append(out.float().to(out_device))
+                parts.append(out.to(out_device, dtype))
     finally:
         model.train(was_training)
     if not parts:
@@ -353,14 +355,17 @@ def evaluate_qaconv(backbone: nn.Module, head: nn.Module, query: Records, galler
                     width: int, *, batch_size: int = 64, device: Union[str, torch.device] = "cpu",
                     workers: int = 0, rerank: bool = False, tlift: bool = False,
                     tlift_params: Optional[Dict[str, float]] = None, rerank_mode: str = "dense",
-                    progress: bool = True, gallery_chunk: int = 2048) -> QAConvEvaluation:
+                    progress: bool = True, gallery_chunk: int = 2048,
+                    amp: Optional[bool] = None) -> QAConvEvaluation:
     """Extract features, score every query against the gallery with the fused op, compute metrics.
 
     Returns a :class:`QAConvEvaluation`: the rows ``"QAConv"`` (and ``"QAConv + RR"``,
     ``"QAConv + RR + TLift"``) and the scores they were computed from. ``tlift`` implies ``rerank``
     (the paper's pipeline) and is skipped without time stamps. ``rerank_mode``: ``"dense"`` builds the
     gallery-gallery score matrix; ``"sparse"`` streams its rows from the fused op (memory-bounded,
-    see :func:`evaluate_qaconv_features`).
+    see :func:`evaluate_qaconv_features`). ``amp``: reduced precision -- on CUDA (on by default) the
+    trunk runs under float16 autocast; on the CPU (off by default) the feature maps are kept in
+    bfloat16 and the fused op scores them with float32 accumulation, in half the memory.
     """
     if rerank_mode not in RERANK_MODES:
         raise ValueError(f"rerank_mode: expected one of {RERANK_MODES}, got {rerank_mode!r}")
@@ -368,10 +373,11 @@ def evaluate_qaconv(backbone: nn.Module, head: nn.Module, query: Records, galler
     backbone = backbone.to(device)
     head = head.to(device).eval()
     fea_dev = device  # the scorer moves blocks to the device; keep features there when it is a GPU
+    fea_dtype = torch.bfloat16 if amp and device.type == "cpu" else torch.float32
     q_fea = extract_features(backbone, query, height, width, batch_size, device, workers, progress,
-                             "query features", out_device=fea_dev)
+                             "query features", amp=amp, out_device=fea_dev, dtype=fea_dtype)
     g_fea = extract_features(backbone, gallery, height, width, batch_size, device, workers, progress,
-                             "gallery features", out_device=fea_dev)
+                             "gallery features", amp=amp, out_device=fea_dev, dtype=fea_dtype)
     return evaluate_qaconv_features(head, q_fea, g_fea, query, gallery, rerank=rerank, tlift=tlift,
                                     tlift_params=tlift_params, rerank_mode=rerank_mode, progress=progress,
                                     gallery_chunk=gallery_chunk)

@@ -21,12 +21,13 @@ def metric_rows(results: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str,
 def evaluate_trained(backbone: nn.Module, head: Optional[nn.Module], dataset: Any, height: int, width: int, *,
                      device: Union[str, torch.device] = "cpu", batch_size: int = 64, workers: int = 0,
                      rerank: bool = False, tlift: bool = False, progress: bool = True,
-                     rerank_mode: str = "dense") -> Dict[str, Dict[str, float]]:
+                     rerank_mode: str = "dense", amp: Optional[bool] = None) -> Dict[str, Dict[str, float]]:
     """:func:`metric_rows` of a QAConv model (``head`` given; the re-ranking and TLift rows on request,
     :func:`~qaconv_ext.evaluation.evaluate_qaconv`) or of a baseline (``head`` None, one row,
     :func:`~qaconv_ext.evaluation.evaluate_baseline`) on ``dataset.query`` against ``dataset.gallery``,
     with images resized to ``height x width``. ``rerank_mode``: see
-    :func:`~qaconv_ext.evaluation.evaluate_qaconv` (``"sparse"`` never holds the gallery-gallery matrix)."""
+    :func:`~qaconv_ext.evaluation.evaluate_qaconv` (``"sparse"`` never holds the gallery-gallery matrix);
+    ``amp``: its reduced precision (bfloat16 feature maps on the CPU; the baseline ignores it)."""
     from .scoring import BASELINE_ROW, evaluate_baseline, evaluate_qaconv
 
     height, width = int(height), int(width)
@@ -37,5 +38,5 @@ def evaluate_trained(backbone: nn.Module, head: Optional[nn.Module], dataset: An
     else:
         results = evaluate_qaconv(backbone, head, dataset.query, dataset.gallery, height, width,
                                   batch_size=batch_size, device=device, workers=workers, rerank=rerank,
-                                  tlift=tlift, progress=progress, rerank_mode=rerank_mode).rows
+                                  tlift=tlift, progress=progress, rerank_mode=rerank_mode, amp=amp).rows
     return metric_rows(results)

@@ -36,6 +36,10 @@ def qaconv_match(query: Tensor, gallery: Tensor, return_indices: bool = False
         max over gallery locations; the next ``Lg``, per gallery location, the max over query
         locations. With ``return_indices``, also int64 indices into the *other* image, same shape.
 
+    Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` float32 maps are matched as bfloat16 (the
+    fused bfloat16 kernel, float32 accumulation; values rounded to bfloat16, returned as float32) and
+    the gradient is computed in float32 from the float32 maps (differentiable once).
+
     NaN in a similarity row propagates like ``torch.max``: the maximum is NaN and the index points at
     the first NaN. Infinities are ordinary values.
 
@@ -45,10 +49,41 @@ def qaconv_match(query: Tensor, gallery: Tensor, return_indices: bool = False
     """
     require_tensor("query", query)
     require_tensor("gallery", gallery)
+    if _cpu_bfloat16_autocast(query, gallery):
+        values, indices = _BFloat16Forward.apply(query, gallery)
+        return (values, indices) if return_indices else values
     need_indices = bool(return_indices) or (
         torch.is_grad_enabled() and (query.requires_grad or gallery.requires_grad))
     values, indices = torch.ops.qaconv_ext.match(query, gallery, need_indices)
     return (values, indices) if return_indices else values
+
+
+def _cpu_bfloat16_autocast(query: Tensor, gallery: Tensor) -> bool:
+    """Float32 CPU maps inside ``torch.autocast("cpu", dtype=torch.bfloat16)``."""
+    return (query.device.type == "cpu" and query.dtype == torch.float32 and gallery.dtype == torch.float32
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+class _BFloat16Forward(torch.autograd.Function):
+    """:func:`qaconv_match` under CPU bfloat16 autocast: the forward matches bfloat16 copies of the maps
+    (the fused kernel accumulates in float32; the maxima are rounded to bfloat16 and returned as float32),
+    the backward runs in float32 on the float32 maps through the same argmax. Differentiable once."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, gallery: Tensor) -> Tuple[Tensor, Tensor]:
+        values, indices = torch.ops.qaconv_ext.match(query.to(torch.bfloat16), gallery.to(torch.bfloat16), True)
+        ctx.save_for_backward(query, gallery, indices)
+        ctx.mark_non_differentiable(indices)
+        return values.float(), indices
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_values: Tensor, _grad_indices: Optional[Tensor]):
+        query, gallery, indices = ctx.saved_tensors
+        need_q, need_g = ctx.needs_input_grad[:2]
+        grad_query, grad_gallery = torch.ops.qaconv_ext.match_backward(grad_values.float(), indices, query, gallery,
+                                                                       [need_q, need_g])
+        return grad_query if need_q else None, grad_gallery if need_g else None
 
 
 def qaconv_score(query: Tensor, gallery: Tensor, weight: Tensor,

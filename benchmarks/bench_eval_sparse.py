@@ -12,7 +12,7 @@ with its initial weights.
 Runs in a worker process; time per phase, the number of gallery rows the re-ranking asked for, and the
 process's peak resident memory (VmHWM) go to the JSON file.
 
-    python benchmarks/bench_eval_sparse.py --update-results       # the full size (hours on 2 cores)
+    python benchmarks/bench_eval_sparse.py --update-results       # the full size (about 30 min on 2 cores)
     python benchmarks/bench_eval_sparse.py --scale 0.03 --dense-check --json /tmp/small.json
 """
 from __future__ import annotations

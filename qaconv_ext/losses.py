@@ -149,7 +149,27 @@ def _batch_scores(matcher: nn.Module, feature: torch.Tensor, what: str) -> torch
     return score.float() if score.dtype in (torch.float16, torch.bfloat16) else score
 
 
-class TripletLoss(nn.Module):
+class _BatchMatchingLoss(nn.Module):
+    """A loss on the batch matched against itself by ``matcher`` (QAConv 2.x's losses)."""
+
+    def __init__(self, matcher: nn.Module) -> None:
+        super().__init__()
+        self.matcher = matcher
+
+    def reset_running_stats(self) -> None:
+        if hasattr(self.matcher, "reset_running_stats"):
+            self.matcher.reset_running_stats()
+
+    def _scores(self, feature: torch.Tensor, target: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(score [B, B], same-class mask, identity mask)``."""
+        what = type(self).__name__
+        score = _batch_scores(self.matcher, feature, what)
+        same, eye = _pair_masks(target.to(score.device), score.shape[0], what)
+        return score, same, eye
+
+
+class TripletLoss(_BatchMatchingLoss):
     """Hard triplet loss on QAConv scores within a batch (QAConv 2.x with graph sampling).
 
     The batch is matched against itself, ``score = matcher(feature, feature)`` ``[B, B]`` (the head in
@@ -165,21 +185,15 @@ class TripletLoss(nn.Module):
     """
 
     def __init__(self, matcher: nn.Module, margin: float = 16.0) -> None:
-        super().__init__()
-        self.matcher = matcher
+        super().__init__(matcher)
         self.margin = float(margin)
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}"
 
-    def reset_running_stats(self) -> None:
-        if hasattr(self.matcher, "reset_running_stats"):
-            self.matcher.reset_running_stats()
-
     def forward(self, feature: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(loss [B], acc [B])`` for feature maps ``[B, d, h, w]`` and class labels ``[B]``."""
-        score = _batch_scores(self.matcher, feature, "TripletLoss")
-        same, eye = _pair_masks(target.to(score.device), score.shape[0], "TripletLoss")
+        score, same, eye = self._scores(feature, target)
         min_pos, max_neg = _hardest_pairs(score, same, eye)
         loss = F.relu(max_neg - min_pos + self.margin)
         with torch.no_grad():
@@ -187,7 +201,7 @@ class TripletLoss(nn.Module):
         return loss, acc
 
 
-class PairwiseMatchingLoss(nn.Module):
+class PairwiseMatchingLoss(_BatchMatchingLoss):
     """Pairwise matching loss of QAConv 2.x: binary cross-entropy on every pair of the batch.
 
     ``score = matcher(feature, feature)`` ``[B, B]``; the label of pair ``(i, j)`` is 1 when the two
@@ -196,18 +210,9 @@ class PairwiseMatchingLoss(nn.Module):
     ``acc = (min_pos > max_neg)`` (strictly), with ``min_pos``/``max_neg`` as in :class:`TripletLoss`.
     """
 
-    def __init__(self, matcher: nn.Module) -> None:
-        super().__init__()
-        self.matcher = matcher
-
-    def reset_running_stats(self) -> None:
-        if hasattr(self.matcher, "reset_running_stats"):
-            self.matcher.reset_running_stats()
-
     def forward(self, feature: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(loss [B], acc [B])``."""
-        score = _batch_scores(self.matcher, feature, "PairwiseMatchingLoss")
-        same, eye = _pair_masks(target.to(score.device), score.shape[0], "PairwiseMatchingLoss")
+        score, same, eye = self._scores(feature, target)
         loss = F.binary_cross_entropy_with_logits(score, same.to(score.dtype), reduction="none").sum(dim=-1)
         with torch.no_grad():
             min_pos, max_neg = _hardest_pairs(score, same, eye)

@@ -17,6 +17,19 @@ Image = pytest.importorskip("PIL.Image")
 H, W = 32, 16
 
 
+def assert_same_training(one: dict, two: dict) -> None:
+    """The checkpoints ``one`` and ``two`` hold the same weights, class memory and head statistics (to
+    float32 rounding) and the same first-epoch loss."""
+    for part in ("model", "criterion"):
+        for k, ref in one[part].items():
+            got = two[part][k]
+            if ref.is_floating_point():
+                assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), f"{part}.{k}"
+            else:
+                assert torch.equal(got, ref), f"{part}.{k}"
+    assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny Market-1501 tree (5 query, 11 gallery images: uneven shards) and a model trained 1 epoch on it."""
@@ -86,14 +99,7 @@ def test_two_process_training_matches_one_process_and_resumes(trained, tmp_path)
     one = torch.load(one_path, weights_only=True)
     assert two["config"]["world_size"] == 2 and two["config"]["sync_bn"] is True
     assert len(two["rng_ranks"]) == 2
-    for part in ("model", "criterion"):
-        for k, ref in one[part].items():
-            got = two[part][k]
-            if ref.is_floating_point():
-                assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), f"{part}.{k}"
-            else:
-                assert torch.equal(got, ref), f"{part}.{k}"
-    assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-5)
+    assert_same_training(one, two)
 
     argv = _train_argv(root, ck, "--sync-bn", "--resume")
     argv[argv.index("--epochs") + 1] = "2"
@@ -161,11 +167,4 @@ def test_two_process_gs_training_matches_one_process(trained, tmp_path):
     assert two["config"]["recipe"] == "gs" and two["history"][0]["batches"] == one["history"][0]["batches"] == 4
     for k, v in one["sampler"].items():
         assert torch.equal(two["sampler"][k], v), k
-    for part in ("model", "criterion"):
-        for k, ref in one[part].items():
-            got = two[part][k]
-            if ref.is_floating_point():
-                assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), f"{part}.{k}"
-            else:
-                assert torch.equal(got, ref), f"{part}.{k}"
-    assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-5)
+    assert_same_training(one, two)

@@ -71,35 +71,32 @@ using Vec = GenericVec<16>;
 #define QACONV_TARGET_END _Pragma("GCC pop_options")
 #endif
 
+// The x86 vector types: the same five operations, spelt with each instruction set's intrinsics.
+#define QACONV_X86_VEC(WIDTH, TYPE, PFX)                                  \
+  struct Vec {                                                            \
+    static constexpr int64_t W = WIDTH;                                   \
+    using T = TYPE;                                                       \
+    static inline T zero() { return PFX##_setzero_ps(); }                 \
+    static inline T load(const float* p) { return PFX##_loadu_ps(p); }    \
+    static inline T bcast(const float* p) { return PFX##_set1_ps(*p); }   \
+    static inline T fma(T a, T b, T c) { return PFX##_fmadd_ps(a, b, c); } \
+    static inline void store(float* p, T v) { PFX##_storeu_ps(p, v); }    \
+  };
+
 QACONV_TARGET_BEGIN("avx2,fma")
 namespace avx2 {
-struct Vec {
-  static constexpr int64_t W = 8;
-  using T = __m256;
-  static inline T zero() { return _mm256_setzero_ps(); }
-  static inline T load(const float* p) { return _mm256_loadu_ps(p); }
-  static inline T bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static inline T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static inline void store(float* p, T v) { _mm256_storeu_ps(p, v); }
-};
+QACONV_X86_VEC(8, __m256, _mm256)
 #include "gemm_tile_body.h"
 }  // namespace avx2
 QACONV_TARGET_END
 
 QACONV_TARGET_BEGIN("avx512f")
 namespace avx512 {
-struct Vec {
-  static constexpr int64_t W = 16;
-  using T = __m512;
-  static inline T zero() { return _mm512_setzero_ps(); }
-  static inline T load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline T bcast(const float* p) { return _mm512_set1_ps(*p); }
-  static inline T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
-  static inline void store(float* p, T v) { _mm512_storeu_ps(p, v); }
-};
+QACONV_X86_VEC(16, __m512, _mm512)
 #include "gemm_tile_body.h"
 }  // namespace avx512
 QACONV_TARGET_END
+#undef QACONV_X86_VEC
 #endif
 
 const TileKernel kGeneric8{"generic", generic8::kNR, &generic8::run_tile};

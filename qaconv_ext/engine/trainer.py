@@ -156,13 +156,6 @@ class LossDropSchedule:
         self.final_epochs = state["final_epochs"]
 
 
-def _train_dataset(records: Sequence[Any], cfg: TrainConfig) -> Any:
-    from ..data import ImageDataset, build_train_transform
-
-    return ImageDataset(records, build_train_transform(cfg.height, cfg.width, random_block=cfg.random_block,
-                                                       flip=cfg.flip, preprocess=cfg.preprocess, augment=cfg.augment))
-
-
 def build_graph_sampler(records: Sequence[Any], cfg: TrainConfig, model: nn.Module, matcher: nn.Module,
                         progress: bool = True) -> Any:
     """The ``gs`` recipe's :class:`~qaconv_ext.data.GraphSampler` over ``records``: ``cfg.batch_size``,
@@ -182,10 +175,13 @@ def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
     state goes into checkpoints. ``sampler`` (the ``gs`` recipe's :func:`build_graph_sampler`): the
     indices of each epoch come from it instead, cut into batches of ``cfg.batch_size``.
     """
+    from ..data import ImageDataset, build_train_transform
+
     if generator is None:
         generator = torch.Generator()
         generator.manual_seed(int(cfg.seed))
-    ds = _train_dataset(records, cfg)
+    ds = ImageDataset(records, build_train_transform(cfg.height, cfg.width, random_block=cfg.random_block,
+                                                     flip=cfg.flip, preprocess=cfg.preprocess, augment=cfg.augment))
     if sampler is not None:
         return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.workers,
                           generator=generator, pin_memory=cfg.device.startswith("cuda"), persistent_workers=False)
@@ -419,12 +415,11 @@ class Trainer:
 
         Raises :class:`TrainingDiverged` when the loss stays non-finite or the weights become non-finite;
         the checkpoint of the last good epoch is then left as it was."""
-        note = ""
         while self.epoch < self.end_epoch(epochs):
             stats = self.train_epoch(loader, self.epoch, self.end_epoch(epochs))
             self.check_finite_state(self.epoch + 1, stats["batches"])
+            note = ""
             if self.scheduler is not None and getattr(self.scheduler, "needs_loss", False):
-                note = ""
                 if self.scheduler.step(stats["loss"]):
                     s = self.scheduler
                     note = (f"; loss below {s.factor:g} x epoch {s.base_epoch}'s {s.base_loss:.4f}: learning rate "

@@ -84,15 +84,20 @@ def compute_dtype_for(device: torch.device, dtype: Optional[torch.dtype] = None)
 
 def _weights(weight: Tensor, bias: Union[Tensor, float, None], device: torch.device, dtype: torch.dtype
              ) -> Tuple[Tensor, Tensor]:
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    from ..ops.dtypes import accumulation_dtype
+
+    acc = accumulation_dtype(dtype)
     w = torch.as_tensor(weight).detach().reshape(-1).to(device, acc)
     b = torch.as_tensor(0.0 if bias is None else bias).detach().reshape(()).to(device, acc)
     return w, b
 
 
+def _as_tensor(chunk: ChunkLike) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
+
+
 def _as_chunk(chunk: ChunkLike, device: torch.device, dtype: torch.dtype) -> Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
-    return t.to(device=device, dtype=dtype)
+    return _as_tensor(chunk).to(device=device, dtype=dtype)
 
 
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -120,10 +125,10 @@ def _chunk_and_queries(chunk: ChunkLike, q: Tensor, reduced: dict, device: torch
                        ) -> Tuple[Tensor, Tensor]:
     """A gallery chunk and the queries to score it with: both in the chunk's own float16/bfloat16 when the
     queries hold their values exactly in it (no copy of the chunk), else both in ``dtype``."""
-    t = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
+    t = _as_tensor(chunk)
     if t.dtype in reduced and t.device == device:
         return t, reduced[t.dtype]
-    return t.to(device=device, dtype=dtype), q
+    return _as_chunk(t, device, dtype), q
 
 
 def streaming_topk(query_maps: Tensor, chunks: Iterable[ChunkLike], weight: Tensor,

@@ -2,7 +2,8 @@
 //
 // Work is split into tasks of a chunk of queries x a block of `nb` gallery images. A task packs its
 // gallery block once into a float32 panel [d][nb*Lg] (the images' locations side by side, widened from
-// bfloat16/float16 on the way: no float32 copy of the gallery is made), then for each query of its chunk
+// float16 on the way, or into bfloat16 channel pairs for bfloat16 maps: no float32 copy of the gallery is
+// made), then for each query of its chunk
 // packs the query's [d][Lq] map and runs the micro-kernel of gemm_tile.h, which writes the local
 // similarities S = Q_p^T . panel into a thread-local scratch; a vectorisable epilogue max-pools S in both
 // directions (optionally with argmax, optionally folding the linear head). The [P, N, Lq, Lg] tensor is
@@ -24,6 +25,7 @@
 
 #include "checks.h"
 #include "cpu/gemm_tile.h"
+#include "cpu/pack_bf16.h"
 
 namespace qaconv {
 namespace {
@@ -335,6 +337,10 @@ struct Buffer {
 // block (images n0 ... n0 + cnt - 1; pair n0 + j in columns j*Lg ... of S), task by task, in parallel. q [P, d, Lq] and g [N, d, Lg] are views of the inputs in their own dtype and strides.
 template <typename src_t, typename Epilogue>
 void for_each_tile(const at::Tensor& q, const at::Tensor& g, const MatchDims& d, Epilogue&& epilogue) {
+  // bfloat16 maps: channel pairs (uint32) in the float buffers, bit patterns read as uint16 (gemm_tile.h)
+  constexpr bool kPairs = std::is_same_v<src_t, c10::BFloat16>;
+  auto pairs = [](float* p) { return reinterpret_cast<uint32_t*>(p); };
+  auto bits = [](const src_t* p) { return reinterpret_cast<const uint16_t*>(p); };
   const cpu::TileKernel& k = tile_kernel();
   const TilePlan t = tile_plan(d, k);
   const int64_t D = d.channels, NR = k.nr, MR = cpu::kMR;
@@ -356,6 +362,10 @@ void for_each_tile(const at::Tensor& q, const at::Tensor& g, const MatchDims& d,
           const int64_t n0 = first + blk * t.nb, cols = std::min(t.nb, d.N - n0) * d.Lg;
           const int64_t strips = (cols + NR - 1) / NR;
           for (int64_t col = 0; col < cols; ++col) offset[col] = (n0 + col / d.Lg) * gsn + (col % d.Lg) * gsr;
+          if constexpr (kPairs) {
+            cpu::pack_panel_bf16(bits(G), gsc, offset.data(), cols, D, NR, pairs(panel.data + blk * panel_size));
+            continue;
+          }
           for (int64_t st = 0; st < strips; ++st)
             for (int64_t c = 0; c < D; ++c) {
               float* dst = panel.data + blk * panel_size + (st * D + c) * NR;
@@ -371,6 +381,9 @@ void for_each_tile(const at::Tensor& q, const at::Tensor& g, const MatchDims& d,
       const int64_t p_end = std::min(d.P, (qc + 1) * t.qchunk);
       for (int64_t p = qc * t.qchunk; p < p_end; ++p) {
         // pack the query: A[row block][c][MR], zeros past the last location
+        if constexpr (kPairs)
+          cpu::pack_query_bf16(bits(Q + p * qsp), qsc, qss, d.Lq, D, pairs(A.data));
+        else
         for (int64_t b = 0; b < t.row_blocks; ++b) {
           const bool full = (b + 1) * MR <= d.Lq;
           for (int64_t c = 0; c < D; ++c) {
@@ -386,7 +399,11 @@ void for_each_tile(const at::Tensor& q, const at::Tensor& g, const MatchDims& d,
         for (int64_t blk = 0; blk < nblk; ++blk) {
           const int64_t n0 = first + blk * t.nb, cnt = std::min(t.nb, d.N - n0);
           const int64_t strips = (cnt * d.Lg + NR - 1) / NR;
-          k.run(A.data, t.row_blocks, panel.data + blk * panel_size, strips, D, S.data, t.ldS);
+          if constexpr (kPairs)
+            k.run_bf16(pairs(A.data), t.row_blocks, pairs(panel.data + blk * panel_size), strips,
+                       cpu::channel_pairs(D), S.data, t.ldS);
+          else
+            k.run(A.data, t.row_blocks, panel.data + blk * panel_size, strips, D, S.data, t.ldS);
           epilogue(p, n0, cnt, static_cast<const float*>(S.data), t.ldS);
         }
       }

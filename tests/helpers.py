@@ -202,3 +202,13 @@ def put_market_views(data, pids: Iterable[int], views, *, seed: int, noise: floa
 
 #: The benchmark scripts' folder (they import their shared helpers as ``_machine``).
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def pair_order(maps: torch.Tensor) -> torch.Tensor:
+    """float32 maps in the channel order of the CPU bfloat16 kernel's chain: 1, 0, 3, 2, ... (a zero channel
+    after an odd last one). With no denormal on the way, the float32 kernel on these maps gives the bits of
+    the bfloat16 kernel on the original ones."""
+    m = maps.float()
+    if m.shape[1] % 2:
+        m = torch.cat([m, torch.zeros_like(m[:, :1])], dim=1)
+    return m.unflatten(1, (-1, 2)).flip(2).flatten(1, 2)

@@ -6,17 +6,25 @@
   top-k, sparse re-ranking and sharded evaluation compare with the dense result exactly and rely on it.
 * Every variant against the float64 reference on shapes that are no multiple of the register tile
   (4 query locations x 24 or 48 gallery columns), of the 16 epilogue lanes or of the 128-channel passes.
-* bfloat16 / float16 maps are read in their own dtype (widened while packing), accumulated in float32.
+* float16 maps are read in their own dtype (widened while packing), accumulated in float32.
+* bfloat16 maps are packed in channel pairs and every variant computes each similarity in the order and
+  with the denormal rule of VDPBF16PS (odd channel then even channel per pair, denormals read as zero,
+  tiny results flushed): the avx512bf16 variant runs the instruction, the others an exact twin. The
+  instruction and the twin are compared lane by lane by a small C++ driver (tests/bf16_lanes.cpp).
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import qaconv_ext
-from helpers import rel_err, score_err, unit_maps
+from helpers import pair_order, rel_err, score_err, unit_maps
 from qaconv_ext import reference
 from qaconv_ext.ops import _library
 
@@ -30,7 +38,7 @@ REDUCED = [torch.float32, torch.bfloat16, torch.float16]
 def _variants():
     """The micro-kernel variants this processor runs (the portable ones always)."""
     names = ["generic", "generic16"]
-    for name in ("avx2", "avx512"):
+    for name in ("avx2", "avx512", "avx512bf16"):
         old = os.environ.get("QACONV_CPU_KERNEL")
         try:
             os.environ["QACONV_CPU_KERNEL"] = name
@@ -114,12 +122,13 @@ def test_pair_results_do_not_depend_on_the_batch(dtype, shape, gen, threads):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2, 2, 16), (7, 5, 3, 6, 17), (3, 4, 2, 9, 131)])
-def test_variants_give_identical_bits(shape, gen, monkeypatch):
-    # the portable variants (std::fma) and the x86 ones (FMA instructions) round identically
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 2, 2, 2, 16), (7, 5, 3, 6, 17), (3, 4, 2, 9, 131), (1, 3, 2, 2, 1)])
+def test_variants_give_identical_bits(shape, dtype, gen, monkeypatch):
+    # the portable variants (std::fma) and the x86 ones (FMA instructions, VDPBF16PS) round identically
     hq, wq, hg, wg, d = shape
-    q = unit_maps(5, d, hq, wq, torch.float32, gen)
-    g = unit_maps(13, d, hg, wg, torch.float32, gen)
+    q = unit_maps(5, d, hq, wq, dtype, gen)
+    g = unit_maps(13, d, hg, wg, dtype, gen)
     w = torch.randn(hq * wq + hg * wg, generator=gen)
     results = {}
     for name in VARIANTS:
@@ -163,10 +172,10 @@ def test_off_tile_shapes_against_reference(variant, dtype, gen, monkeypatch):
         assert score_err(out, qd, gd, w, -0.25) <= 1e-6, case
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reduced_dtypes_accumulate_the_exact_products_in_float32(dtype, gen):
-    # widening to float32 is exact and every product of two bf16/fp16 numbers is exact in float32: the
+def test_float16_accumulates_the_exact_products_in_float32(gen):
+    # widening to float32 is exact and every product of two float16 numbers is exact in float32: the
     # scores equal those of the float32 maps holding the same values, bit for bit
+    dtype = torch.float16
     q = unit_maps(6, 40, 5, 3, dtype, gen)
     g = unit_maps(19, 40, 4, 4, dtype, gen)
     w = torch.randn(31, generator=gen)
@@ -176,8 +185,78 @@ def test_reduced_dtypes_accumulate_the_exact_products_in_float32(dtype, gen):
     assert torch.equal(v16, qaconv_ext.qaconv_match(q.float(), g.float()).to(dtype))
 
 
-def test_reduced_dtypes_keep_the_nan_and_inf_policy(gen):
-    for dtype in (torch.bfloat16, torch.float16):
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("d", [40, 17, 1])
+def test_bfloat16_runs_the_pairwise_chain(variant, d, gen, monkeypatch):
+    # with no denormal on the way (unit maps), the bfloat16 kernel's chain is the float32 one over the
+    # channels in the order 1, 0, 3, 2, ...: the scores equal the float32 kernel's on maps so reordered
+    monkeypatch.setenv("QACONV_CPU_KERNEL", variant)
+    q = unit_maps(6, d, 5, 3, torch.bfloat16, gen)
+    g = unit_maps(19, d, 4, 4, torch.bfloat16, gen)
+    w = torch.randn(31, generator=gen)
+    score = qaconv_ext.qaconv_score(q, g, w)
+    assert torch.equal(score, qaconv_ext.qaconv_score(pair_order(q), pair_order(g), w))
+    values, indices = qaconv_ext.qaconv_match(q, g, return_indices=True)
+    ref_values, ref_indices = qaconv_ext.qaconv_match(pair_order(q), pair_order(g), return_indices=True)
+    assert values.dtype == torch.bfloat16
+    assert torch.equal(values, ref_values.bfloat16()) and torch.equal(indices, ref_indices)
+    if d > 2:  # the order shows: some scores differ from those of the channels in order (widened float32)
+        assert not torch.equal(score, qaconv_ext.qaconv_score(q.float(), g.float(), w))
+
+
+def test_default_variant_follows_the_processor(monkeypatch):
+    monkeypatch.delenv("QACONV_CPU_KERNEL", raising=False)
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if "avx512_bf16" in flags and "avx512f" in flags:
+        assert _library._C.cpu_kernel() == "avx512bf16"
+    elif "avx512_bf16" not in flags and sys.platform.startswith("linux"):
+        monkeypatch.setenv("QACONV_CPU_KERNEL", "avx512bf16")
+        with pytest.raises(ValueError, match="QACONV_CPU_KERNEL=avx512bf16"):
+            _library._C.cpu_kernel()
+
+
+@pytest.fixture(scope="module")
+def lanes_driver(tmp_path_factory):
+    """tests/bf16_lanes.cpp built with the C++ compiler against the kernel sources (no torch)."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.fail("no C++ compiler to build tests/bf16_lanes.cpp (the extension needs one too)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = str(tmp_path_factory.mktemp("bf16") / "bf16_lanes")
+    subprocess.run([cxx, "-std=c++17", "-O2", "-I", os.path.join(root, "csrc"),
+                    os.path.join(root, "tests", "bf16_lanes.cpp"), os.path.join(root, "csrc", "cpu", "gemm_tile.cpp"),
+                    "-o", exe], check=True)
+    out = subprocess.run([exe, "3200000", "7"], check=True, capture_output=True, text=True).stdout
+    return out
+
+
+def test_instruction_and_its_twin_agree_bit_for_bit(lanes_driver):
+    # 3.2 M lanes of VDPBF16PS (zeros, denormals, infinities, NaNs, sums next to FLT_MIN) against the
+    # portable twin; the other product order and a single rounding are counted to show what the test sees
+    m = re.search(r"instruction lanes (\d+) nan (\d+) mismatches (\d+) other_order_differs (\d+) "
+                  r"one_rounding_differs (\d+) flushed (\d+)", lanes_driver)
+    if m is None:
+        reason = re.search(r"instruction unavailable: (.*)", lanes_driver)
+        assert reason is not None, lanes_driver
+        pytest.skip(reason.group(1))
+    lanes, nan, mismatches, other_order, one_rounding, flushed = map(int, m.groups())
+    assert lanes == 3200000 and mismatches == 0, lanes_driver
+    assert other_order > lanes // 20 and one_rounding > lanes // 20 and flushed > 0 and nan > 0
+
+
+def test_tile_variants_flush_like_the_instruction(lanes_driver):
+    # tiles whose chains keep crossing FLT_MIN (300 pairs: three passes): every variant equals the twin's
+    # chain, which a chain with gradual underflow would not
+    assert int(re.search(r"tile elements \d+ unflushed_differs (\d+)", lanes_driver).group(1)) > 100
+    results = dict(re.findall(r"tile (\w+) mismatches (\d+)", lanes_driver))
+    assert set(VARIANTS) <= set(results), lanes_driver
+    assert all(v == "0" for v in results.values()), lanes_driver
+
+
+def test_reduced_dtypes_keep_the_nan_and_inf_policy(gen, monkeypatch):
+    for dtype, variant in [(torch.float16, None)] + [(torch.bfloat16, v) for v in VARIANTS]:
+        if variant is not None:
+            monkeypatch.setenv("QACONV_CPU_KERNEL", variant)
         q = unit_maps(3, 8, 2, 2, torch.float32, gen)
         g = unit_maps(4, 8, 1, 3, torch.float32, gen)
         q[1, :, 0, 1] = float("nan")
@@ -192,7 +271,7 @@ def test_reduced_dtypes_keep_the_nan_and_inf_policy(gen):
         assert torch.equal(indices[nan_rows], ref_i[nan_rows])
 
 
-def test_cpu_autocast_matches_in_bfloat16_and_differentiates_in_float32():
+def test_cpu_autocast_matches_in_bfloat16_and_differentiates_in_float32(monkeypatch):
     """Inside CPU bfloat16 autocast, qaconv_match runs the bfloat16 kernel forward (the values of
     bfloat16-rounded maps) and the float32 backward through the same argmax."""
     from qaconv_ext import qaconv_match
@@ -201,8 +280,15 @@ def test_cpu_autocast_matches_in_bfloat16_and_differentiates_in_float32():
     q = torch.nn.functional.normalize(torch.randn(3, 17, 5, 3, generator=gen), dim=1).requires_grad_()
     g = torch.nn.functional.normalize(torch.randn(4, 17, 2, 7, generator=gen), dim=1).requires_grad_()
     upstream = torch.randn(3, 4, 15 + 14, generator=gen)
+    seen = []
+    real = torch.ops.qaconv_ext.match
+    monkeypatch.setattr(torch.ops.qaconv_ext, "match",
+                        lambda a, b, *rest: (seen.append((a.dtype, b.dtype)), real(a, b, *rest))[1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         values, indices = qaconv_match(q, g, return_indices=True)
+    monkeypatch.undo()
+    # the op itself gets bfloat16 maps, which the CPU kernel scores in channel pairs
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
     ref_values, ref_indices = qaconv_match(q.detach().bfloat16(), g.detach().bfloat16(), return_indices=True)
     assert values.dtype == torch.float32
     assert torch.equal(values, ref_values.float()) and torch.equal(indices, ref_indices)

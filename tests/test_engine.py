@@ -63,8 +63,9 @@ def _all_state(tr: Trainer) -> dict:
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_mixed_precision_training(tiny_records, device):
-    """amp: bfloat16 autocast on the CPU (no loss scaling), float16 with a GradScaler on CUDA."""
+def test_mixed_precision_training(tiny_records, device, monkeypatch):
+    """amp: bfloat16 autocast on the CPU (no loss scaling; the matching runs the CPU kernel's bfloat16 path),
+    float16 with a GradScaler on CUDA."""
     cfg = _cfg(amp=True, epochs=1, device=device)
     tr, loader = _trainer(cfg, tiny_records)
     assert tr.amp and tr.amp_dtype == (torch.bfloat16 if device == "cpu" else torch.float16)
@@ -73,8 +74,15 @@ def test_mixed_precision_training(tiny_records, device):
     conv = next(m for m in tr.model.modules() if isinstance(m, torch.nn.Conv2d))
     conv.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     before = {k: v.detach().clone() for k, v in tr.model.state_dict().items() if v.is_floating_point()}
+    matched = []
+    real_match = torch.ops.qaconv_ext.match
+    monkeypatch.setattr(torch.ops.qaconv_ext, "match",
+                        lambda q, g, *rest: (matched.append((q.dtype, g.dtype)), real_match(q, g, *rest))[1])
     (hist,) = tr.fit(loader, 1)
+    monkeypatch.undo()
     assert seen and all(d == tr.amp_dtype for d in seen)
+    if device == "cpu":  # the forward matches bfloat16 maps
+        assert matched and set(matched) == {(torch.bfloat16, torch.bfloat16)}
     assert np.isfinite(hist["loss"]) and hist["loss"] > 0
     after = tr.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the step updated the weights

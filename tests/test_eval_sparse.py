@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import put_market_views, uneven_head
+from helpers import pair_order, put_market_views, uneven_head
 from qaconv_ext import QAConv, cli
 
 Image = pytest.importorskip("PIL.Image")
@@ -97,8 +97,9 @@ def test_rerank_mode_is_checked():
 
 
 def test_amp_evaluation_on_the_cpu_scores_bfloat16_maps(market, tmp_path, monkeypatch):
-    """``--amp`` on the CPU keeps the feature maps in bfloat16 and the fused op scores them as they are:
-    the rows equal a float32 evaluation of the same maps rounded to bfloat16."""
+    """``--amp`` on the CPU keeps the feature maps in bfloat16 and the fused op scores them as they are, with
+    its bfloat16 kernel (channel pairs): the scores are the bits of the float32 kernel on the same maps in
+    that kernel's channel order (helpers.pair_order)."""
     from qaconv_ext import ops
     from qaconv_ext.data import Market1501
     from qaconv_ext.engine import load_trained
@@ -115,9 +116,12 @@ def test_amp_evaluation_on_the_cpu_scores_bfloat16_maps(market, tmp_path, monkey
     q, g = (extract_features(backbone, recs, IMG_H, IMG_W, progress=False, dtype=torch.bfloat16)
             for recs in (ds.query, ds.gallery))
     assert q.dtype == torch.bfloat16
-    ref = evaluate_qaconv_features(head, q.float(), g.float(), ds.query, ds.gallery, rerank=True, progress=False)
+    ref = evaluate_qaconv_features(head, pair_order(q), pair_order(g), ds.query, ds.gallery, rerank=True,
+                                   progress=False)
     assert amp.rows == ref.rows
     assert torch.equal(amp.scores["qg"], ref.scores["qg"])
+    widened = evaluate_qaconv_features(head, q.float(), g.float(), ds.query, ds.gallery, progress=False)
+    assert torch.allclose(amp.scores["qg"], widened.scores["qg"], rtol=0, atol=1e-5)
     argv = ["eval", "--checkpoint", market["ck"], "--dataset", "market1501", "--data-root", market["root"],
             "--device", "cpu", "--workers", 0, "--no-progress", "--amp", "--json", tmp_path / "amp.json"]
     seen.clear()

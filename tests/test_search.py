@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import put_market_views, uneven_head
+from helpers import pair_order, put_market_views, uneven_head
 from qaconv_ext import QAConv, qaconv_score
 from qaconv_ext import cli
 from qaconv_ext.search import (
@@ -189,6 +189,31 @@ def test_float16_queries_score_the_float16_maps_without_a_float32_copy(built, mo
     seen.clear()
     index.search(unit(1, gen), k=3)  # float32 queries float16 cannot hold: scored in float32 as before
     assert set(seen) == {(torch.float32, torch.float32)}
+
+
+def test_bfloat16_chunks_are_scored_by_the_bfloat16_kernel(monkeypatch):
+    # a bfloat16 gallery chunk and queries bfloat16 holds exactly are scored as they are, by the CPU
+    # kernel's bfloat16 path (channel pairs): the dense bfloat16 scores, whatever the chunking, which are
+    # the float32 kernel's on the maps in pair order and differ from the float32 ones in the last bits
+    gen = torch.Generator().manual_seed(23)
+    g = unit(45, gen, (17, FH, FW)).bfloat16()
+    q = unit(3, gen, (17, FH, FW)).bfloat16().float()
+    w, b = torch.randn(2 * FH * FW, generator=gen), torch.tensor(0.25)
+    seen = []
+    real = torch.ops.qaconv_ext.score
+
+    def spy(query, gallery, *args):
+        seen.append((query.dtype, gallery.dtype))
+        return real(query, gallery, *args)
+
+    monkeypatch.setattr(torch.ops.qaconv_ext, "score", spy)
+    v, i = streaming_topk(q, torch.split(g, 7), w, b, k=45)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    dense = qaconv_score(q.bfloat16(), g, w, b)
+    ref = torch.sort(dense, dim=1, descending=True, stable=True)
+    assert torch.equal(v, ref.values) and torch.equal(i, ref.indices)
+    assert torch.equal(dense, qaconv_score(pair_order(q), pair_order(g), w, b))
+    assert not torch.equal(dense, qaconv_score(q, g.float(), w, b))
 
 
 def test_two_stage_search(built):

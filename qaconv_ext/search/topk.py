@@ -75,8 +75,10 @@ def merge_topk(run_v: Tensor, run_i: Tensor, block_v: Tensor, block_i: Tensor, k
 def compute_dtype_for(device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.dtype:
     """The dtype the gallery is scored in: ``dtype`` when given, else float16 on CUDA (tensor cores) and
     float32 elsewhere. On the CPU, with no ``dtype`` given, a float16/bfloat16 gallery chunk is scored in
-    its own dtype (no float32 copy) whenever the queries hold their values exactly in it: the CPU kernel
-    widens exactly and accumulates in float32, so the scores are the float32 ones, bit for bit."""
+    its own dtype (no float32 copy) whenever the queries hold their values exactly in it: for float16 the
+    CPU kernel widens exactly and accumulates in float32, so the scores are the float32 ones, bit for bit;
+    bfloat16 runs the kernel's bfloat16 path (channel pairs, VDPBF16PS where the CPU has it), whose scores
+    are bit-identical whatever the chunking and differ from float32's only in the summation order."""
     if dtype is not None:
         return dtype
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
@@ -106,10 +108,12 @@ _REDUCED = (torch.float16, torch.bfloat16)
 def _reduced_queries(q: Tensor, device: torch.device, compute_dtype: Optional[torch.dtype]) -> dict:
     """The queries in float16/bfloat16 where those hold their values exactly, for CPU scoring by default.
 
-    The CPU kernel widens float16/bfloat16 maps to float32 while packing and every product of two such
-    numbers is exact in float32, so scoring a float16 gallery chunk (as the index stores it) against
-    float16 queries gives the bits of float32 scoring of the same values, without a float32 copy of the
-    chunk. Only used when the queries' values survive the cast (e.g. maps read from an index).
+    The CPU kernel widens float16 maps to float32 while packing and every product of two such numbers is
+    exact in float32, so scoring a float16 gallery chunk (as the index stores it) against float16 queries
+    gives the bits of float32 scoring of the same values, without a float32 copy of the chunk. A bfloat16
+    chunk is scored by the kernel's bfloat16 path (float32 accumulation in the order of VDPBF16PS; the
+    same bits as dense bfloat16 scoring). Only used when the queries' values survive the cast (e.g. maps
+    read from an index).
     """
     if compute_dtype is not None or device.type != "cpu" or not q.is_floating_point():
         return {}

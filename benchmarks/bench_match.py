@@ -4,12 +4,20 @@ Each method runs in its own worker process on the same seeded inputs, so its pea
 resident-set high-water mark above what the inputs already occupy) is measured in isolation. The fused
 op also runs on bfloat16 maps (--extra-dtypes), and the machine's torch.mm GEMM rates in float32 and
 bfloat16 are measured in the same run, so every rate is also given as a fraction of the GEMM limit of
-its dtype. A sweep (--sweep, default on) times qaconv_score over map sizes 12x4, 24x8, 48x16 and
-d = 64, 128, 512, plus 2x2 maps with d = 16 (pairs/s of a small-map evaluation). Prints tables and
-writes JSON with the machine, versions, the micro-kernel variant and the load average.
+its dtype. Where the micro-kernel variant is avx512bf16 (VDPBF16PS), the bfloat16 rows are repeated with
+the avx512 variant forced (--compare-kernels: the same channel-pair chain on float FMAs, the rate without
+the instruction). An interleaved section (--interleaved-rounds) times, round after round in one process,
+fused score float32, fused score bfloat16 (this CPU's kernel and each compared variant) and torch.mm
+float32/bfloat16, and reports the medians of the per-round ratios, so a changing machine load affects
+numerator and denominator alike. A sweep (--sweep, default on) times qaconv_score over map sizes 12x4,
+24x8, 48x16 and d = 64, 128, 512, plus 2x2 maps with d = 16 (pairs/s of a small-map evaluation). Prints
+tables and writes JSON with the machine, its CPU flags, versions, the micro-kernel variant and the load
+average.
 
     python benchmarks/bench_match.py                      # 64 x 1024 pairs, L = 24x8, d = 128, float32
     python benchmarks/bench_match.py --queries 8 --gallery 128 --no-sweep --json /tmp/quick.json
+    python benchmarks/bench_match.py --threads 2 --methods "fused score" --no-sweep \
+        --json benchmarks/results/cpu_match_bf16.json   # the bfloat16 kernel's rows and ratios
 """
 from __future__ import annotations
 
@@ -40,10 +48,23 @@ SWEEP_SECONDS = 0.4  # aimed time per sweep measurement
 
 
 
+def _cpu_flags() -> List[str]:
+    """The processor's vector-extension flags the kernels choose by (from /proc/cpuinfo where it exists)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = set(fh.read().split())
+    except OSError:
+        return []
+    return sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16"})
+
+
 def _worker(args: argparse.Namespace) -> Dict[str, float]:
     import importlib
 
     import torch
+
+    if args.kernel:
+        os.environ["QACONV_CPU_KERNEL"] = args.kernel
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -124,6 +145,89 @@ def _gemm_rates(args: argparse.Namespace) -> Dict[str, Dict]:
     return out
 
 
+def _timed(call, reps: int) -> float:
+    """Median seconds of ``reps`` calls (after one warm-up call)."""
+    call()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _interleaved_worker(args: argparse.Namespace) -> Dict:
+    """Rounds of fused score float32, fused score bfloat16 (this CPU's kernel, then each of
+    --compare-kernels forced) and torch.mm float32 / bfloat16, one after the other; rates per round and the
+    medians of the per-round ratios."""
+    import torch
+
+    import qaconv_ext
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(args.seed)
+    shape = (args.channels, args.height, args.width)
+    P, N = min(args.queries, 16), min(args.gallery, 256)
+    q = torch.nn.functional.normalize(torch.randn(P, *shape, generator=g), dim=1)
+    gal = torch.nn.functional.normalize(torch.randn(N, *shape, generator=g), dim=1)
+    w = torch.randn(2 * args.height * args.width, generator=g)
+    L, d = args.height * args.width, args.channels
+    flop_per_pair = 2.0 * L * L * d
+    mm_shapes = {"square 512": (512, 512, 512), f"L x d x 8L ({L}, {d}, {8 * L})": (L, d, 8 * L)}
+    mm_in = {dt: {k: (torch.randn(m, kk).to(dt), torch.randn(kk, n).to(dt)) for k, (m, kk, n) in mm_shapes.items()}
+             for dt in (torch.float32, torch.bfloat16)}
+
+    def score(dtype, kernel=None):
+        if kernel is None:
+            os.environ.pop("QACONV_CPU_KERNEL", None)
+        else:
+            os.environ["QACONV_CPU_KERNEL"] = kernel
+        qq, gg = q.to(dtype), gal.to(dtype)
+        sec = _timed(lambda: qaconv_ext.qaconv_score(qq, gg, w, 0.1), 3)
+        os.environ.pop("QACONV_CPU_KERNEL", None)
+        return P * N * flop_per_pair / sec / 1e9
+
+    def mm(dtype):  # the GEMM limit as _gemm_worker defines it: at the run's threads or threads x 1 thread
+        best = 0.0
+        for threads in sorted({args.threads, 1}, reverse=True):
+            torch.set_num_threads(threads)
+            for m, (a, b) in zip(mm_shapes.values(), mm_in[dtype].values()):
+                sec = _timed(lambda: torch.mm(a, b), 3 if m[0] == 512 else 10)
+                best = max(best, 2.0 * m[0] * m[1] * m[2] / sec / 1e9 * (args.threads if threads == 1 else 1))
+        torch.set_num_threads(args.threads)
+        return best
+
+    kernel = qaconv_ext.ops._library._C.cpu_kernel()
+    labels = ["fused score float32", f"fused score bfloat16 [{kernel}]"] + [
+        f"fused score bfloat16 [{k}]" for k in args.compare_kernels] + ["torch.mm float32", "torch.mm bfloat16"]
+    rounds = []
+    for _ in range(args.interleaved_rounds):
+        r = [score(torch.float32), score(torch.bfloat16)] + [score(torch.bfloat16, k) for k in args.compare_kernels]
+        r += [mm(torch.float32), mm(torch.bfloat16)]
+        rounds.append(dict(zip(labels, r)))
+    f32, bf16 = labels[0], labels[1]
+    ratios = {
+        "bfloat16 / float32 fused score": [r[bf16] / r[f32] for r in rounds],
+        "fused bfloat16 / torch.mm bfloat16": [r[bf16] / r["torch.mm bfloat16"] for r in rounds],
+        "fused float32 / torch.mm float32": [r[f32] / r["torch.mm float32"] for r in rounds],
+        "torch.mm bfloat16 / torch.mm float32": [r["torch.mm bfloat16"] / r["torch.mm float32"] for r in rounds],
+    }
+    for k in args.compare_kernels:
+        other = f"fused score bfloat16 [{k}]"
+        ratios[f"{other} / float32 fused score"] = [r[other] / r[f32] for r in rounds]
+        ratios[f"{bf16} / {other}"] = [r[bf16] / r[other] for r in rounds]
+    return {
+        "problem": {"queries": P, "gallery": N, "channels": d, "height": args.height, "width": args.width},
+        "kernel": kernel, "rounds": len(rounds),
+        "gflops_median": {k: statistics.median(r[k] for r in rounds) for k in labels},
+        "pairs_per_s_median": {k: statistics.median(r[k] for r in rounds) * 1e9 / flop_per_pair
+                               for k in labels if k.startswith("fused")},
+        "ratio_median": {k: statistics.median(v) for k, v in ratios.items()},
+        "ratio_min_max": {k: [min(v), max(v)] for k, v in ratios.items()},
+        "gflops_per_round": rounds,
+    }
+
+
 def _sweep_worker(args: argparse.Namespace) -> List[Dict]:
     """qaconv_score pairs/s over the SWEEP map sizes, per dtype (the pair count aimed at SWEEP_SECONDS)."""
     import torch
@@ -157,8 +261,8 @@ def _sweep_worker(args: argparse.Namespace) -> List[Dict]:
 
 def _run_worker(kind: str, args: argparse.Namespace, extra: List[str]):
     cmd = [sys.executable, os.path.abspath(__file__), f"--{kind}"] + extra + [
-        f"--{k}={getattr(args, k)}" for k in ("queries", "gallery", "channels", "height", "width", "threads",
-                                              "repeats", "seed")]
+        f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("queries", "gallery", "channels", "height", "width",
+                                                                "threads", "repeats", "seed", "interleaved_rounds")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} {' '.join(extra)} failed:\n{proc.stderr}")
@@ -185,13 +289,23 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                    help="time qaconv_score over the map-size sweep (12x4, 24x8, 48x16 x d 64/128/512; 2x2 d 16)")
     p.add_argument("--sweep-dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--gemm-dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--compare-kernels", nargs="*", default=None,
+                   help="micro-kernel variants (QACONV_CPU_KERNEL) to rerun the bfloat16 rows with "
+                        "(default: avx512 where this CPU's kernel is avx512bf16, else none)")
+    p.add_argument("--interleaved-rounds", type=int, default=7,
+                   help="rounds of the interleaved float32/bfloat16/torch.mm timing (0: skip)")
     add_output_args(p, RESULT_NAME)
     p.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
+    p.add_argument("--kernel", default=None, help=argparse.SUPPRESS)
     p.add_argument("--gemm-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sweep-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--interleaved-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args)))
+        return {}
+    if args.interleaved_worker:
+        print(json.dumps(_interleaved_worker(args)))
         return {}
     if args.gemm_worker:
         print(json.dumps(_gemm_worker(args)))
@@ -205,18 +319,31 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     import qaconv_ext
     from qaconv_ext.ops import _library
 
+    kernel = _library._C.cpu_kernel() if _library.NATIVE else None
+    if args.compare_kernels is None:
+        args.compare_kernels = ["avx512"] if kernel == "avx512bf16" else []
     load_before = os.getloadavg()
     L = args.height * args.width
     results = {}
-    runs = [(m, args.dtype) for m in args.methods]
-    runs += [(m, dt) for dt in args.extra_dtypes if dt != args.dtype for m in args.methods if m.startswith("fused")]
-    for method, dtype in runs:
+    runs = [(m, args.dtype, None) for m in args.methods]
+    runs += [(m, dt, None) for dt in args.extra_dtypes if dt != args.dtype for m in args.methods
+             if m.startswith("fused")]
+    runs += [(m, dt, k) for k in args.compare_kernels for (m, dt, _) in list(runs)
+             if dt == "bfloat16" and m.startswith("fused")]
+    for method, dtype, forced in runs:
         label = method if dtype == args.dtype else f"{method} {dtype}"
+        label += f" [{forced}]" if forced else ""
         print(f"running {label} ...", file=sys.stderr, flush=True)
-        results[label] = _run_worker("worker", args, [method, f"--dtype={dtype}"])
+        results[label] = _run_worker("worker", args, [method, f"--dtype={dtype}"] +
+                                     ([f"--kernel={forced}"] if forced else []))
         results[label]["dtype"] = dtype
+        results[label]["kernel"] = forced or kernel
     print("measuring torch.mm ...", file=sys.stderr, flush=True)
     gemm = _run_worker("gemm-worker", args, ["--gemm-dtypes", *args.gemm_dtypes])
+    interleaved = None
+    if args.interleaved_rounds > 0 and _library.NATIVE:
+        print("timing float32 / bfloat16 / torch.mm interleaved ...", file=sys.stderr, flush=True)
+        interleaved = _run_worker("interleaved-worker", args, ["--compare-kernels", *args.compare_kernels])
     sweep = []
     if args.sweep:
         print("running the map-size sweep ...", file=sys.stderr, flush=True)
@@ -242,27 +369,36 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     record = {
         "benchmark": "cpu_match",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
+        "device": cpu_name(), "cpu_flags": _cpu_flags(), "cpu_count": os.cpu_count(), "threads": args.threads,
         "torch": torch.__version__, "qaconv_ext": qaconv_ext.__version__, "python": platform.python_version(),
-        "cpu_kernel": _library._C.cpu_kernel() if _library.NATIVE else None,
+        "cpu_kernel": kernel,
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "problem": {"queries": args.queries, "gallery": args.gallery, "pairs": args.queries * args.gallery,
                     "channels": args.channels, "height": args.height, "width": args.width, "L": L,
                     "dtype": args.dtype, "repeats": args.repeats},
         "results": results, "ratios": ratios,
-        "torch_mm_gflops": gemm, "sweep": sweep,
+        "torch_mm_gflops": gemm, "interleaved": interleaved, "sweep": sweep,
     }
     print(f"\n{args.queries} x {args.gallery} pairs, L = {args.height}x{args.width}, d = {args.channels}, "
           f"{args.dtype}, {args.threads} threads, {record['device']}")
-    print(f"{'method':<26}{'pairs/s':>12}{'GFLOP/s':>10}{'of mm':>8}{'peak extra MiB':>16}")
+    print(f"{'method':<36}{'pairs/s':>12}{'GFLOP/s':>10}{'of mm':>8}{'peak extra MiB':>16}")
     pct = lambda f: f"{100 * f:.0f}%" if f is not None else "-"  # noqa: E731
     for name, r in results.items():
-        print(f"{name:<26}{r['pairs_per_s']:>12,.0f}{r['gflops']:>10.1f}{pct(r['fraction_of_mm']):>8}"
+        print(f"{name:<36}{r['pairs_per_s']:>12,.0f}{r['gflops']:>10.1f}{pct(r['fraction_of_mm']):>8}"
               f"{r['peak_extra_mib']:>16.1f}")
     for name, r in gemm.items():
         print(f"torch.mm {name}: limit {r['gflops']:.1f} GFLOP/s; {args.threads} threads: "
               f"{', '.join(f'{k}: {v:.1f}' for k, v in r['shapes'].items())}; 1 thread: "
               f"{', '.join(f'{k}: {v:.1f}' for k, v in r.get('shapes_1_thread', {}).items())}")
+    if interleaved:
+        pr = interleaved["problem"]
+        print(f"\ninterleaved, {interleaved['rounds']} rounds, {pr['queries']} x {pr['gallery']} pairs "
+              f"(median GFLOP/s; ratios: median of the rounds' [min, max])")
+        for name, v in interleaved["gflops_median"].items():
+            print(f"  {name:<44}{v:>10.1f}")
+        for name, v in interleaved["ratio_median"].items():
+            lo, hi = interleaved["ratio_min_max"][name]
+            print(f"  {name:<60}{v:>7.3f}  [{lo:.3f}, {hi:.3f}]")
     if sweep:
         print(f"\nsweep (qaconv_score), kernel {record['cpu_kernel']}, load average "
               f"{record['load_average_before_after']}")

@@ -5,8 +5,8 @@
 // 1. "instruction": LANES random VDPBF16PS lanes (bfloat16 pairs and float32 accumulators drawn over the whole
 //    range: denormals, zeros, infinities, NaNs, sums that land next to FLT_MIN) through _mm512_dpbf16_ps and
 //    through the portable twin (csrc/cpu/bf16_pair.h); counts lanes whose bits differ (two NaNs count as equal).
-//    For scale it also counts the lanes where the products in the other order, or the exact sum rounded once,
-//    would differ. Prints "instruction unavailable: <reason>" where the processor or compiler lacks it.
+//    For scale it also counts the lanes where the products in the other order, the exact sum rounded once, or
+//    a flush of the gradual-underflow result (instead of tininess after rounding) would differ. Prints "instruction unavailable: <reason>" where the processor or compiler lacks it.
 // 2. "tile": every tile-kernel variant this processor runs, on channel-pair tiles whose sums keep crossing
 //    FLT_MIN (denormal inputs, flushed results, several 128-pair passes), against the portable variant.
 #include <cfloat>
@@ -52,13 +52,17 @@ struct Draw {
     if (e == 255 && (rng() % 2)) m = 0;  // as many infinities as NaNs
     return uint16_t((bits(1) << 15) | (e << 7) | m);
   }
-  // The mixtures: anything; exponents near the bias (ordinary sums); products next to 2^-126; denormals.
+  // The mixtures: anything; exponents near the bias (ordinary sums); products next to 2^-126; denormals;
+  // products of about 2^-150 added to accumulators at FLT_MIN (sums within half an ulp of FLT_MIN, where
+  // tininess after rounding and gradual underflow disagree).
+  static constexpr int kKinds = 5;
   uint16_t any_bf16(int kind) {
     switch (kind) {
       case 0: return bf16(0, 255);
       case 1: return bf16(118, 134);
       case 2: return bf16(60, 68);
-      default: return bf16(0, 2);
+      case 3: return bf16(0, 2);
+      default: return bf16(50, 53);
     }
   }
   float acc(int kind) {
@@ -67,7 +71,8 @@ struct Draw {
       case 0: return bits_to_float(bits(32));
       case 1: return bits_to_float(sign | ((118 + bits(4)) << 23) | bits(23));
       case 2: return bits_to_float(sign | ((1 + bits(1)) << 23) | bits(23));  // just above FLT_MIN
-      default: return bits_to_float(sign | bits(23));                          // denormal
+      case 3: return bits_to_float(sign | bits(23));                          // denormal
+      default: return bits_to_float(sign | (1u << 23) | bits(2));              // FLT_MIN and the next 3
     }
   }
 };
@@ -90,14 +95,19 @@ int instruction_lanes(long lanes, uint64_t seed) {
     return 0;
   }
   Draw draw(seed);
-  long n = 0, nan = 0, mismatch = 0, other_order = 0, one_rounding = 0, flushed = 0;
+  long n = 0, nan = 0, mismatch = 0, other_order = 0, one_rounding = 0, flushed = 0, gradual_flush = 0;
+  // the flush by gradual underflow's result (|r| < FLT_MIN), which misses the results that round up to FLT_MIN
+  auto flush_gradual = [](float a, float b, float c) {
+    const float r = std::fma(a, b, c);
+    return std::fabs(r) < FLT_MIN ? std::copysign(0.0f, r) : r;
+  };
   using qaconv::cpu::fma_ftz;
   using qaconv::cpu::pair_hi;
   using qaconv::cpu::pair_lo;
   while (n < lanes) {
     uint32_t a[16], b[16];
     float acc[16], in[16];
-    const int kind = int(draw.rng() % 4);
+    const int kind = int(draw.rng() % Draw::kKinds);
     for (int i = 0; i < 16; ++i) {
       a[i] = bf16_pair(draw.any_bf16(kind), draw.any_bf16(kind));
       b[i] = bf16_pair(draw.any_bf16(kind), draw.any_bf16(kind));
@@ -118,10 +128,13 @@ int instruction_lanes(long lanes, uint64_t seed) {
                            double(pair_lo(a[i])) * double(pair_lo(b[i])) + double(a0);
       one_rounding += !same(acc[i], float(exact));
       flushed += acc[i] == 0.0f && exact != 0.0;
+      gradual_flush += !same(acc[i], flush_gradual(pair_lo(a[i]), pair_lo(b[i]),
+                                                   flush_gradual(pair_hi(a[i]), pair_hi(b[i]), a0)));
     }
   }
   std::printf("instruction lanes %ld nan %ld mismatches %ld other_order_differs %ld one_rounding_differs %ld "
-              "flushed %ld\n", n, nan, mismatch, other_order, one_rounding, flushed);
+              "flushed %ld gradual_flush_differs %ld\n", n, nan, mismatch, other_order, one_rounding, flushed,
+              gradual_flush);
   return 0;
 #endif
 }

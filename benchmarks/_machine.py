@@ -12,7 +12,7 @@ import os
 import platform
 from typing import Any, Dict, Optional, Sequence
 
-__all__ = ["cpu_name", "machine_record", "status_kib", "reset_peak_rss", "write_json", "add_output_args",
+__all__ = ["cpu_name", "cpu_flags", "machine_record", "status_kib", "reset_peak_rss", "write_json", "add_output_args",
            "output_path", "RESULTS_DIR", "RUNS_DIR"]
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +31,16 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list:
+    """The processor's vector-extension flags the CPU kernels choose by (from /proc/cpuinfo where it exists)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = set(fh.read().split())
+    except OSError:
+        return []
+    return sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16"})
 
 
 def status_kib(field: str) -> int:

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
-from _machine import add_output_args, cpu_name, output_path, reset_peak_rss, status_kib  # benchmarks/_machine.py
+from _machine import add_output_args, cpu_flags, cpu_name, output_path, reset_peak_rss, status_kib  # benchmarks/_machine.py
 
 RESULT_NAME = "cpu_match.json"
 
@@ -46,16 +46,6 @@ SWEEP = [(2, 2, 16)] + [(h, w, d) for (h, w) in ((12, 4), (24, 8), (48, 16)) for
 SWEEP_SECONDS = 0.4  # aimed time per sweep measurement
 
 
-
-
-def _cpu_flags() -> List[str]:
-    """The processor's vector-extension flags the kernels choose by (from /proc/cpuinfo where it exists)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = set(fh.read().split())
-    except OSError:
-        return []
-    return sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16"})
 
 
 def _worker(args: argparse.Namespace) -> Dict[str, float]:
@@ -369,7 +359,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     record = {
         "benchmark": "cpu_match",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": cpu_name(), "cpu_flags": _cpu_flags(), "cpu_count": os.cpu_count(), "threads": args.threads,
+        "device": cpu_name(), "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(), "threads": args.threads,
         "torch": torch.__version__, "qaconv_ext": qaconv_ext.__version__, "python": platform.python_version(),
         "cpu_kernel": kernel,
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],

@@ -164,12 +164,8 @@ def test_index_search_equals_dense_topk_after_append(built, chunk):
     assert i[3, :7].tolist() == [5, 7, 8, 31, 63, 64, 89]  # the tied copies, by index
 
 
-def test_float16_queries_score_the_float16_maps_without_a_float32_copy(built, monkeypatch):
-    # queries that float16 holds exactly (e.g. maps read back from an index) are scored against the
-    # stored float16 chunks as they are; the CPU kernel widens exactly, so the scores are the float32 ones
-    index, head, g, gen = built
-    q = torch.cat([unit(2, gen), g[5:6]]).half().float()
-    ref_v, ref_i = index.search(q, k=7, chunk=13, compute_dtype=torch.float32)
+def score_dtypes(monkeypatch) -> list:
+    """The (query, gallery) dtypes of every call of the score op from now on (a list that fills up)."""
     seen = []
     real = torch.ops.qaconv_ext.score
 
@@ -178,6 +174,16 @@ def test_float16_queries_score_the_float16_maps_without_a_float32_copy(built, mo
         return real(query, gallery, *args)
 
     monkeypatch.setattr(torch.ops.qaconv_ext, "score", spy)
+    return seen
+
+
+def test_float16_queries_score_the_float16_maps_without_a_float32_copy(built, monkeypatch):
+    # queries that float16 holds exactly (e.g. maps read back from an index) are scored against the
+    # stored float16 chunks as they are; the CPU kernel widens exactly, so the scores are the float32 ones
+    index, head, g, gen = built
+    q = torch.cat([unit(2, gen), g[5:6]]).half().float()
+    ref_v, ref_i = index.search(q, k=7, chunk=13, compute_dtype=torch.float32)
+    seen = score_dtypes(monkeypatch)
     v, i = index.search(q, k=7, chunk=13)
     assert seen and set(seen) == {(torch.float16, torch.float16)}
     assert torch.equal(v, ref_v) and torch.equal(i, ref_i)
@@ -199,14 +205,7 @@ def test_bfloat16_chunks_are_scored_by_the_bfloat16_kernel(monkeypatch):
     g = unit(45, gen, (17, FH, FW)).bfloat16()
     q = unit(3, gen, (17, FH, FW)).bfloat16().float()
     w, b = torch.randn(2 * FH * FW, generator=gen), torch.tensor(0.25)
-    seen = []
-    real = torch.ops.qaconv_ext.score
-
-    def spy(query, gallery, *args):
-        seen.append((query.dtype, gallery.dtype))
-        return real(query, gallery, *args)
-
-    monkeypatch.setattr(torch.ops.qaconv_ext, "score", spy)
+    seen = score_dtypes(monkeypatch)
     v, i = streaming_topk(q, torch.split(g, 7), w, b, k=45)
     assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
     dense = qaconv_score(q.bfloat16(), g, w, b)

@@ -1,4 +1,4 @@
-// Instruction-set variants of the tile micro-kernel (gemm_tile_body.h) and the choice among them.
+// Instruction-set variants of the tile micro-kernels (gemm_tile_body.h) and the choice among them.
 // Plain C++ with intrinsics; no torch headers. Each variant compiles the same body with its own vector
 // type; a target region lets a portable build carry the AVX2 and AVX-512 code, picked at run time.
 #include "gemm_tile.h"
@@ -28,30 +28,35 @@ namespace qaconv {
 namespace cpu {
 namespace {
 
+// W lanes of E in a plain array: the portable variants' registers.
+template <typename E, int64_t Width>
+struct Lanes {
+  E v[Width];
+  static inline Lanes load(const E* p) {
+    Lanes r;
+    std::memcpy(r.v, p, sizeof(r.v));
+    return r;
+  }
+  static inline Lanes bcast(const E* p) {
+    Lanes r;
+    for (int64_t k = 0; k < Width; ++k) r.v[k] = *p;
+    return r;
+  }
+};
+
 // Portable vector of W floats: std::fma per lane (exactly rounded, so these variants give the same bits
 // as the FMA instructions of the x86 variants; compilers turn the lane loop into vector FMAs on targets
 // that have them, e.g. aarch64).
 template <int64_t Width>
 struct GenericVec {
   static constexpr int64_t W = Width;
-  struct T {
-    float v[Width];
-  };
+  using T = Lanes<float, Width>;
   static inline T zero() {
-    T r;
-    for (int64_t k = 0; k < W; ++k) r.v[k] = 0.0f;
-    return r;
+    const float z = 0.0f;
+    return T::bcast(&z);
   }
-  static inline T load(const float* p) {
-    T r;
-    std::memcpy(r.v, p, sizeof(r.v));
-    return r;
-  }
-  static inline T bcast(const float* p) {
-    T r;
-    for (int64_t k = 0; k < W; ++k) r.v[k] = *p;
-    return r;
-  }
+  static inline T load(const float* p) { return T::load(p); }
+  static inline T bcast(const float* p) { return T::bcast(p); }
   static inline T fma(const T& a, const T& b, const T& c) {
     T r;
     for (int64_t k = 0; k < W; ++k) r.v[k] = std::fma(a.v[k], b.v[k], c.v[k]);
@@ -63,22 +68,13 @@ struct GenericVec {
 // Portable channel pairs: W lanes of the VDPBF16PS twin (bf16_pair.h).
 template <int64_t Width>
 struct GenericPairs {
-  struct T {
-    uint32_t v[Width];
-  };
+  using E = uint32_t;
+  using T = Lanes<uint32_t, Width>;
   struct Mode {};
-  static inline T load(const uint32_t* p) {
-    T r;
-    std::memcpy(r.v, p, sizeof(r.v));
-    return r;
-  }
-  static inline T bcast(const uint32_t* p) {
-    T r;
-    for (int64_t k = 0; k < Width; ++k) r.v[k] = *p;
-    return r;
-  }
-  static inline typename GenericVec<Width>::T dot2(const typename GenericVec<Width>::T& acc, const T& a, const T& b) {
-    typename GenericVec<Width>::T r;
+  static inline T load(const uint32_t* p) { return T::load(p); }
+  static inline T bcast(const uint32_t* p) { return T::bcast(p); }
+  static inline Lanes<float, Width> step(const Lanes<float, Width>& acc, const T& a, const T& b) {
+    Lanes<float, Width> r;
     for (int64_t k = 0; k < Width; ++k) r.v[k] = dot2_twin(a.v[k], b.v[k], acc.v[k]);
     return r;
   }
@@ -88,14 +84,12 @@ namespace generic8 {
 using Vec = GenericVec<8>;
 using Pairs = GenericPairs<8>;
 #include "gemm_tile_body.h"
-#include "gemm_tile_bf16_body.h"
 }  // namespace generic8
 
 namespace generic16 {
 using Vec = GenericVec<16>;
 using Pairs = GenericPairs<16>;
 #include "gemm_tile_body.h"
-#include "gemm_tile_bf16_body.h"
 }  // namespace generic16
 
 #if QACONV_X86_VARIANTS
@@ -127,6 +121,7 @@ using Pairs = GenericPairs<16>;
 // lane of v shifted left by 16 (AVX-512 spelt with a full mask: GCC 12 warns on the unmasked intrinsic).
 #define QACONV_X86_PAIRS(TYPE, ITYPE, PFX, SFX, SHL16)                                                    \
   struct Pairs {                                                                                    \
+    using E = uint32_t;                                                                             \
     struct T {                                                                                      \
       TYPE hi, lo;                                                                                  \
     };                                                                                              \
@@ -143,7 +138,7 @@ using Pairs = GenericPairs<16>;
     }                                                                                               \
     static inline T load(const uint32_t* p) { return split(PFX##_loadu_si##SFX(reinterpret_cast<const ITYPE*>(p))); } \
     static inline T bcast(const uint32_t* p) { return split(PFX##_set1_epi32(int(*p))); }           \
-    static inline TYPE dot2(TYPE acc, const T& a, const T& b) {                                     \
+    static inline TYPE step(TYPE acc, const T& a, const T& b) {                                     \
       return PFX##_fmadd_ps(a.lo, b.lo, PFX##_fmadd_ps(a.hi, b.hi, acc));                           \
     }                                                                                               \
   };
@@ -155,7 +150,6 @@ QACONV_X86_VEC(8, __m256, _mm256)
 QACONV_X86_PAIRS(__m256, __m256i, _mm256, 256, QACONV_SHL16)
 #undef QACONV_SHL16
 #include "gemm_tile_body.h"
-#include "gemm_tile_bf16_body.h"
 }  // namespace avx2
 QACONV_TARGET_END
 
@@ -166,7 +160,6 @@ QACONV_X86_VEC(16, __m512, _mm512)
 QACONV_X86_PAIRS(__m512, __m512i, _mm512, 512, QACONV_SHL16)
 #undef QACONV_SHL16
 #include "gemm_tile_body.h"
-#include "gemm_tile_bf16_body.h"
 }  // namespace avx512
 QACONV_TARGET_END
 #undef QACONV_X86_PAIRS
@@ -177,13 +170,16 @@ QACONV_TARGET_BEGIN("avx512f,avx512bf16")
 namespace avx512bf16 {
 QACONV_X86_VEC(16, __m512, _mm512)
 struct Pairs {
+  using E = uint32_t;
   using T = __m512i;
   struct Mode {};
   static inline T load(const uint32_t* p) { return _mm512_loadu_si512(p); }
   static inline T bcast(const uint32_t* p) { return _mm512_set1_epi32(int(*p)); }
-  static inline __m512 dot2(__m512 acc, T a, T b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  static inline __m512 step(__m512 acc, T a, T b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
 };
-#include "gemm_tile_bf16_body.h"
+#define QACONV_PAIRS_ONLY
+#include "gemm_tile_body.h"
+#undef QACONV_PAIRS_ONLY
 }  // namespace avx512bf16
 QACONV_TARGET_END
 #endif
@@ -192,15 +188,13 @@ QACONV_TARGET_END
 
 const TileKernel kGeneric8{"generic", generic8::kNR, &generic8::run_tile, &generic8::run_tile_bf16};
 const TileKernel kGeneric16{"generic16", generic16::kNR, &generic16::run_tile, &generic16::run_tile_bf16};
-static_assert(generic8::kNRPairs == generic8::kNR && generic16::kNRPairs == generic16::kNR, "one nr per variant");
 #if QACONV_X86_VARIANTS
 const TileKernel kAvx2{"avx2", avx2::kNR, &avx2::run_tile, &avx2::run_tile_bf16};
 const TileKernel kAvx512{"avx512", avx512::kNR, &avx512::run_tile, &avx512::run_tile_bf16};
-static_assert(avx2::kNRPairs == avx2::kNR && avx512::kNRPairs == avx512::kNR, "one nr per variant");
 #endif
 #if QACONV_X86_BF16
 const TileKernel kAvx512Bf16{"avx512bf16", avx512::kNR, &avx512::run_tile, &avx512bf16::run_tile_bf16};
-static_assert(avx512bf16::kNRPairs == avx512::kNR, "one nr per variant");
+static_assert(avx512bf16::kNR == avx512::kNR, "one nr per variant");
 #endif
 
 bool supported(const TileKernel* k) {

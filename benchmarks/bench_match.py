@@ -167,14 +167,19 @@ def _interleaved_worker(args: argparse.Namespace) -> Dict:
     mm_in = {dt: {k: (torch.randn(m, kk).to(dt), torch.randn(kk, n).to(dt)) for k, (m, kk, n) in mm_shapes.items()}
              for dt in (torch.float32, torch.bfloat16)}
 
+    own = os.environ.get("QACONV_CPU_KERNEL")  # this CPU's kernel, or the one the caller forced
+
     def score(dtype, kernel=None):
-        if kernel is None:
-            os.environ.pop("QACONV_CPU_KERNEL", None)
-        else:
+        if kernel is not None:
             os.environ["QACONV_CPU_KERNEL"] = kernel
         qq, gg = q.to(dtype), gal.to(dtype)
-        sec = _timed(lambda: qaconv_ext.qaconv_score(qq, gg, w, 0.1), 3)
-        os.environ.pop("QACONV_CPU_KERNEL", None)
+        try:
+            sec = _timed(lambda: qaconv_ext.qaconv_score(qq, gg, w, 0.1), 3)
+        finally:
+            if own is None:
+                os.environ.pop("QACONV_CPU_KERNEL", None)
+            else:
+                os.environ["QACONV_CPU_KERNEL"] = own
         return P * N * flop_per_pair / sec / 1e9
 
     def mm(dtype):  # the GEMM limit as _gemm_worker defines it: at the run's threads or threads x 1 thread

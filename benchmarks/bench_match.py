@@ -135,21 +135,30 @@ def _gemm_rates(args: argparse.Namespace) -> Dict[str, Dict]:
     return out
 
 
-def _timed(call, reps: int) -> float:
-    """Median seconds of ``reps`` calls (after one warm-up call)."""
+INTERLEAVED_SAMPLE_S = 0.15  # aimed time of one timing sample in the interleaved section
+
+
+def _rate(call, work: float) -> float:
+    """``work`` per second of ``call``: the median of 3 samples, each a loop of calls lasting about
+    INTERLEAVED_SAMPLE_S (so short and long calls see the machine's load over windows of the same length)."""
     call()
-    times = []
-    for _ in range(reps):
+    t0 = time.perf_counter()
+    call()
+    reps = max(1, int(INTERLEAVED_SAMPLE_S / max(time.perf_counter() - t0, 1e-6)))
+    samples = []
+    for _ in range(3):
         t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for _ in range(reps):
+            call()
+        samples.append(reps * work / (time.perf_counter() - t0))
+    return statistics.median(samples)
 
 
 def _interleaved_worker(args: argparse.Namespace) -> Dict:
     """Rounds of fused score float32, fused score bfloat16 (this CPU's kernel, then each of
     --compare-kernels forced) and torch.mm float32 / bfloat16, one after the other; rates per round and the
-    medians of the per-round ratios."""
+    medians of the per-round ratios. torch.mm is timed at the run's threads ("torch.mm <dtype>", the
+    better of two shapes) and as the GEMM limit of _gemm_worker (also threads x the one-thread rate)."""
     import torch
 
     import qaconv_ext
@@ -157,16 +166,15 @@ def _interleaved_worker(args: argparse.Namespace) -> Dict:
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(args.seed)
     shape = (args.channels, args.height, args.width)
-    P, N = min(args.queries, 16), min(args.gallery, 256)
+    P, N = min(args.queries, 8), min(args.gallery, 256)
     q = torch.nn.functional.normalize(torch.randn(P, *shape, generator=g), dim=1)
     gal = torch.nn.functional.normalize(torch.randn(N, *shape, generator=g), dim=1)
     w = torch.randn(2 * args.height * args.width, generator=g)
     L, d = args.height * args.width, args.channels
     flop_per_pair = 2.0 * L * L * d
     mm_shapes = {"square 512": (512, 512, 512), f"L x d x 8L ({L}, {d}, {8 * L})": (L, d, 8 * L)}
-    mm_in = {dt: {k: (torch.randn(m, kk).to(dt), torch.randn(kk, n).to(dt)) for k, (m, kk, n) in mm_shapes.items()}
+    mm_in = {dt: [(torch.randn(m, k).to(dt), torch.randn(k, n).to(dt)) for (m, k, n) in mm_shapes.values()]
              for dt in (torch.float32, torch.bfloat16)}
-
     own = os.environ.get("QACONV_CPU_KERNEL")  # this CPU's kernel, or the one the caller forced
 
     def score(dtype, kernel=None):
@@ -174,37 +182,38 @@ def _interleaved_worker(args: argparse.Namespace) -> Dict:
             os.environ["QACONV_CPU_KERNEL"] = kernel
         qq, gg = q.to(dtype), gal.to(dtype)
         try:
-            sec = _timed(lambda: qaconv_ext.qaconv_score(qq, gg, w, 0.1), 3)
+            return _rate(lambda: qaconv_ext.qaconv_score(qq, gg, w, 0.1), P * N * flop_per_pair / 1e9)
         finally:
             if own is None:
                 os.environ.pop("QACONV_CPU_KERNEL", None)
             else:
                 os.environ["QACONV_CPU_KERNEL"] = own
-        return P * N * flop_per_pair / sec / 1e9
 
-    def mm(dtype):  # the GEMM limit as _gemm_worker defines it: at the run's threads or threads x 1 thread
-        best = 0.0
-        for threads in sorted({args.threads, 1}, reverse=True):
-            torch.set_num_threads(threads)
-            for m, (a, b) in zip(mm_shapes.values(), mm_in[dtype].values()):
-                sec = _timed(lambda: torch.mm(a, b), 3 if m[0] == 512 else 10)
-                best = max(best, 2.0 * m[0] * m[1] * m[2] / sec / 1e9 * (args.threads if threads == 1 else 1))
+    def mm(dtype, threads):
+        torch.set_num_threads(threads)
+        best = max(_rate(lambda: torch.mm(a, b), 2.0 * m * k * n / 1e9)
+                   for (m, k, n), (a, b) in zip(mm_shapes.values(), mm_in[dtype]))
         torch.set_num_threads(args.threads)
         return best
 
     kernel = qaconv_ext.ops._library._C.cpu_kernel()
     labels = ["fused score float32", f"fused score bfloat16 [{kernel}]"] + [
-        f"fused score bfloat16 [{k}]" for k in args.compare_kernels] + ["torch.mm float32", "torch.mm bfloat16"]
+        f"fused score bfloat16 [{k}]" for k in args.compare_kernels] + [
+        "torch.mm float32", "torch.mm bfloat16", "torch.mm float32 limit", "torch.mm bfloat16 limit"]
     rounds = []
     for _ in range(args.interleaved_rounds):
         r = [score(torch.float32), score(torch.bfloat16)] + [score(torch.bfloat16, k) for k in args.compare_kernels]
-        r += [mm(torch.float32), mm(torch.bfloat16)]
+        mm_run = [mm(torch.float32, args.threads), mm(torch.bfloat16, args.threads)]
+        mm_one = [args.threads * mm(torch.float32, 1), args.threads * mm(torch.bfloat16, 1)]
+        r += mm_run + [max(a, b) for a, b in zip(mm_run, mm_one)]
         rounds.append(dict(zip(labels, r)))
     f32, bf16 = labels[0], labels[1]
     ratios = {
         "bfloat16 / float32 fused score": [r[bf16] / r[f32] for r in rounds],
         "fused bfloat16 / torch.mm bfloat16": [r[bf16] / r["torch.mm bfloat16"] for r in rounds],
+        "fused bfloat16 / torch.mm bfloat16 limit": [r[bf16] / r["torch.mm bfloat16 limit"] for r in rounds],
         "fused float32 / torch.mm float32": [r[f32] / r["torch.mm float32"] for r in rounds],
+        "fused float32 / torch.mm float32 limit": [r[f32] / r["torch.mm float32 limit"] for r in rounds],
         "torch.mm bfloat16 / torch.mm float32": [r["torch.mm bfloat16"] / r["torch.mm float32"] for r in rounds],
     }
     for k in args.compare_kernels:
@@ -212,7 +221,8 @@ def _interleaved_worker(args: argparse.Namespace) -> Dict:
         ratios[f"{other} / float32 fused score"] = [r[other] / r[f32] for r in rounds]
         ratios[f"{bf16} / {other}"] = [r[bf16] / r[other] for r in rounds]
     return {
-        "problem": {"queries": P, "gallery": N, "channels": d, "height": args.height, "width": args.width},
+        "problem": {"queries": P, "gallery": N, "channels": d, "height": args.height, "width": args.width,
+                    "torch_mm_shapes": list(mm_shapes)},
         "kernel": kernel, "rounds": len(rounds),
         "gflops_median": {k: statistics.median(r[k] for r in rounds) for k in labels},
         "pairs_per_s_median": {k: statistics.median(r[k] for r in rounds) * 1e9 / flop_per_pair

@@ -124,9 +124,43 @@ QACONV_ALWAYS_INLINE inline bool pool_pair_finite(const T* S, int64_t ld, int64_
   const T neg_inf = -std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < Lg; ++r) col_max[r] = neg_inf;
   const int64_t body = Lg - Lg % kLanes;
-  T check[kLanes];
-  for (int64_t k = 0; k < kLanes; ++k) check[k] = T(0);
-  for (int64_t s = 0; s < Lq; ++s) {
+  T check[kLanes], check1[kLanes];
+  for (int64_t k = 0; k < kLanes; ++k) check[k] = check1[k] = T(0);
+  // A row's maximum from its lanes' partial maxima, then its tail (columns past the last full group of lanes).
+  auto finish_row = [&](const T* row, const T* part, T* chk) {
+    T best = neg_inf;
+    if (body > 0)
+      for (int64_t k = 0; k < kLanes; ++k) best = std::max(best, part[k]);
+    for (int64_t r = body; r < Lg; ++r) {
+      const T v = row[r];
+      chk[0] += v * T(0);
+      best = std::max(best, v);
+      col_max[r] = std::max(col_max[r], v);
+    }
+    return best;
+  };
+  int64_t s = 0;
+  // Two rows at a time (independent maxima chains, one pass over col_max); every row's and every column's
+  // maxima are taken in the same order as one row at a time.
+  for (; s + 1 < Lq; s += 2) {
+    const T* row0 = S + s * ld;
+    const T* row1 = row0 + ld;
+    T part0[kLanes], part1[kLanes];
+    for (int64_t k = 0; k < kLanes; ++k) part0[k] = part1[k] = neg_inf;
+    for (int64_t r0 = 0; r0 < body; r0 += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) {
+        const T v0 = row0[r0 + k], v1 = row1[r0 + k];
+        check[k] += v0 * T(0);
+        check1[k] += v1 * T(0);
+        part0[k] = std::max(part0[k], v0);
+        part1[k] = std::max(part1[k], v1);
+        col_max[r0 + k] = std::max(std::max(col_max[r0 + k], v0), v1);
+      }
+    }
+    row_max[s] = finish_row(row0, part0, check);
+    row_max[s + 1] = finish_row(row1, part1, check1);
+  }
+  for (; s < Lq; ++s) {
     const T* row = S + s * ld;
     T part[kLanes];
     for (int64_t k = 0; k < kLanes; ++k) part[k] = neg_inf;
@@ -138,19 +172,10 @@ QACONV_ALWAYS_INLINE inline bool pool_pair_finite(const T* S, int64_t ld, int64_
         col_max[r0 + k] = std::max(col_max[r0 + k], v);
       }
     }
-    T best = neg_inf;
-    if (body > 0)
-      for (int64_t k = 0; k < kLanes; ++k) best = std::max(best, part[k]);
-    for (int64_t r = body; r < Lg; ++r) {
-      const T v = row[r];
-      check[0] += v * T(0);
-      best = std::max(best, v);
-      col_max[r] = std::max(col_max[r], v);
-    }
-    row_max[s] = best;
+    row_max[s] = finish_row(row, part, check);
   }
   T sum = T(0);
-  for (int64_t k = 0; k < kLanes; ++k) sum += check[k];
+  for (int64_t k = 0; k < kLanes; ++k) sum += check[k] + check1[k];
   return sum == sum;
 }
 

@@ -14,6 +14,7 @@ TORCH_LIBRARY(qaconv_ext, m) {
   // empty [0] tensor (the class memory of training is a gallery that needs none).
   m.def("match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery, "
         "bool[2] output_mask=[True, True]) -> (Tensor, Tensor)");
+  m.def("centroid_score(Tensor table, Tensor codes, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 #ifndef QACONV_WITH_CUDA

@@ -448,7 +448,7 @@ def _schema(name: str) -> str:
 
 def test_fallback_schemas_are_the_compiled_ones():
     # the schema strings a build without the compiled module defines, parsed as the dispatcher does
-    assert set(_library.SCHEMAS) == {"match", "score", "match_backward"}
+    assert set(_library.SCHEMAS) == {"match", "score", "match_backward", "centroid_score"}
     for name, schema in _library.SCHEMAS.items():
         assert str(torch._C.parse_schema("qaconv_ext::" + schema)) == _schema(name), name
 

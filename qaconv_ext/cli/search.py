@@ -2,6 +2,7 @@
 
     qaconv search --index archive.idx query1.jpg query2.jpg -k 10 -o ranked.png --json ranked.json
     qaconv search --index archive.idx query.jpg --shortlist 500      # two-stage: faster, approximate
+    qaconv search --index archive.idx query.jpg --shortlist 500 --method centroid   # needs --codebook
 
 Prints each query's ranked list (score, camera, time, identity when known, path); ``-o`` draws it
 (one row per query), ``--json`` writes it. The model is the checkpoint recorded in the index unless
@@ -26,6 +27,7 @@ Find query images in a gallery index (made by `qaconv index build`) with its mod
 
   qaconv search --index archive.idx query1.jpg query2.jpg -k 10 -o ranked.png --json ranked.json
   qaconv search --index archive.idx query.jpg --shortlist 500      # two-stage: faster, approximate
+  qaconv search --index archive.idx query.jpg --shortlist 500 --method centroid   # needs --codebook
 
 Prints each query's ranked list (score, camera, time, identity when known, path); -o draws it (one
 row per query), --json writes it. The model is the checkpoint recorded in the index unless
@@ -42,6 +44,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shortlist", type=positive_int, default=None, metavar="M",
                    help="two-stage search: shortlist M candidates by a global descriptor, re-rank them exactly "
                         "(faster, approximate; default: exhaustive, exact)")
+    p.add_argument("--method", choices=("exhaustive", "descriptor", "centroid"), default=None,
+                   help="how to search: exhaustive (exact), or shortlist by the global descriptor or by the "
+                        "index's centroid codes (`qaconv index build --codebook K`); default: exhaustive, "
+                        "descriptor with --shortlist")
     p.add_argument("--checkpoint", default=None,
                    help="the index's model (default: the checkpoint recorded in the index; must be the same)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -114,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         q = extract_features(backbone, list(args.images), int(cfg["height"]), int(cfg["width"]),
                              batch_size=args.batch_size, device=device, progress=False)
         t1 = time.time()
-        scores, indices = index.search(q, k=args.k, shortlist=args.shortlist, device=device,
+        scores, indices = index.search(q, k=args.k, shortlist=args.shortlist, method=args.method, device=device,
                                        progress=not args.no_progress and len(index) > 20000)
         t2 = time.time()
     except (GalleryIndexError, ImageReadError) as exc:
@@ -128,11 +134,13 @@ def run(args: argparse.Namespace) -> int:
                          "time": r.time})
         results.append(hits)
         print(format_ranking(args.images[p], hits))
-    mode = f"two-stage, shortlist {args.shortlist}" if args.shortlist else "exhaustive"
+    by = " by centroid codes" if args.method == "centroid" else ""
+    mode = (f"two-stage{by}, shortlist {args.shortlist}" if args.shortlist and args.method != "exhaustive"
+            else "exhaustive")
     print(f"{len(args.images)} quer{'y' if len(args.images) == 1 else 'ies'} against {len(index)} maps ({mode}): "
           f"features {t1 - t0:.2f} s, search {t2 - t1:.2f} s")
     if args.json:
-        out = {"index": index.path, "maps": len(index), "k": args.k, "shortlist": args.shortlist,
+        out = {"index": index.path, "maps": len(index), "k": args.k, "shortlist": args.shortlist, "method": args.method,
                "queries": [{"path": os.path.abspath(q), "results": hits} for q, hits in zip(args.images, results)]}
         print(f"wrote {write_json(args.json, out)}")
     if args.output:

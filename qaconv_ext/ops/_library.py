@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .checks import check_backward, check_head, check_pair
+from .checks import check_backward, check_centroid_score, check_head, check_pair
 from .dtypes import accumulation_dtype
 
 Tensor = torch.Tensor
@@ -38,6 +38,7 @@ SCHEMAS = {
     "score": "score(Tensor query, Tensor gallery, Tensor weight, Tensor? bias) -> Tensor",
     "match_backward": "match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery, "
                       "bool[2] output_mask=[True, True]) -> (Tensor, Tensor)",
+    "centroid_score": "centroid_score(Tensor table, Tensor codes, Tensor weight, Tensor? bias) -> Tensor",
 }
 
 _LIB = None
@@ -88,6 +89,17 @@ def _fallback_backward(grad_values: Tensor, indices: Tensor, query: Tensor, gall
     return reference.match_backward(grad_values, indices, query, gallery, output_mask=output_mask)
 
 
+def _fallback_centroid_score(table: Tensor, codes: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    check_centroid_score(table, codes, weight, bias)
+    if table.device.type != "cuda":  # CUDA has no native kernel of this op: no warning there
+        _warn_fallback(table.device.type)
+    return reference.centroid_score(table, codes, weight, bias).contiguous()
+
+
+# centroid_score has a CPU kernel only (the candidate stage of an archive search runs on the CPU)
+for _key in ["CUDA"] + ([] if NATIVE else ["CPU"]):
+    torch.library.impl("qaconv_ext::centroid_score", _key)(_fallback_centroid_score)
+
 _fallback_keys = [] if NATIVE_CUDA else ["CUDA"]
 if not NATIVE:
     _fallback_keys.append("CPU")
@@ -113,6 +125,12 @@ def _score_fake(query: Tensor, gallery: Tensor, weight: Tensor, bias: Optional[T
     P, N, _, Lq, Lg = check_pair(query, gallery)
     check_head(weight, bias, Lq + Lg, query)
     return query.new_empty((P, N), dtype=accumulation_dtype(query.dtype))
+
+
+@torch.library.register_fake("qaconv_ext::centroid_score")
+def _centroid_score_fake(table: Tensor, codes: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    P, N = check_centroid_score(table, codes, weight, bias)
+    return table.new_empty((P, N))
 
 
 @torch.library.register_fake("qaconv_ext::match_backward")

@@ -6,6 +6,8 @@
     index.append_images(new_records)                                             # or index.append(maps, records)
     scores, indices = index.search(query_maps, k=10)                             # exact, streaming
     scores, indices = index.search(query_maps, k=10, shortlist=500)              # two-stage, approximate
+    index.train_codebook(4096)                       # or build/create(..., codebook=4096): centroid codes
+    scores, indices = index.search(query_maps, k=10, shortlist=500, method="centroid")
 
 The folder layout and the rules that keep it valid under interruptions are described in
 :mod:`qaconv_ext.search.storage`.
@@ -30,6 +32,18 @@ from .identity import (
     model_identity,
     preprocessing_of,
 )
+from .centroids import centroid_topk
+from .codes import (
+    CodesWriter,
+    check_codes,
+    codebook_drift,
+    codes_coverage,
+    iter_codes,
+    read_codebook,
+    remove_codebook_files,
+    train_codes,
+    verify_codes,
+)
 from .images import RecordLike, as_records, extract_map_blocks, load_model, map_shape_of
 from .storage import (
     DESCRIPTORS_DTYPE,
@@ -52,10 +66,12 @@ from .storage import (
 )
 from .topk import descriptor_topk, global_descriptors, iterate_blocks, rerank_shortlist, streaming_topk
 
-__all__ = ["GalleryIndex", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["GalleryIndex", "DEFAULT_CHUNK_BYTES", "METHODS"]
 
 #: Float32 bytes of the gallery maps scored per call of the fused op while streaming (64 MiB).
 DEFAULT_CHUNK_BYTES = 64 << 20
+#: The search methods: exact, and the two two-stage ones (which shortlist by what).
+METHODS = ("exhaustive", "descriptor", "centroid")
 
 MapsLike = Union[torch.Tensor, np.ndarray]
 Block = Tuple[MapsLike, Optional[Sequence[RecordLike]]]
@@ -123,7 +139,7 @@ class GalleryIndex:
     @classmethod
     def create(cls, path: str, head: HeadLike, maps: MapsLike, records: Optional[Sequence[RecordLike]] = None, *,
                checkpoint: Optional[str] = None, config: Optional[Dict[str, Any]] = None,
-               overwrite: bool = False) -> "GalleryIndex":
+               overwrite: bool = False, codebook: Optional[int] = None) -> "GalleryIndex":
         """A new index at ``path`` from feature maps ``[N, d, h, w]`` (stored as float16) and the QAConv
         ``head`` that scores them (a module with ``folded()`` or a ``(weight, bias)`` pair).
 
@@ -131,20 +147,22 @@ class GalleryIndex:
         record where the maps came from. The index is written to a temporary folder beside ``path`` and
         renamed into place, so an interrupted create leaves nothing (or, with ``overwrite``, the old
         index) behind. (Replacing takes two renames: a crash between them leaves the old index in a
-        hidden ``.<name>.*.old`` folder beside ``path``.)
+        hidden ``.<name>.*.old`` folder beside ``path``.) ``codebook=K`` also trains a codebook of ``K``
+        centroids and stores every map's centroid codes (see :meth:`train_codebook`; 0: the default size).
         """
         arr = _as_maps(maps, "maps")
         ident = model_identity(head, arr.shape[1:], checkpoint=checkpoint, config=config)
-        return cls._write_new(path, ident, [(arr, records)], overwrite)
+        return cls._write_new(path, ident, [(arr, records)], overwrite, codebook)
 
     @classmethod
     def build(cls, path: str, checkpoint: str, records: Sequence[RecordLike], *, batch_size: int = 64,
               device: Union[str, torch.device] = "cpu", workers: int = 0, progress: bool = True,
-              block: Optional[int] = None, overwrite: bool = False) -> "GalleryIndex":
+              block: Optional[int] = None, overwrite: bool = False, codebook: Optional[int] = None
+              ) -> "GalleryIndex":
         """A new index at ``path`` from the images of ``records`` (records or paths) with the trained
         QAConv model in ``checkpoint`` (:func:`qaconv_ext.engine.load_trained`): features are extracted
         in batches (progress bar) and written block by block; committed once at the end (see
-        :meth:`create` for what an interruption leaves)."""
+        :meth:`create` for what an interruption leaves, and ``codebook``)."""
         recs = as_records(records, len(records))
         if not recs:
             raise GalleryIndexError(f"{path}: no images to index")
@@ -152,7 +170,7 @@ class GalleryIndex:
         ident = model_identity(head, map_shape_of(head, cfg), checkpoint=cfg["checkpoint"], config=cfg)
         blocks = extract_map_blocks(backbone, recs, int(cfg["height"]), int(cfg["width"]), batch_size=batch_size,
                                     device=device, workers=workers, block=block, progress=progress)
-        return cls._write_new(path, ident, blocks, overwrite)
+        return cls._write_new(path, ident, blocks, overwrite, codebook)
 
     @classmethod
     def open(cls, path: str, *, head: Optional[HeadLike] = None, checkpoint: Optional[str] = None,
@@ -168,9 +186,11 @@ class GalleryIndex:
         path = os.path.abspath(os.fspath(path))
         manifest = read_manifest(path)
         check_sizes(path, manifest)
+        check_codes(path, manifest)
         index = cls(path, manifest)
         if verify:
             verify_segments(path, manifest)
+            verify_codes(path, manifest)
             index.records  # noqa: B018 - reads and checks them
         if checkpoint is not None:
             check_checkpoint(path, index.model, os.fspath(checkpoint))
@@ -190,10 +210,11 @@ class GalleryIndex:
     def verify(self) -> None:
         """Recompute every checksum of the committed data (maps, descriptors, records)."""
         verify_segments(self.path, self.manifest, (MAPS_FILE, DESCRIPTORS_FILE, RECORDS_FILE))
+        verify_codes(self.path, self.manifest)
 
     @classmethod
-    def _write_new(cls, path: str, ident: Dict[str, Any], blocks: Iterable[Block], overwrite: bool
-                   ) -> "GalleryIndex":
+    def _write_new(cls, path: str, ident: Dict[str, Any], blocks: Iterable[Block], overwrite: bool,
+                   codebook: Optional[int] = None) -> "GalleryIndex":
         path = os.path.abspath(os.fspath(path))
         if os.path.exists(path) and not overwrite:
             raise GalleryIndexError(f"{path} already exists (pass overwrite=True to replace it)")
@@ -206,6 +227,10 @@ class GalleryIndex:
             manifest = {"format": FORMAT, "count": 0, "map_shape": ident["map_shape"], "records_bytes": 0,
                         "segments": [], "model": ident, "created": now(), "updated": now()}
             manifest = _write_segment(tmp, manifest, blocks)
+            if codebook is not None:
+                fresh = cls(tmp, manifest)
+                manifest = dict(manifest, codebook=train_codes(tmp, manifest, fresh.read_maps, fresh.iter_maps(),
+                                                               int(codebook) or None))
             write_manifest(tmp, manifest)
             if os.path.exists(path):
                 old = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".old", dir=parent)
@@ -240,6 +265,60 @@ class GalleryIndex:
         blocks = extract_map_blocks(backbone, recs, int(cfg["height"]), int(cfg["width"]), batch_size=batch_size,
                                     device=device, workers=workers, block=block, progress=progress)
         return self._append_blocks(blocks)
+
+    def train_codebook(self, k: Optional[int] = None, *, sample: Optional[int] = None, iterations: int = 10,
+                       seed: int = 0) -> "GalleryIndex":
+        """Train a codebook of ``k`` centroids on the committed maps and store every map's centroid codes
+        (replacing a codebook the index has), for ``search(..., method="centroid")``.
+
+        Spherical k-means (:func:`~qaconv_ext.search.centroids.spherical_kmeans`, seeded) over ``sample``
+        location vectors of maps drawn with ``seed``; defaults: ``k`` the power of two nearest ``4 sqrt(n)``
+        for ``n`` location vectors (2^8..2^14), 32 vectors per centroid. Committed at once by replacing the
+        manifest (the old codebook's files are deleted after). Appends encode new maps with this codebook;
+        :meth:`codebook_drift` says when training again is worthwhile. Returns ``self``.
+        """
+        with locked(self.path):
+            manifest = read_manifest(self.path)
+            check_sizes(self.path, manifest)
+            current = GalleryIndex(self.path, manifest)
+            entry = train_codes(self.path, manifest, current.read_maps, current.iter_maps(), k, sample=sample,
+                                iterations=iterations, seed=seed)
+            try:
+                write_manifest(self.path, dict(manifest, codebook=entry, updated=now()))
+            except BaseException:
+                remove_codebook_files(self.path, entry)
+                raise
+            remove_codebook_files(self.path, manifest.get("codebook"))
+        return self.refresh()
+
+    @property
+    def has_codebook(self) -> bool:
+        """Whether the index holds a centroid codebook and codes."""
+        return "codebook" in self.manifest
+
+    def centroids(self) -> torch.Tensor:
+        """The codebook's centroids ``[K, d]`` (float32, checked against their checksum)."""
+        self._require_codebook()
+        return read_codebook(self.path, self.manifest)
+
+    def iter_codes(self, chunk: int = 1 << 16) -> Iterator[np.ndarray]:
+        """Every map's centroid codes in consecutive uint16 chunks ``[n, h * w]``, read from the file."""
+        self._require_codebook()
+        return iter_codes(self.path, self.manifest, chunk)
+
+    def codebook_drift(self) -> Optional[Dict[str, Any]]:
+        """The quantisation error of the maps appended since the codebook was trained against the training
+        sample's, and whether a retrain is worthwhile (:func:`~qaconv_ext.search.codes.codebook_drift`);
+        ``None`` without a codebook."""
+        return codebook_drift(self.manifest)
+
+    def _require_codebook(self) -> None:
+        if not self.has_codebook:
+            raise GalleryIndexError(f"{self.path} has no centroid codebook (train one with "
+                                    "index.train_codebook(K) or `qaconv index build --codebook K`)")
+        if codes_coverage(self.manifest) != len(self):
+            raise GalleryIndexError(f"{self.path}: the codes cover {codes_coverage(self.manifest)} of {len(self)} "
+                                    "maps; train the codebook again")
 
     def _append_blocks(self, blocks: Iterable[Block]) -> "GalleryIndex":
         with locked(self.path):
@@ -375,7 +454,7 @@ class GalleryIndex:
         return q
 
     def search(self, query_maps: MapsLike, k: int = 10, *, shortlist: Optional[int] = None,
-               chunk: Optional[int] = None, device: Union[str, torch.device, None] = None,
+               method: Optional[str] = None, chunk: Optional[int] = None, device: Union[str, torch.device, None] = None,
                compute_dtype: Optional[torch.dtype] = None, progress: bool = False
                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` best gallery maps of every query map ``[P, d, h, w]`` (or one ``[d, h, w]``).
@@ -388,6 +467,11 @@ class GalleryIndex:
         L2-normalised maps) shortlist ``M`` candidates per query by cosine similarity, then the exact
         QAConv score ranks them. Equal to the exhaustive result whenever the shortlist contains the
         exhaustive top ``k``; ``M >= len(index)`` is the exhaustive search.
+
+        ``method``: ``"exhaustive"``, ``"descriptor"`` (the shortlist just described, the default with
+        ``shortlist``) or ``"centroid"``: the shortlist by the centroid score of every map's stored codes
+        (:func:`~qaconv_ext.search.centroids.centroid_topk`: QAConv's score with each gallery location
+        replaced by its centroid; needs a codebook, see :meth:`train_codebook`), then the exact score.
 
         Returns ``(scores [P, k] float32, indices [P, k] int64)`` on the CPU, by score descending, ties
         by the smaller index.
@@ -402,7 +486,10 @@ class GalleryIndex:
         weight, bias = self.folded_head()
         if shortlist is not None and int(shortlist) < k:
             raise GalleryIndexError(f"shortlist={shortlist} must be at least k={k}")
-        if shortlist is None or int(shortlist) >= n:
+        method = _method(method, shortlist)
+        if method == "centroid":
+            self._require_codebook()
+        if method == "exhaustive" or int(shortlist) >= n:
             bar = None
             if progress:
                 from tqdm.auto import tqdm
@@ -413,9 +500,23 @@ class GalleryIndex:
             finally:
                 if bar is not None:
                     bar.close()
-        _, cand = descriptor_topk(global_descriptors(q), self.iter_descriptors(), int(shortlist))
+        if method == "centroid":
+            _, cand = centroid_topk(q, self.iter_codes(), self.centroids(), weight, bias, int(shortlist))
+        else:
+            _, cand = descriptor_topk(global_descriptors(q), self.iter_descriptors(), int(shortlist))
         return rerank_shortlist(q, cand, self.read_maps, weight, bias, k, device=device,
                                 compute_dtype=compute_dtype)
+
+
+def _method(method: Optional[str], shortlist: Optional[int]) -> str:
+    """The search method asked for (default: exhaustive, or descriptor with a shortlist), checked."""
+    if method is None:
+        return "exhaustive" if shortlist is None else "descriptor"
+    if method not in METHODS:
+        raise GalleryIndexError(f"unknown search method {method!r}; use one of {', '.join(METHODS)}")
+    if method != "exhaustive" and shortlist is None:
+        raise GalleryIndexError(f"method={method!r} is a two-stage search: give the shortlist size")
+    return method
 
 
 def _write_segment(folder: str, manifest: Dict[str, Any], blocks: Iterable[Block]) -> Dict[str, Any]:
@@ -423,6 +524,11 @@ def _write_segment(folder: str, manifest: Dict[str, Any], blocks: Iterable[Block
     commits them (not yet written). On any failure the files are cut back and the error re-raised."""
     shape = tuple(int(x) for x in manifest["map_shape"])
     writer = SegmentWriter(folder, manifest)
+    try:
+        codes = CodesWriter.for_index(folder, manifest)
+    except BaseException:
+        writer.abort()
+        raise
     try:
         for maps, records in blocks:
             arr = _as_maps(maps, f"{folder}: maps")
@@ -438,13 +544,20 @@ def _write_segment(folder: str, manifest: Dict[str, Any], blocks: Iterable[Block
             desc = global_descriptors(torch.from_numpy(half)).numpy()
             lines = b"".join(record_line(r.path, r.pid, r.camid, r.time) for r in recs)
             writer.write(half, desc, lines)
+            if codes is not None:
+                codes.write(half)
         segment = writer.finish()
+        codebook = codes.finish() if codes is not None else None
     except BaseException:
         writer.abort()
+        if codes is not None:
+            codes.abort()
         raise
     out = dict(manifest)
     if segment["count"]:
         out.update(count=int(manifest["count"]) + segment["count"],
                    records_bytes=int(manifest["records_bytes"]) + segment["records_bytes"],
                    segments=list(manifest["segments"]) + [segment], updated=now())
+        if codebook is not None:
+            out["codebook"] = codebook
     return out

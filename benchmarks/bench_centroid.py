@@ -206,6 +206,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
                     help="queries searched one at a time for the latency (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--no-test-gallery", action="store_true", help="only the gallery with distractors")
+    ap.add_argument("--no-distractors", action="store_true", help="only the test gallery (and scale on it)")
     add_output_args(ap, RESULT_NAME)
     args = ap.parse_args(argv)
 
@@ -243,11 +244,13 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         if not args.no_test_gallery:
             result["galleries"]["test"] = evaluate("domain_b test gallery", index, q_maps, b.query, list(b.gallery),
                                                    shortlists, codebooks, args.k, args.repeats, args.timed_queries)
-        index.append_images(distractors, batch_size=args.batch_size, progress=False)
-        big = evaluate("domain_b test gallery + every other image as distractors", index, q_maps, b.query,
-                       list(b.gallery) + distractors, shortlists, codebooks, args.k, args.repeats,
-                       args.timed_queries)
-        result["galleries"]["enlarged"] = big
+        big = result["galleries"].get("test")
+        if not args.no_distractors:
+            index.append_images(distractors, batch_size=args.batch_size, progress=False)
+            big = evaluate("domain_b test gallery + every other image as distractors", index, q_maps, b.query,
+                           list(b.gallery) + distractors, shortlists, codebooks, args.k, args.repeats,
+                           args.timed_queries)
+            result["galleries"]["enlarged"] = big
         if sizes:
             index.train_codebook(args.scale_codebook)
             print(f"scale: codes drawn at random, K={args.scale_codebook}, one query at a time")

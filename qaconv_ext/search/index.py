@@ -98,6 +98,7 @@ class GalleryIndex:
         self.path = path
         self.manifest = manifest
         self._records: Optional[List[Record]] = None
+        self._centroids: Optional[Tuple[str, torch.Tensor]] = None  # (codebook sha256, centroids) once read
 
     @property
     def records(self) -> List[Record]:
@@ -297,9 +298,12 @@ class GalleryIndex:
         return "codebook" in self.manifest
 
     def centroids(self) -> torch.Tensor:
-        """The codebook's centroids ``[K, d]`` (float32, checked against their checksum)."""
+        """The codebook's centroids ``[K, d]`` (float32, checked against their checksum when first read)."""
         self._require_codebook()
-        return read_codebook(self.path, self.manifest)
+        sha = self.manifest["codebook"]["codebook_sha256"]
+        if self._centroids is None or self._centroids[0] != sha:
+            self._centroids = (sha, read_codebook(self.path, self.manifest))
+        return self._centroids[1]
 
     def iter_codes(self, chunk: int = 1 << 16) -> Iterator[np.ndarray]:
         """Every map's centroid codes in consecutive uint16 chunks ``[n, h * w]``, read from the file."""

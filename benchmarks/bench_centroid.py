@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import add_output_args, machine_record, reset_peak_rss, save_result, status_kib  # noqa: E402
-from bench_two_stage import _ranking_distance, _two_stage_order  # noqa: E402  (the same ranking rules)
+from bench_two_stage import _ranking_distance, _two_stage_order, synthetic_test_set  # noqa: E402  (same rules)
 
 RESULT_NAME = "centroid_synthetic.json"
 
@@ -212,7 +212,6 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
 
     import torch
 
-    from qaconv_ext.data import Market1501, Record, make_synthetic_network
     from qaconv_ext.engine import load_trained
     from qaconv_ext.evaluation import extract_features
     from qaconv_ext.search import GalleryIndex, checkpoint_sha256
@@ -220,15 +219,12 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     shortlists = [int(s) for s in args.shortlists.split(",") if s]
     codebooks = [int(s) for s in args.codebooks.split(",") if s]
     sizes = [int(s) for s in args.scales.split(",") if s]
-    paths = make_synthetic_network(args.data_root, progress=False)
-    b, a = Market1501(paths["domain_b"]), Market1501(paths["domain_a"])
+    b, distractors = synthetic_test_set(args.data_root)
     backbone, head, cfg = load_trained(args.checkpoint)
     load_before = os.getloadavg()
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     q_maps = extract_features(backbone, b.query, int(cfg["height"]), int(cfg["width"]), batch_size=args.batch_size,
                               progress=False)
-    distractors = [Record(r.path, 0, r.camid, r.time) for r in list(b.train) + list(a.train) + list(a.query)
-                   + list(a.gallery)]
     ck = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     result: Dict[str, Any] = {
         "benchmark": "centroid_synthetic", "checkpoint": os.path.abspath(args.checkpoint),

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from qaconv_ext import qaconv_score
 from qaconv_ext.ops import centroid_score, centroid_table, reference
 from qaconv_ext.search import GalleryIndex, GalleryIndexError, centroid_topk, rerank_shortlist, spherical_kmeans
 from qaconv_ext.search import codes as codes_module

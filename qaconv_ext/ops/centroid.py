@@ -7,7 +7,7 @@ location replaced by its centroid, ``Lq * Lg`` look-ups per pair instead of ``Lq
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 

@@ -53,7 +53,7 @@ def test_train_resume_eval(market, tmp_path, capsys):
     second = torch.load(ck / "checkpoint.pt", weights_only=True)
     assert second["epoch"] == 2 and second["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0002)
     rows = json.loads((ck / "results_market1501.json").read_text())
-    assert set(rows["QAConv"]) == {"rank1", "rank5", "rank10", "mAP", "mINP"}
+    assert set(rows["QAConv"]) == {"rank1", "rank5", "rank10", "mAP", "mINP", "queries", "queries_with_true_match"}
 
     res = tmp_path / "eval.json"
     assert _run(["eval", "--checkpoint", ck / "checkpoint.pt", "--dataset", "market1501", "--data-root", market,

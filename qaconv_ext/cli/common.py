@@ -21,14 +21,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DATASET_CHOICES", "ARCHITECTURE_CHOICES", "NECK_TYPE_CHOICES", "PREPROCESS_CHOICES", "AUGMENT_CHOICES",
-    "RECIPE_CHOICES", "GS_DEFAULTS", "TRAIN_DEFAULTS", "DEFAULT_CHECKPOINT", "PICTURES_DIR", "PICTURE_EXTENSIONS", "BAD_INPUT", "FAILED",
+    "RECIPE_CHOICES", "GS_DEFAULTS", "TRAIN_DEFAULTS", "DEFAULT_CHECKPOINT", "PICTURES_DIR", "PICTURE_EXTENSIONS",
+    "MAX_PICTURE_RANKS", "check_picture_ranks", "BAD_INPUT", "FAILED",
     "CommandError", "library_error", "run_command",
     "default_data_root", "default_synthetic_root", "load_dataset", "check_time_stamps",
     "positive_int", "non_negative_int", "positive_float", "non_negative_float", "output_file", "picture_path",
     "json_path", "check_writable_folder",
     "add_data_args", "add_model_args", "add_postprocess_args", "add_rerank_mode_arg", "add_dataset_command",
     "add_checkpoint_args", "resolve_device", "load_model_or_exit", "load_qaconv", "evaluate_or_exit",
-    "note_postprocessing", "print_table", "write_json", "error_line", "image_record",
+    "note_postprocessing", "FEW_QUERIES", "count_queries_or_exit", "describe_counts", "with_counts", "print_table", "write_json", "json_ready", "error_line", "image_record",
 ]
 
 DATASET_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "synthetic-a", "synthetic-b", "folder")
@@ -57,6 +58,10 @@ DEFAULT_CHECKPOINT = os.path.join("runs", "demo", "qaconv.pt")
 
 #: Where the picture commands write unless told otherwise.
 PICTURES_DIR = os.path.join("runs", "pictures")
+
+#: The most gallery images one ranked-list picture shows (``rank -k``, ``search -k`` with ``-o``): beyond it
+#: the picture grows past what a screen or an image viewer handles (about 100 px a column).
+MAX_PICTURE_RANKS = 100
 
 #: The picture formats ``-o`` accepts.
 PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -292,6 +297,13 @@ def check_writable_folder(path: str, option: str, command: str) -> None:
                            f"{exc.strerror or exc}") from None
 
 
+def check_picture_ranks(k: int, command: str, advice: str = "") -> None:
+    """Refuse to draw more than :data:`MAX_PICTURE_RANKS` ranked gallery images in one picture."""
+    if k > MAX_PICTURE_RANKS:
+        raise CommandError(f"{command}: -k {k}: one ranked-list picture shows at most {MAX_PICTURE_RANKS} gallery "
+                           f"images; give -k {MAX_PICTURE_RANKS} or less{advice}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Options
 # ----------------------------------------------------------------------------------------------
@@ -505,8 +517,42 @@ def note_postprocessing(head: Optional["nn.Module"], rerank: bool, tlift: bool, 
         print(f"{command}: note: {opts} apply to QAConv checkpoints; this is a baseline, so only its row is reported")
 
 
-def print_table(rows: Dict[str, Dict[str, float]], title: str = "") -> str:
-    """Print (and return) a table of Rank-1/5/10, mAP, mINP in percent."""
+#: Below this many queries with a true match, a metrics table says that its percentages say little.
+FEW_QUERIES = 20
+
+
+def count_queries_or_exit(dataset: Any, name: str, command: str) -> Dict[str, int]:
+    """:func:`qaconv_ext.evaluation.query_counts` of ``dataset``'s query and gallery sets, read from the
+    records before any work; a dataset where no query has a true match ends the command (one line,
+    :data:`BAD_INPUT`): its metrics would divide by zero."""
+    from ..evaluation import query_counts
+
+    counts = query_counts(dataset.query, dataset.gallery)
+    if counts["queries_with_true_match"] == 0:
+        raise CommandError(f"{command}: no query of {name} has a true match in its gallery (an image of the same "
+                           f"identity from another camera): {len(dataset.query)} queries, {len(dataset.gallery)} "
+                           "gallery images; there is nothing to evaluate")
+    return counts
+
+
+def describe_counts(counts: Dict[str, int]) -> str:
+    """The line under a metrics table that says what it counts (and when that is too few to mean much)."""
+    n, m = counts["queries"], counts["queries_with_true_match"]
+    text = (f"{n} quer{'y' if n == 1 else 'ies'} evaluated, {m} with a true match in the gallery "
+            f"(the metrics average over those {m})")
+    if m < FEW_QUERIES:
+        text += (f"; only {m}: each moves Rank-1 by {100 / m:.1f} points, so these numbers say little")
+    return text
+
+
+def with_counts(rows: Dict[str, Dict[str, Any]], counts: Dict[str, int]) -> Dict[str, Dict[str, Any]]:
+    """``rows`` with ``queries`` and ``queries_with_true_match`` in every row (the result JSON files)."""
+    return {name: {**m, **counts} for name, m in rows.items()}
+
+
+def print_table(rows: Dict[str, Dict[str, float]], title: str = "", counts: Optional[Dict[str, int]] = None) -> str:
+    """Print (and return) a table of Rank-1/5/10, mAP, mINP in percent; ``counts``
+    (:func:`count_queries_or_exit`) adds the line that says how many queries it counts."""
     from ..evaluation import format_metrics
 
     lines = []
@@ -515,16 +561,32 @@ def print_table(rows: Dict[str, Dict[str, float]], title: str = "") -> str:
     lines.append(f"{'method':<26}{'Rank-1':>8}{'Rank-5':>8}{'Rank-10':>8}{'mAP':>8}{'mINP':>8}")
     lines.append("-" * 66)
     lines += [format_metrics(name, m, width=26) for name, m in rows.items()]
+    if counts is not None:
+        lines.append(describe_counts(counts))
     text = "\n".join(lines)
     print(text)
     return text
 
 
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every float that is NaN or infinite replaced by None (JSON has no such numbers:
+    they are written as ``null``), through dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
 def write_json(path: str, obj: Any) -> str:
-    """Write ``obj`` as indented JSON to ``path`` (creating its folder); returns ``path``."""
+    """Write ``obj`` as indented, valid JSON to ``path`` (creating its folder); returns ``path``. A number
+    that is NaN or infinite is written as ``null`` (:func:`json_ready`); nothing else non-standard is
+    accepted (``allow_nan=False``)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
-        json.dump(obj, fh, indent=2)
+        json.dump(json_ready(obj), fh, indent=2, allow_nan=False)
     return path
 
 

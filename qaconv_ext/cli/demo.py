@@ -27,12 +27,14 @@ from .common import (
     ARCHITECTURE_CHOICES,
     CommandError,
     check_writable_folder,
+    count_queries_or_exit,
     default_synthetic_root,
     non_negative_int,
     positive_float,
     positive_int,
     print_table,
     resolve_device,
+    with_counts,
     write_json,
 )
 
@@ -203,7 +205,8 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     timings["total"] = time.time() - t_start
 
     print()
-    table = print_table(table_rows, "synthetic domain_a -> domain_b (direct transfer)")
+    counts = count_queries_or_exit(test_ds, "synthetic domain_b", "qaconv demo")
+    table = print_table(table_rows, "synthetic domain_a -> domain_b (direct transfer)", counts)
     training = sum(v for k, v in timings.items() if k.startswith("train_"))
     gs_note = f", QAConv-GS training {timings['train_gs']:.0f} s" if "train_gs" in timings else ""
     print(f"\nwall time {timings['total']:.0f} s (data {timings['data']:.0f} s, QAConv training "
@@ -226,7 +229,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
         "data": {"root": root, "train_images": len(train_ds.train), "train_ids": train_ds.num_train_pids,
                  "queries": len(test_ds.query), "gallery": len(test_ds.gallery)},
         "final_training": final,
-        "results": table_rows,
+        "results": with_counts(table_rows, counts),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "table": table,
     }

@@ -12,6 +12,7 @@ from .common import (
     add_rerank_mode_arg,
     check_time_stamps,
     check_writable_folder,
+    count_queries_or_exit,
     evaluate_or_exit,
     json_path,
     load_dataset,
@@ -19,6 +20,7 @@ from .common import (
     note_postprocessing,
     print_table,
     resolve_device,
+    with_counts,
     write_json,
 )
 
@@ -91,6 +93,7 @@ def _evaluate(args: argparse.Namespace, path: str, device: str, env: Any) -> int
     note_postprocessing(head, args.rerank, args.tlift, COMMAND)
     ds = load_dataset(args.dataset, args.data_root, verbose=True, splits=("query", "gallery"),
                       skip_bad_images=args.skip_bad_images, command=COMMAND)
+    counts = count_queries_or_exit(ds, args.dataset, COMMAND)
     if args.tlift and head is not None:
         check_time_stamps(ds, args.dataset, COMMAND)
     kwargs = dict(device=device, batch_size=args.batch_size, workers=args.workers, rerank=args.rerank,
@@ -109,8 +112,9 @@ def _evaluate(args: argparse.Namespace, path: str, device: str, env: Any) -> int
         if not env.is_main:
             return 0
     where = "" if env is None else f" ({env.world_size} processes)"
-    print_table(rows, f"{os.path.basename(cfg['checkpoint'])} on {args.dataset}{where}")
+    print_table(rows, f"{os.path.basename(cfg['checkpoint'])} on {args.dataset}{where}", counts)
     if args.json:
+        rows = with_counts(rows, counts)
         out = rows if env is None else {**rows, "world_size": env.world_size}
         print(f"results: {write_json(args.json, out)}")
     return 0

@@ -5,8 +5,8 @@ import argparse
 import os
 from typing import Any, Dict, Optional
 
-from .common import (PICTURES_DIR, CommandError, add_checkpoint_args, check_writable_folder, load_qaconv, picture_path,
-                     positive_int, resolve_device)
+from .common import (MAX_PICTURE_RANKS, PICTURES_DIR, CommandError, add_checkpoint_args, check_picture_ranks,
+                     check_writable_folder, load_qaconv, picture_path, positive_int, resolve_device)
 
 DEFAULT_SYNTHETIC_ROOT = os.path.join("data_cache", "synthetic")
 _DATASET_KEYS = ("test_root", "target_root", "eval_root", "dataset_root", "data_dir")
@@ -82,7 +82,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         f"{DEFAULT_SYNTHETIC_ROOT})")
     p.add_argument("--query-index", type=int, default=0, help="which query to rank (default: %(default)s)")
     p.add_argument("-k", "--top", type=positive_int, default=10, dest="k",
-                   help="gallery images to show (default: %(default)s)")
+                   help=f"gallery images to show, at most {MAX_PICTURE_RANKS} (default: %(default)s)")
     p.add_argument("--max-gallery", type=positive_int, default=None, metavar="N",
                    help="rank only the first N >= 1 gallery images (quick looks at large galleries on a CPU; "
                         "default: all)")
@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from ..viz import average_match, draw_correspondences, draw_ranked_list
     from .pictures import rank_query
 
+    check_picture_ranks(args.k, "qaconv rank")
     device = resolve_device(args.device, "qaconv rank")
     check_writable_folder(os.path.dirname(os.path.abspath(args.output)), "-o", "qaconv rank")
     model, head, cfg = load_qaconv(args.checkpoint, device, "qaconv rank")

@@ -24,6 +24,7 @@ from .common import (
     add_postprocess_args,
     check_time_stamps,
     check_writable_folder,
+    count_queries_or_exit,
     evaluate_or_exit,
     load_dataset,
     non_negative_float,
@@ -32,6 +33,7 @@ from .common import (
     positive_int,
     print_table,
     resolve_device,
+    with_counts,
     write_json,
 )
 
@@ -507,10 +509,11 @@ def _run(args: argparse.Namespace, device: str, dist: Any) -> int:
     extra: Dict[str, Any] = {k: saved[k] for k in ("test_dataset", "test_root") if k in saved}
     extra.update(train_root=ds.root, train_images=len(ds.train), combine_all=bool(args.combine_all),
                  skip_bad_images=bool(args.skip_bad_images))
-    test = None
+    test = counts = None
     if args.test_dataset:
         test = load_dataset(args.test_dataset, resolve_test_root(args), verbose=True, option="--test-root",
                             splits=("query", "gallery"), skip_bad_images=args.skip_bad_images, command=COMMAND)
+        counts = count_queries_or_exit(test, args.test_dataset, COMMAND)
         if args.tlift and cfg.method == "qaconv":
             check_time_stamps(test, args.test_dataset, COMMAND)
         extra.update(test_dataset=args.test_dataset, test_root=test.root)
@@ -536,8 +539,8 @@ def _run(args: argparse.Namespace, device: str, dist: Any) -> int:
                                 rerank=args.rerank, tlift=args.tlift, progress=not args.no_progress)
         if rows is None:  # not the main rank
             return 0
-        print_table(rows, f"{cfg.dataset} -> {args.test_dataset}")
-        out = write_json(os.path.join(folder, f"results_{args.test_dataset}.json"), rows)
+        print_table(rows, f"{cfg.dataset} -> {args.test_dataset}", counts)
+        out = write_json(os.path.join(folder, f"results_{args.test_dataset}.json"), with_counts(rows, counts))
         print(f"results: {out}")
     return 0
 

@@ -1,6 +1,6 @@
 """Evaluation: ranking metrics, gallery-scale scoring and the evaluation of a trained model."""
 from .metrics import evaluate_rank
-from .protocol import junk_mask
+from .protocol import junk_mask, query_counts
 from .scoring import (
     BASELINE_ROW,
     QACONV_ROW,
@@ -26,6 +26,6 @@ from .trained import ROW_KEYS, evaluate_trained, metric_rows
 __all__ = [
     "BASELINE_ROW", "QACONV_ROW", "RR_ROW", "TLIFT_ROW", "ROW_KEYS", "QAConvEvaluation", "RERANK_MODES", "evaluate_baseline",
     "evaluate_qaconv", "evaluate_qaconv_features", "evaluate_rank", "evaluate_trained", "metric_rows", "extract_features", "format_metrics",
-    "junk_mask", "rank_metrics", "rerank_distance", "score_blocks", "score_rows", "score_to_distance", "self_score_blocks",
+    "junk_mask", "query_counts", "rank_metrics", "rerank_distance", "score_blocks", "score_rows", "score_to_distance", "self_score_blocks",
     "tlift_distance",
 ]

@@ -38,9 +38,11 @@ from .storage import (
     MAPS_DTYPE,
     MAPS_FILE,
     RECORDS_FILE,
+    MANIFEST,
     GalleryIndexError,
     SegmentWriter,
     check_sizes,
+    committed_bytes,
     locked,
     map_nbytes,
     now,
@@ -52,13 +54,24 @@ from .storage import (
 )
 from .topk import descriptor_topk, global_descriptors, iterate_blocks, rerank_shortlist, streaming_topk
 
-__all__ = ["GalleryIndex", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["GalleryIndex", "NonFiniteScoresError", "DEFAULT_CHUNK_BYTES"]
 
 #: Float32 bytes of the gallery maps scored per call of the fused op while streaming (64 MiB).
 DEFAULT_CHUNK_BYTES = 64 << 20
 
 MapsLike = Union[torch.Tensor, np.ndarray]
 Block = Tuple[MapsLike, Optional[Sequence[RecordLike]]]
+
+
+class NonFiniteScoresError(GalleryIndexError):
+    """A search met scores that are not finite (NaN or Inf): maps of the index hold such values (the
+    index is damaged) or the queries' maps do. Nothing is returned rather than a ranking with them."""
+
+
+def _first_non_finite(maps: np.ndarray) -> Optional[int]:
+    """The position of the first map ``[n, ...]`` holding a NaN or Inf, else None."""
+    ok = np.isfinite(maps).reshape(maps.shape[0], -1).all(axis=1)
+    return None if ok.all() else int(np.flatnonzero(~ok)[0])
 
 
 def _as_maps(maps: MapsLike, what: str) -> np.ndarray:
@@ -111,6 +124,18 @@ class GalleryIndex:
     def model(self) -> Dict[str, Any]:
         """The identity of the model that made the maps (checkpoint, preprocessing, folded head)."""
         return self.manifest["model"]
+
+    def disk_usage(self) -> Tuple[int, int]:
+        """``(committed, leftover)`` bytes: the manifest and the committed part of each data file, and
+        what lies behind the committed end (left by an interrupted append; the next append cuts it off)."""
+        committed = os.path.getsize(os.path.join(self.path, MANIFEST))
+        leftover = 0
+        for name, nbytes in committed_bytes(self.manifest).items():
+            f = os.path.join(self.path, name)
+            have = os.path.getsize(f) if os.path.isfile(f) else 0
+            committed += min(have, nbytes)
+            leftover += max(0, have - nbytes)
+        return committed, leftover
 
     def folded_head(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The index's folded head ``(weight [2L], bias [])`` as float32 tensors."""
@@ -205,7 +230,7 @@ class GalleryIndex:
         try:
             manifest = {"format": FORMAT, "count": 0, "map_shape": ident["map_shape"], "records_bytes": 0,
                         "segments": [], "model": ident, "created": now(), "updated": now()}
-            manifest = _write_segment(tmp, manifest, blocks)
+            manifest = _write_segment(tmp, manifest, blocks, name=path)
             write_manifest(tmp, manifest)
             if os.path.exists(path):
                 old = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".old", dir=parent)
@@ -372,7 +397,35 @@ class GalleryIndex:
                                     f"{list(self.map_shape)} maps")
         if not q.is_floating_point():
             raise GalleryIndexError(f"query maps: expected floating-point maps, got {q.dtype}")
+        if q.numel() and not bool(torch.isfinite(q).all()):
+            bad = int((~torch.isfinite(q)).flatten(1).any(dim=1).nonzero()[0])
+            raise NonFiniteScoresError(f"query map {bad} holds NaN or infinite values, so its scores against "
+                                       f"{self.path} are not finite")
         return q
+
+    def _damaged(self, first: int) -> NonFiniteScoresError:
+        return NonFiniteScoresError(f"{self.path}: map {first} holds NaN or infinite values, so its scores are not "
+                                    f"finite; the index is damaged: check it with `qaconv index info --verify "
+                                    f"{self.path}`")
+
+    def _finite_chunks(self, chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """``chunks`` (consecutive maps from the first), ending the search at the first map that is not
+        finite: its scores would be NaN or Inf, and NaN ranks first."""
+        offset = 0
+        for chunk in chunks:
+            bad = _first_non_finite(chunk)
+            if bad is not None:
+                raise self._damaged(offset + bad)
+            offset += chunk.shape[0]
+            yield chunk
+
+    def _read_finite_maps(self, indices: Union[Sequence[int], np.ndarray]) -> np.ndarray:
+        """:meth:`read_maps`, refusing maps that are not finite (as :meth:`_finite_chunks`)."""
+        maps = self.read_maps(indices)
+        bad = _first_non_finite(maps)
+        if bad is not None:
+            raise self._damaged(int(np.asarray(indices).reshape(-1)[bad]))
+        return maps
 
     def search(self, query_maps: MapsLike, k: int = 10, *, shortlist: Optional[int] = None,
                chunk: Optional[int] = None, device: Union[str, torch.device, None] = None,
@@ -390,7 +443,8 @@ class GalleryIndex:
         exhaustive top ``k``; ``M >= len(index)`` is the exhaustive search.
 
         Returns ``(scores [P, k] float32, indices [P, k] int64)`` on the CPU, by score descending, ties
-        by the smaller index.
+        by the smaller index; ``[0, k]`` for no queries. Scores are always finite: a map that is not
+        (a damaged index) or queries that are not end the search with :class:`NonFiniteScoresError`.
         """
         q = self._queries(query_maps)
         n = len(self)
@@ -402,39 +456,52 @@ class GalleryIndex:
         weight, bias = self.folded_head()
         if shortlist is not None and int(shortlist) < k:
             raise GalleryIndexError(f"shortlist={shortlist} must be at least k={k}")
+        if q.shape[0] == 0:
+            return torch.empty(0, k, dtype=torch.float32), torch.empty(0, k, dtype=torch.int64)
         if shortlist is None or int(shortlist) >= n:
             bar = None
             if progress:
                 from tqdm.auto import tqdm
                 bar = tqdm(total=n, desc="search", unit="map", leave=False, dynamic_ncols=True)
             try:
-                return streaming_topk(q, self.iter_maps(chunk), weight, bias, k, device=device,
-                                      compute_dtype=compute_dtype, progress=bar.update if bar else None)
+                scores, indices = streaming_topk(q, self._finite_chunks(self.iter_maps(chunk)), weight, bias, k,
+                                                 device=device, compute_dtype=compute_dtype,
+                                                 progress=bar.update if bar else None)
             finally:
                 if bar is not None:
                     bar.close()
-        _, cand = descriptor_topk(global_descriptors(q), self.iter_descriptors(), int(shortlist))
-        return rerank_shortlist(q, cand, self.read_maps, weight, bias, k, device=device,
-                                compute_dtype=compute_dtype)
+        else:
+            _, cand = descriptor_topk(global_descriptors(q), self.iter_descriptors(), int(shortlist))
+            scores, indices = rerank_shortlist(q, cand, self._read_finite_maps, weight, bias, k, device=device,
+                                               compute_dtype=compute_dtype)
+        if not bool(torch.isfinite(scores).all()):  # finite maps whose scores overflow
+            p = int((~torch.isfinite(scores)).any(dim=1).nonzero()[0])
+            raise NonFiniteScoresError(f"the scores of query {p} against {self.path} are not finite (they overflow "
+                                       "float32); nothing is ranked")
+        return scores, indices
 
 
-def _write_segment(folder: str, manifest: Dict[str, Any], blocks: Iterable[Block]) -> Dict[str, Any]:
+def _write_segment(folder: str, manifest: Dict[str, Any], blocks: Iterable[Block], name: Optional[str] = None
+                   ) -> Dict[str, Any]:
     """Write ``blocks`` after the committed end of the index at ``folder``; returns the manifest that
-    commits them (not yet written). On any failure the files are cut back and the error re-raised."""
+    commits them (not yet written). On any failure the files are cut back and the error re-raised.
+    ``name``: the index's path in the error messages (default ``folder``; a new index is written in a
+    temporary folder, which means nothing to the user)."""
+    name = name or folder
     shape = tuple(int(x) for x in manifest["map_shape"])
     writer = SegmentWriter(folder, manifest)
     try:
         for maps, records in blocks:
-            arr = _as_maps(maps, f"{folder}: maps")
+            arr = _as_maps(maps, f"{name}: maps")
             if tuple(arr.shape[1:]) != shape:
-                raise GalleryIndexError(f"{folder}: the maps to add are {list(arr.shape)}, the index holds "
+                raise GalleryIndexError(f"{name}: the maps to add are {list(arr.shape)}, the index holds "
                                         f"[n, {', '.join(map(str, shape))}] maps")
             with np.errstate(over="ignore"):
                 half = arr.astype(MAPS_DTYPE)
             if not np.isfinite(half).all():
-                raise GalleryIndexError(f"{folder}: the maps to add hold NaN or infinite values (or values "
+                raise GalleryIndexError(f"{name}: the maps to add hold NaN or infinite values (or values "
                                         "beyond float16's range)")
-            recs = as_records(records, half.shape[0], f"{folder}: records")
+            recs = as_records(records, half.shape[0], f"{name}: records")
             desc = global_descriptors(torch.from_numpy(half)).numpy()
             lines = b"".join(record_line(r.path, r.pid, r.camid, r.time) for r in recs)
             writer.write(half, desc, lines)

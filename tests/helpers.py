@@ -200,5 +200,20 @@ def put_market_views(data, pids: Iterable[int], views, *, seed: int, noise: floa
             put_market_image(data, sub, pid, cam, 100 * pid + k, color, rng, noise=noise, size=size)
 
 
+def save_tiny_checkpoint(path, seed: int, *, neck: int = 8, height: int = 32, width: int = 16) -> str:
+    """An untrained QAConv checkpoint of the small backbone (``neck`` channels, ``height x width`` images,
+    seeded with ``seed``) at ``path``, written as training writes it; returns the path."""
+    from qaconv_ext import QAConv
+    from qaconv_ext.models import build_backbone
+
+    torch.manual_seed(seed)
+    backbone = build_backbone("small", neck=neck).eval()
+    head = QAConv(neck, height // 8, width // 8).eval()
+    torch.save({"format": "qaconv-ext/1", "model": backbone.state_dict(), "head": head.state_dict(),
+                "config": {"method": "qaconv", "arch": "small", "neck": neck, "height": height, "width": width}},
+               path)
+    return str(path)
+
+
 #: The benchmark scripts' folder (they import their shared helpers as ``_machine``).
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import put_market_views, uneven_head
+from helpers import put_market_views, save_tiny_checkpoint, uneven_head
 from qaconv_ext import QAConv, qaconv_score
 from qaconv_ext import cli
 from qaconv_ext.search import (
@@ -366,14 +366,7 @@ def test_other_model_and_bad_arguments(built, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def _save_checkpoint(path, seed: int) -> str:
-    from qaconv_ext.models import build_backbone
-
-    torch.manual_seed(seed)
-    backbone = build_backbone("small", neck=D).eval()
-    head = QAConv(D, IMG_H // 8, IMG_W // 8).eval()
-    torch.save({"format": "qaconv-ext/1", "model": backbone.state_dict(), "head": head.state_dict(),
-                "config": {"method": "qaconv", "arch": "small", "neck": D, "height": IMG_H, "width": IMG_W}}, path)
-    return str(path)
+    return save_tiny_checkpoint(path, seed, neck=D, height=IMG_H, width=IMG_W)
 
 
 @pytest.fixture(scope="module")

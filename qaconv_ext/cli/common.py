@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "DATASET_CHOICES", "ARCHITECTURE_CHOICES", "NECK_TYPE_CHOICES", "PREPROCESS_CHOICES", "AUGMENT_CHOICES",
     "RECIPE_CHOICES", "GS_DEFAULTS", "TRAIN_DEFAULTS", "DEFAULT_CHECKPOINT", "PICTURES_DIR", "PICTURE_EXTENSIONS",
-    "MAX_PICTURE_RANKS", "check_picture_ranks", "BAD_INPUT", "FAILED",
+    "MAX_PICTURE_RANKS", "check_picture_ranks", "BAD_INPUT", "FAILED", "INTERRUPTED",
     "CommandError", "library_error", "run_command",
     "default_data_root", "default_synthetic_root", "load_dataset", "check_time_stamps",
     "positive_int", "non_negative_int", "positive_float", "non_negative_float", "output_file", "picture_path",
@@ -70,6 +70,8 @@ PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 BAD_INPUT = 2
 #: Exit status of a command that failed during the work (e.g. a training run that diverged).
 FAILED = 1
+#: Exit status of a command interrupted by Ctrl-C (SIGINT), as a shell reports it.
+INTERRUPTED = 130
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,8 +121,8 @@ def run_command(func: Callable[[argparse.Namespace], Optional[int]], args: argpa
     try:
         rc = func(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(f"{command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
     except CommandError as exc:
         error = exc
     except SystemExit as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -18,6 +19,7 @@ from typing import Any, Dict, List, Optional
 from .common import (
     DATASET_CHOICES,
     GS_DEFAULTS,
+    INTERRUPTED,
     RECIPE_CHOICES,
     CommandError,
     add_dataset_command,
@@ -38,7 +40,7 @@ from .common import (
 )
 
 __all__ = ["register", "run", "RUN_OPTIONS", "RUNS_DIR", "RunPlan", "plan_run", "settle_run_options",
-           "check_run_inputs", "config_from_args", "resolve_test_root", "new_run_dir"]
+           "check_run_inputs", "config_from_args", "resolve_test_root", "new_run_dir", "interrupted_message"]
 
 COMMAND = "qaconv train"
 DESCRIPTION = ("Train a QAConv model. --recipe eccv (the default) is the ECCV 2020 paper's: class-memory loss, SGD, "
@@ -230,6 +232,29 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
             raise CommandError(f"{COMMAND}: {target} already holds a run{_progress(target)}; continue it with "
                                "--resume, replace it with --overwrite, or give another --checkpoint-dir")
     return plan
+
+
+def interrupted_message(folder: str, removed: bool, argv: Optional[List[str]], started: Optional[float] = None
+                        ) -> str:
+    """What an interrupted training run kept: the last checkpoint and the command that continues it, or
+    that nothing was saved (the interruption came in the first epoch) and the command that starts it again.
+    ``removed``: the run's new folder was removed; ``started``: when a new run started (a checkpoint
+    written before is the run it replaces with ``--overwrite``, not this one)."""
+    from ..engine import find_checkpoint
+
+    found = None if removed else find_checkpoint(folder)
+    if found is not None and (started is None or os.path.getmtime(found) >= started):
+        return (f"{COMMAND}: interrupted; {found} holds the run up to the last finished epoch{_progress(found)}: "
+                f"continue it with `qaconv train --resume {shlex.quote(folder)}`")
+    again = "qaconv " + shlex.join(argv) if argv else "the same qaconv train command"
+    if removed:
+        where = f"the new run folder {folder} was removed"
+    elif found is not None:
+        where = f"{found} still holds the run it was to replace"
+    else:
+        where = f"{folder} holds no checkpoint"
+    return (f"{COMMAND}: interrupted in the first epoch, before any checkpoint: nothing was saved ({where}); "
+            f"start again with `{again}`")
 
 
 def _progress(path: str) -> str:
@@ -519,14 +544,21 @@ def _run(args: argparse.Namespace, device: str, dist: Any) -> int:
         extra.update(test_dataset=args.test_dataset, test_root=test.root)
     folder = plan.checkpoint_dir or _claim_run_dir(dist)
     print(f"run folder: {folder}" + ("" if plan.checkpoint_dir else " (new; --checkpoint-dir chooses one)"))
+    started = time.time()
     try:
         trainer = _train(cfg, ds, plan, folder, extra, args, dist)
-    except BaseException:
+    except BaseException as exc:
+        removed = False
         if plan.checkpoint_dir is None and (dist is None or dist.is_main):
             try:   # a new folder that got no checkpoint: leave nothing behind
                 os.rmdir(folder)
+                removed = True
             except OSError:
                 pass
+        if isinstance(exc, KeyboardInterrupt) and (dist is None or dist.is_main):
+            older = None if plan.resume else started   # a checkpoint older than a new run is not this run's
+            raise CommandError(interrupted_message(folder, removed, getattr(args, "argv", None), older),
+                               INTERRUPTED) from None
         raise
     if test is not None:
         head = getattr(trainer.criterion, "matcher", None)

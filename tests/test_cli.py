@@ -208,13 +208,15 @@ def test_train_records_the_test_set_for_rank(market, tmp_path, capsys):
 
 
 def test_rank_reads_the_recorded_test_set_with_its_type(market):
-    from qaconv_ext.cli.rank import resolve_dataset
+    from qaconv_ext.cli.rank import dataset_options, resolve_dataset
     from qaconv_ext.data import ImageFolderDataset
 
     assert isinstance(resolve_dataset(None, {"test_root": market, "test_dataset": "folder"}), ImageFolderDataset)
     assert isinstance(resolve_dataset(None, {"test_root": market}), Market1501)
-    assert isinstance(resolve_dataset(None, {"test_root": market, "test_dataset": "folder"}, "market1501"),
-                      Market1501)   # --dataset-type wins
+    config = {"test_root": market, "test_dataset": "folder"}
+    name, root = dataset_options(None, None, config, dataset_type="market1501")   # the deprecated --dataset-type
+    assert (name, root) == ("market1501", market) and isinstance(resolve_dataset(name, config, root), Market1501)
+    assert isinstance(resolve_dataset("market1501", config, market), Market1501)
 
 
 @pytest.mark.parametrize("argv", [

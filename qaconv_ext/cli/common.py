@@ -28,7 +28,7 @@ __all__ = [
     "positive_int", "non_negative_int", "positive_float", "non_negative_float", "output_file", "picture_path",
     "json_path", "check_writable_folder",
     "add_data_args", "add_model_args", "add_postprocess_args", "add_rerank_mode_arg", "add_dataset_command",
-    "add_checkpoint_args", "resolve_device", "load_model_or_exit", "load_qaconv", "evaluate_or_exit",
+    "add_checkpoint_args", "default_checkpoint", "resolve_device", "load_model_or_exit", "load_qaconv", "evaluate_or_exit",
     "note_postprocessing", "FEW_QUERIES", "count_queries_or_exit", "describe_counts", "with_counts", "print_table", "write_json", "json_ready", "error_line", "image_record",
 ]
 
@@ -53,7 +53,8 @@ TRAIN_DEFAULTS: Dict[str, Any] = dict(method="qaconv", recipe="eccv", arch="resn
                                       batch_size=32, lr=0.01, step_size=40, weight_decay=5e-4, clip_grad=0.0,
                                       workers=2, seed=0)
 
-#: The QAConv model the picture commands (``match``, ``rank``) read unless told otherwise.
+#: The QAConv model the picture commands (``match``, ``rank``) read unless told otherwise: ``qaconv demo``'s,
+#: in the current folder or the nearest folder above it that holds one (:func:`default_checkpoint`).
 DEFAULT_CHECKPOINT = os.path.join("runs", "demo", "qaconv.pt")
 
 #: Where the picture commands write unless told otherwise.
@@ -399,9 +400,10 @@ def add_dataset_command(subparsers: Any, name: str, help: str, description: str,
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     """``--checkpoint`` and ``--device``, shared by the picture commands."""
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+    parser.add_argument("--checkpoint", default=None,
                         help=f"trained model: a checkpoint file or a run folder holding checkpoint.pt "
-                             f"(default: {DEFAULT_CHECKPOINT}, written by `qaconv demo`)")
+                             f"(default: {DEFAULT_CHECKPOINT}, written by `qaconv demo`, in this folder or the "
+                             "nearest one above it that has it)")
     parser.add_argument("--device", default="cpu", help="torch device for the features (default: cpu)")
 
 
@@ -467,24 +469,43 @@ def load_model_or_exit(path: str, command: str, **kwargs: Any
     return backbone, head, cfg
 
 
-def load_qaconv(path: str, device: str = "cpu", command: str = "qaconv"
+def default_checkpoint(start: Optional[str] = None) -> Optional[str]:
+    """:data:`DEFAULT_CHECKPOINT` in ``start`` (default: the current folder) or the nearest folder above
+    it that holds one (so the picture commands find the demo's model from anywhere inside the folder
+    ``qaconv demo`` ran in), else None."""
+    folder = os.path.abspath(start or os.getcwd())
+    while True:
+        path = os.path.join(folder, DEFAULT_CHECKPOINT)
+        if os.path.isfile(path):
+            return path
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def load_qaconv(path: Optional[str], device: str = "cpu", command: str = "qaconv"
                 ) -> Tuple["nn.Module", "nn.Module", Dict[str, Any]]:
     """A trained QAConv model for the picture commands, or :class:`CommandError` saying what to do.
 
-    See :func:`qaconv_ext.engine.load_trained`; a missing default checkpoint asks the user to run
-    ``qaconv demo``, a folder without ``checkpoint.pt`` names the ``*.pt`` files it holds, and a
-    baseline checkpoint (no QAConv head) is refused.
+    See :func:`qaconv_ext.engine.load_trained`; ``path`` None is :func:`default_checkpoint` (when there is
+    none the message asks the user to run ``qaconv demo``), a folder without ``checkpoint.pt`` names the
+    ``*.pt`` files it holds, and a baseline checkpoint (no QAConv head) is refused.
     """
     from ..engine import find_checkpoint
     from ..engine.checkpoint import missing_checkpoint_message
 
+    if path is None:
+        path = default_checkpoint()
+        if path is None:
+            raise CommandError(f"{command}: no {DEFAULT_CHECKPOINT} in {os.getcwd()} or a folder above it; run "
+                               "`qaconv demo` first (it trains a model on the built-in synthetic data and saves it "
+                               "there), or give --checkpoint")
     if find_checkpoint(path) is None:
         if os.path.isdir(path):
             raise CommandError(f"{command}: {missing_checkpoint_message(path)}")
-        hint = ("run `qaconv demo` first (it trains a model on the built-in synthetic data and saves it there)"
-                if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else
-                f"pass an existing file with --checkpoint, or run `qaconv demo` to create {DEFAULT_CHECKPOINT}")
-        raise CommandError(f"{command}: checkpoint not found: {path}; {hint}")
+        raise CommandError(f"{command}: checkpoint not found: {path}; pass an existing file with --checkpoint, or "
+                           f"run `qaconv demo` to create {DEFAULT_CHECKPOINT}")
     backbone, head, cfg = load_model_or_exit(path, command, device=device)
     if head is None:
         raise CommandError(f"{command}: {path} is a baseline checkpoint (no QAConv head); give a QAConv model")

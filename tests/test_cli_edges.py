@@ -356,3 +356,120 @@ def test_rank_refuses_more_images_than_one_picture_shows(market, tmp_path, capsy
     line = fails(["search", "--index", tmp_path / "none.idx", market["data"] / "query" / "0001_c1s1_000100_00.jpg",
                   "-k", 101, "-o", tmp_path / "s.png"], capsys)
     assert f"at most {common.MAX_PICTURE_RANKS} gallery images" in line and "leave out -o" in line
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. one flag convention; the documented command lines run as written after `make demo`
+# ----------------------------------------------------------------------------------------------
+
+#: Real datasets: command lines that read them need the data (and, for training, hours).
+_REAL_DATASETS = ("market1501", "dukemtmcreid", "msmt17")
+
+
+def needs_real_data(argv) -> bool:
+    """A documented command line that trains or evaluates on a real dataset (or continues such a run)."""
+    named = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--dataset"]
+    return any(n in _REAL_DATASETS for n in named) or "--resume" in argv
+
+
+def _image(path: Path, color, rng) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.clip(np.asarray(color) + rng.normal(0, 20, size=(128, 64, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path)
+
+
+@pytest.fixture
+def demo_folder(tmp_path, monkeypatch):
+    """A folder laid out as `make demo` leaves it: `runs/demo/qaconv.pt` (a tiny model recording its test
+    set as the demo does) and `data_cache/synthetic/domain_b` holding the images the docs name (and a
+    few more: 8 identities, a query on camera 5 and two gallery images on cameras 3 and 6 each)."""
+    rng = np.random.default_rng(11)
+    synthetic = tmp_path / "data_cache" / "synthetic"
+    b = synthetic / "domain_b"
+    for n, pid in enumerate([1576, 1523, 1601, 1610, 1622, 1630, 1647, 1655]):
+        color = rng.integers(0, 255, size=3)
+        frame = 64426 if pid == 1576 else 60000 + 10 * n
+        _image(b / "query" / f"{pid:04d}_c5s2_{frame:06d}_01.jpg", color, rng)
+        _image(b / "bounding_box_test" / (f"{pid:04d}_c3s2_057104_01.jpg" if pid == 1576 else
+                                          f"{pid:04d}_c3s2_{frame - 7000:06d}_01.jpg"), color, rng)
+        _image(b / "bounding_box_test" / f"{pid:04d}_c6s1_{frame - 9000:06d}_02.jpg", color, rng)
+    ck = tmp_path / "runs" / "demo" / "qaconv.pt"
+    ck.parent.mkdir(parents=True)
+    save_tiny_checkpoint(ck, 0, neck=D, height=H, width=W)
+    state = torch.load(ck, weights_only=True)
+    state["config"].update(test_dataset="synthetic-b", test_root=str(b), synthetic_root=str(synthetic))
+    torch.save(state, ck)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("QACONV_DATA", raising=False)
+    return tmp_path
+
+
+def test_documented_command_lines_run_as_written_after_the_demo(demo_folder, capsys):
+    from test_docs import _commands, _qaconv_argv
+
+    ran, left = [], []
+    for doc, command in _commands():
+        argv = _qaconv_argv(command)
+        if command.startswith("torchrun") or needs_real_data(argv):
+            left.append(argv)
+            continue
+        try:
+            rc = _run(argv)
+        except SystemExit as exc:
+            pytest.fail(f"{doc.name}: `{command}` ended with {exc.code}: {capsys.readouterr().err}")
+        assert rc == 0, (doc.name, command)
+        ran.append(argv[0])
+    assert all(argv[0] in ("train", "eval") for argv in left), left
+    assert {"match", "rank", "index", "search"} <= set(ran) and len(ran) >= 13, ran
+    assert (demo_folder / "archive.idx" / "manifest.json").is_file() and (demo_folder / "ranked_top1.png").is_file()
+
+
+def test_the_picture_commands_find_the_demo_model_from_a_subfolder(demo_folder, capsys):
+    sub = demo_folder / "notes" / "today"
+    sub.mkdir(parents=True)
+    os.chdir(sub)
+    assert _run(["rank", "--query-index", 5, "-k", 3, "-o", "ranked.png"]) == 0
+    assert (sub / "ranked.png").is_file()
+    assert _run(["match", demo_folder / "data_cache/synthetic/domain_b/query/1576_c5s2_064426_01.jpg",
+                 demo_folder / "data_cache/synthetic/domain_b/bounding_box_test/1576_c3s2_057104_01.jpg",
+                 "-o", "pair.png"]) == 0
+    os.chdir(demo_folder.parent)   # nothing above: the message says where it looked and what to do
+    line = fails(["rank"], capsys)
+    assert f"no {os.path.join('runs', 'demo', 'qaconv.pt')} in {demo_folder.parent} or a folder above it" in line
+
+
+@pytest.mark.parametrize("old, new, note", [
+    (["--dataset", "{b}"], ["--dataset", "market1501", "--data-root", "{b}"],
+     "--dataset FOLDER is deprecated and will be removed; use --dataset market1501 --data-root {b}"),
+    (["--dataset", "{b}", "--dataset-type", "folder"], ["--dataset", "folder", "--data-root", "{b}"],
+     "--dataset FOLDER is deprecated and will be removed; use --dataset folder --data-root {b}"),
+    (["--dataset", "synthetic:domain_b"], ["--dataset", "synthetic-b"],
+     "--dataset synthetic:domain_b is deprecated and will be removed; use --dataset synthetic-b"),
+    (["--dataset-type", "market1501"], ["--dataset", "market1501", "--data-root", "{b}"],
+     "--dataset-type TYPE is deprecated and will be removed; use --dataset market1501 --data-root {b}"),
+])
+def test_old_rank_spellings_still_work_and_say_they_are_deprecated(demo_folder, capsys, old, new, note):
+    b = str(demo_folder / "data_cache" / "synthetic" / "domain_b")
+    fill = lambda argv: [a.format(b=b) for a in argv]  # noqa: E731
+    common_args = ["--query-index", 1, "-k", 3]
+    assert _run(["rank", *fill(old), *common_args, "-o", "old.png"]) == 0
+    err = capsys.readouterr().err
+    assert err.strip() == f"qaconv rank: note: {note.format(b=b)}", err
+    assert _run(["rank", *fill(new), *common_args, "-o", "new.png"]) == 0
+    assert capsys.readouterr().err == ""
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open("old.png")), np.asarray(Image.open("new.png")))
+
+
+def test_synthetic_root_is_the_deprecated_data_root(demo_folder, capsys, monkeypatch):
+    from qaconv_ext.cli import rank
+
+    seen = []
+    monkeypatch.setattr(rank, "load_dataset", lambda name, root, **kw: seen.append((name, root)) or
+                        pytest.fail("stop"))
+    with pytest.raises(pytest.fail.Exception):
+        _run(["rank", "--dataset", "synthetic-a", "--synthetic-root", "elsewhere"])
+    assert seen == [("synthetic-a", "elsewhere")]
+    assert "--synthetic-root DIR is deprecated and will be removed; use --data-root DIR" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import put_market_views, save_tiny_checkpoint, write_tiny_market
+from helpers import fails, put_market_views, save_tiny_checkpoint, write_tiny_market
 from qaconv_ext import cli
 from qaconv_ext.cli import common
 from qaconv_ext.search import GalleryIndex, GalleryIndexError, NonFiniteScoresError
@@ -33,17 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _run(argv):
     return cli.main([str(a) for a in argv])
-
-
-def fails(argv, capsys, code=2):
-    """Run ``argv``; it must end with status ``code`` and one line on stderr. Returns that line."""
-    with pytest.raises(SystemExit) as err:
-        _run(argv)
-    assert err.value.code == code, (err.value.code, str(err.value))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0] == str(err.value) and lines[0].startswith(f"qaconv {argv[0]}: "), lines[0]
-    return lines[0]
 
 
 def strict_json(path) -> object:

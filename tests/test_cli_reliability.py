@@ -15,7 +15,7 @@ import sys
 import types
 from pathlib import Path
 
-from helpers import write_tiny_market
+from helpers import fails, write_tiny_market
 import pytest
 import torch
 
@@ -50,17 +50,6 @@ def train_args(market, *extra):
 
 def _run(argv):
     return cli.main([str(a) for a in argv])
-
-
-def fails(argv, capsys, code=2):
-    """Run ``argv``; it must end with status ``code`` and one line on stderr. Returns that line."""
-    with pytest.raises(SystemExit) as err:
-        _run(argv)
-    assert err.value.code == code, (err.value.code, str(err.value))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0] == str(err.value) and lines[0].startswith(f"qaconv {argv[0]}: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,7 @@ def test_search_refuses_queries_whose_scores_are_not_finite(tmp_path, gen):
         index.search(q, k=3)
     huge = maps[:1] * 6e4   # finite float16 maps whose float32 scores overflow
     big = GalleryIndex.create(tmp_path / "big.idx", (torch.full((16,), 1e30), torch.tensor(0.0)), huge.repeat(3, 1, 1, 1))
-    with pytest.raises(NonFiniteScoresError, match="scores of query 0 .* are not finite"):
+    with pytest.raises(NonFiniteScoresError, match=r"scores of query 0 .* are not finite \(map \d: they overflow"):
         big.search(huge, k=2)
 
 

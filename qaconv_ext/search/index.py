@@ -35,10 +35,10 @@ from .storage import (
     DESCRIPTORS_DTYPE,
     DESCRIPTORS_FILE,
     FORMAT,
+    MANIFEST,
     MAPS_DTYPE,
     MAPS_FILE,
     RECORDS_FILE,
-    MANIFEST,
     GalleryIndexError,
     SegmentWriter,
     check_sizes,
@@ -403,29 +403,17 @@ class GalleryIndex:
                                        f"{self.path} are not finite")
         return q
 
-    def _damaged(self, first: int) -> NonFiniteScoresError:
-        return NonFiniteScoresError(f"{self.path}: map {first} holds NaN or infinite values, so its scores are not "
-                                    f"finite; the index is damaged: check it with `qaconv index info --verify "
-                                    f"{self.path}`")
-
-    def _finite_chunks(self, chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """``chunks`` (consecutive maps from the first), ending the search at the first map that is not
-        finite: its scores would be NaN or Inf, and NaN ranks first."""
-        offset = 0
-        for chunk in chunks:
-            bad = _first_non_finite(chunk)
-            if bad is not None:
-                raise self._damaged(offset + bad)
-            offset += chunk.shape[0]
-            yield chunk
-
-    def _read_finite_maps(self, indices: Union[Sequence[int], np.ndarray]) -> np.ndarray:
-        """:meth:`read_maps`, refusing maps that are not finite (as :meth:`_finite_chunks`)."""
-        maps = self.read_maps(indices)
-        bad = _first_non_finite(maps)
-        if bad is not None:
-            raise self._damaged(int(np.asarray(indices).reshape(-1)[bad]))
-        return maps
+    def _non_finite(self, indices: torch.Tensor, bad: torch.Tensor) -> NonFiniteScoresError:
+        """The error for results ``indices [P, k]`` whose scores are not finite where ``bad``: a stored map
+        that is not finite (a damaged index), else scores that overflow."""
+        p, j = (int(x) for x in bad.nonzero()[0])
+        i = int(indices[p, j])
+        if _first_non_finite(self.read_maps([i])) is not None:
+            return NonFiniteScoresError(f"{self.path}: map {i} holds NaN or infinite values, so its scores are not "
+                                        f"finite; the index is damaged: check it with `qaconv index info --verify "
+                                        f"{self.path}`")
+        return NonFiniteScoresError(f"the scores of query {p} against {self.path} are not finite (map {i}: they "
+                                    "overflow float32); nothing is ranked")
 
     def search(self, query_maps: MapsLike, k: int = 10, *, shortlist: Optional[int] = None,
                chunk: Optional[int] = None, device: Union[str, torch.device, None] = None,
@@ -464,20 +452,19 @@ class GalleryIndex:
                 from tqdm.auto import tqdm
                 bar = tqdm(total=n, desc="search", unit="map", leave=False, dynamic_ncols=True)
             try:
-                scores, indices = streaming_topk(q, self._finite_chunks(self.iter_maps(chunk)), weight, bias, k,
-                                                 device=device, compute_dtype=compute_dtype,
-                                                 progress=bar.update if bar else None)
+                scores, indices = streaming_topk(q, self.iter_maps(chunk), weight, bias, k, device=device,
+                                                 compute_dtype=compute_dtype, progress=bar.update if bar else None)
             finally:
                 if bar is not None:
                     bar.close()
         else:
             _, cand = descriptor_topk(global_descriptors(q), self.iter_descriptors(), int(shortlist))
-            scores, indices = rerank_shortlist(q, cand, self._read_finite_maps, weight, bias, k, device=device,
+            scores, indices = rerank_shortlist(q, cand, self.read_maps, weight, bias, k, device=device,
                                                compute_dtype=compute_dtype)
-        if not bool(torch.isfinite(scores).all()):  # finite maps whose scores overflow
-            p = int((~torch.isfinite(scores)).any(dim=1).nonzero()[0])
-            raise NonFiniteScoresError(f"the scores of query {p} against {self.path} are not finite (they overflow "
-                                       "float32); nothing is ranked")
+        # NaN and +Inf scores rank first, so a scored map with a non-finite score is among the results
+        bad = ~torch.isfinite(scores)
+        if bool(bad.any()):
+            raise self._non_finite(indices, bad)
         return scores, indices
 
 

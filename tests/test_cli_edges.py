@@ -443,7 +443,7 @@ def test_the_picture_commands_find_the_demo_model_from_a_subfolder(demo_folder, 
 def test_old_rank_spellings_still_work_and_say_they_are_deprecated(demo_folder, capsys, old, new, note):
     b = str(demo_folder / "data_cache" / "synthetic" / "domain_b")
     fill = lambda argv: [a.format(b=b) for a in argv]  # noqa: E731
-    common_args = ["--query-index", 1, "-k", 3]
+    common_args = ["--query-index", 1, "-k", 3, "--max-gallery", 6]
     assert _run(["rank", *fill(old), *common_args, "-o", "old.png"]) == 0
     err = capsys.readouterr().err
     assert err.strip() == f"qaconv rank: note: {note.format(b=b)}", err

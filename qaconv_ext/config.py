@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 __all__ = ["ARCHITECTURES", "NECK_TYPES", "PRESETS", "DEFAULT_PRESET", "LEGACY_PRESET", "AUGMENTATIONS",
-           "RECIPES", "RECIPE_DEFAULTS", "check_preset", "preset_of", "TrainConfig"]
+           "RECIPES", "RECIPE_DEFAULTS", "RUN_OPTIONS", "check_preset", "preset_of", "TrainConfig"]
 
 #: Backbones :func:`qaconv_ext.models.build_backbone` builds (``small``: a narrow ResNet for CPU runs).
 ARCHITECTURES = ("resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "small")
@@ -40,6 +40,15 @@ RECIPE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "eccv": {},
     "gs": dict(batch_size=64, lr=0.005, clip_grad=8.0, augment="v2", freeze_bn=True),
 }
+
+
+#: The settings that define a run, by name: the fields of :class:`~qaconv_ext.config.TrainConfig` (and
+#: the argparse ``dest`` of ``qaconv train``). None stands for "not given": a new run then takes
+#: ``TrainConfig``'s default, a resumed run the checkpoint's value.
+RUN_OPTIONS = ("method", "arch", "neck", "layout", "height", "width", "ibn", "neck_type", "preprocess", "augment",
+               "pretrained", "epochs", "batch_size", "lr", "base_lr_mult", "step_size", "weight_decay",
+               "random_block", "flip", "freeze_bn", "clip_grad", "amp", "workers", "seed", "recipe",
+               "mem_batch_size", "num_instance")
 
 
 def check_preset(preset: str) -> str:

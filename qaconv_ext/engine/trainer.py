@@ -37,6 +37,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
+from .resume import RUN_OPTIONS, saved_settings, settle_resume
 
 __all__ = ["Trainer", "run_training", "build_optimizer", "build_scheduler", "build_train_loader", "build_model",
            "build_graph_sampler", "LossDropSchedule", "seed_everything", "TrainingDiverged", "MAX_BAD_STEPS"]
@@ -484,10 +485,21 @@ class Trainer:
         return save_checkpoint(self.state_dict(), path)
 
     def resume(self, path: str) -> int:
-        """Load a checkpoint (file or folder holding the checkpoint); returns the epochs completed."""
+        """Load a checkpoint (file or folder holding the checkpoint); returns the epochs completed.
+
+        When the trainer has a config (:func:`run_training` gives it one), the run's settings must agree
+        with the checkpoint's as ``qaconv train --resume`` requires (:func:`~qaconv_ext.engine.resume.settle_resume`:
+        the same settings; more epochs than done, unless the run is not complete yet); else
+        :class:`~qaconv_ext.engine.resume.ResumeConflict` names what differs.
+        """
         if os.path.isdir(path):
             path = os.path.join(path, self.checkpoint_name)
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        ckpt = load_checkpoint(path, map_location=self.device)
+        given = {k: self.config[k] for k in (*RUN_OPTIONS, "dataset", "combine_all") if k in self.config}
+        if given:
+            settle_resume(saved_settings(ckpt.get("config")), int(ckpt.get("epoch", 0)),
+                          {**given, "dataset": given.get("dataset") or None}, run=path, scheduler=ckpt.get("scheduler"))
+        self.load_state_dict(ckpt)
         return self.epoch
 
 

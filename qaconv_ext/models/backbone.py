@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from ..config import ARCHITECTURES, NECK_TYPES
 from ..utils.torch_files import TorchFileError, load_torch_file
-from .resnet import IBN_ARCHITECTURES, IBN_TYPES, RESNET_SPECS, resnet
+from .resnet import IBN_ARCHITECTURES, IBN_TYPES, resnet
 
 __all__ = ["ReIDBackbone", "FeatureMapAdapter", "build_backbone", "load_pretrained", "feature_map_size",
            "ARCHITECTURES", "NECK_TYPES", "IBN_TYPES", "IBN_ARCHITECTURES", "trunk_ibn_type",

@@ -89,6 +89,16 @@ def run(world: int, args: argparse.Namespace, out: str) -> Dict:
     return torch.load(os.path.join(out, f"world{world}.pt"), weights_only=True)
 
 
+def _cpu_flags() -> List[str]:
+    """The vector extensions the CPU kernels choose from, as ``/proc/cpuinfo`` names them."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read()
+    except OSError:
+        return []
+    return sorted(f for f in ("avx2", "avx512f", "avx512_bf16") if f" {f} " in text or f" {f}\n" in text)
+
+
 def _demo_sized_checkpoint(folder: str) -> str:
     """An untrained QAConv checkpoint of the demo's architecture and input size (this package's format)."""
     from qaconv_ext.cli.demo import DEMO_PREPROCESS
@@ -180,6 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ok = all(r["identical_to_one_process"] for r in rows)
     if args.eval_rerank:
         case = eval_rerank_case(args)
+        result["machine"]["cpu_flags"] = _cpu_flags()
         result["eval_rerank"] = case
         result["machine"]["load_average_before_after"][1] = round(os.getloadavg()[0], 2)
         print(f"\n{case['command']} on {case['dataset']}:")

@@ -32,7 +32,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..config import AUGMENTATIONS, PRESETS, check_preset
+from ..config import AUGMENTATIONS, DEFAULT_PRESET, PRESETS, check_preset
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -402,7 +402,7 @@ class ColorJitter(_RandomTransform):
 
 def build_train_transform(height: int, width: int, random_block: bool = True, flip: bool = True,
                           generator: Optional[torch.Generator] = None, block_ratio: float = 0.8, *,
-                          preprocess: str = "public", augment: str = "eccv",
+                          preprocess: str = DEFAULT_PRESET, augment: str = "eccv",
                           block_min_ratio: float = 0.0) -> Compose:
     """Training transform: PIL image -> float tensor ``[3, height, width]`` (see the module doc).
 
@@ -442,7 +442,7 @@ def build_train_transform(height: int, width: int, random_block: bool = True, fl
     return Compose(steps)
 
 
-def build_test_transform(height: int, width: int, preprocess: str = "public") -> Compose:
+def build_test_transform(height: int, width: int, preprocess: str = DEFAULT_PRESET) -> Compose:
     """Test transform: PIL image -> float tensor ``[3, H, W]``.
 
     ``"public"``: bicubic resize, ``[0, 1]`` (equals ``np.asarray(img.resize((W, H), Image.BICUBIC)) / 255``);

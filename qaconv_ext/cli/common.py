@@ -8,6 +8,7 @@ imports PyTorch at module level, so that ``qaconv --help`` answers without loadi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,8 @@ import re
 import sys
 import tempfile
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..config import ARCHITECTURES, AUGMENTATIONS, NECK_TYPES, PRESETS, RECIPE_DEFAULTS, RECIPES, TrainConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -34,24 +37,15 @@ __all__ = [
 
 DATASET_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "synthetic-a", "synthetic-b", "folder")
 
-#: The choices of the model options, spelled out so that the parsers are built without importing
-#: PyTorch (a test keeps them equal to the library's): :data:`qaconv_ext.models.ARCHITECTURES`,
-#: ``models.NECK_TYPES``, ``data.transforms.PREPROCESS_PRESETS`` and ``AUGMENTATIONS``.
-ARCHITECTURE_CHOICES = ("resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "small")
-NECK_TYPE_CHOICES = ("bn", "bias")
-PREPROCESS_CHOICES = ("public", "imagenet")
-AUGMENT_CHOICES = ("eccv", "v2")
-#: :data:`qaconv_ext.engine.config.RECIPES`, and where the ``gs`` recipe's defaults differ
-#: (``RECIPE_DEFAULTS["gs"]``), spelled out for the same reason.
-RECIPE_CHOICES = ("eccv", "gs")
-GS_DEFAULTS: Dict[str, Any] = dict(batch_size=64, lr=0.005, clip_grad=8.0, augment="v2", freeze_bn=True)
-
-#: The defaults of :class:`qaconv_ext.engine.TrainConfig` that the help texts name (spelled out for the
-#: same reason; a test keeps them equal). A new run takes its defaults from ``TrainConfig`` itself.
-TRAIN_DEFAULTS: Dict[str, Any] = dict(method="qaconv", recipe="eccv", arch="resnet50", neck=128, layout="v2", neck_type="bn",
-                                      preprocess="public", augment="eccv", height=384, width=128, epochs=60,
-                                      batch_size=32, lr=0.01, step_size=40, weight_decay=5e-4, clip_grad=0.0,
-                                      workers=2, seed=0)
+#: The choices of the model options and the training defaults the help texts name, from the
+#: torch-free :mod:`qaconv_ext.config` (the parsers are built without importing PyTorch).
+ARCHITECTURE_CHOICES = ARCHITECTURES
+NECK_TYPE_CHOICES = NECK_TYPES
+PREPROCESS_CHOICES = PRESETS
+AUGMENT_CHOICES = AUGMENTATIONS
+RECIPE_CHOICES = RECIPES
+GS_DEFAULTS: Dict[str, Any] = RECIPE_DEFAULTS["gs"]
+TRAIN_DEFAULTS: Dict[str, Any] = dataclasses.asdict(TrainConfig())
 
 #: The QAConv model the picture commands (``match``, ``rank``) read unless told otherwise: ``qaconv demo``'s,
 #: in the current folder or the nearest folder above it that holds one (:func:`default_checkpoint`).

@@ -178,11 +178,11 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     post = not args.no_postprocess
     amp = True if args.amp else None
     table_rows = evaluate_trained(backbone, head, test_ds, cfg.height, cfg.width, device=device, rerank=post,
-                                  tlift=post, progress=progress, amp=amp)
+                                  tlift=post, progress=progress, amp=amp, preprocess=cfg.preprocess)
     timings["eval_qaconv"] = time.time() - t0
     t0 = time.time()
     table_rows.update(evaluate_trained(trained["baseline"].model, None, test_ds, cfg.height, cfg.width,
-                                       device=device, progress=progress))
+                                       device=device, progress=progress, preprocess=cfg.preprocess))
     timings["eval_baseline"] = time.time() - t0
     if args.gs_epochs:
         # QAConv 2.x's recipe on the same backbone and data: graph sampling, triplet loss, gradient clipping
@@ -199,7 +199,8 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
         timings["train_gs"] = time.time() - t0
         t0 = time.time()
         gs_rows = evaluate_trained(trained["gs"].model.eval(), trained["gs"].criterion.matcher.eval(), test_ds,
-                                   cfg.height, cfg.width, device=device, progress=progress, amp=amp)
+                                   cfg.height, cfg.width, device=device, progress=progress, amp=amp,
+                                   preprocess=cfg.preprocess)
         table_rows[GS_ROW] = next(iter(gs_rows.values()))
         timings["eval_gs"] = time.time() - t0
     timings["total"] = time.time() - t_start
@@ -234,7 +235,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
         "table": table,
     }
     pictures = save_demo_pictures(backbone, head, test_ds, os.path.join(out, "pictures"), height=cfg.height,
-                                  width=cfg.width)
+                                  width=cfg.width, preprocess=cfg.preprocess)
     record["pictures"] = pictures
     write_json(os.path.join(out, "results.json"), record)
     print("pictures (a ranked list, the correspondences with a true match and with an impostor):")

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 def _shared_options(args: argparse.Namespace, path: str) -> dict:
     """The options every rank must agree on."""
     keys = ("dataset", "data_root", "combine_all", "arch", "neck", "height", "width", "layout", "batch_size",
-            "rerank", "tlift", "skip_bad_images")
+            "rerank", "tlift", "skip_bad_images", "rerank_mode", "amp", "preprocess")
     return {"checkpoint": os.path.abspath(path), **{k: getattr(args, k, None) for k in keys}}
 
 
@@ -97,14 +97,11 @@ def _evaluate(args: argparse.Namespace, path: str, device: str, env: Any) -> int
     if args.tlift and head is not None:
         check_time_stamps(ds, args.dataset, COMMAND)
     kwargs = dict(device=device, batch_size=args.batch_size, workers=args.workers, rerank=args.rerank,
-                  tlift=args.tlift, progress=not args.no_progress, rerank_mode=args.rerank_mode)
+                  tlift=args.tlift, progress=not args.no_progress, rerank_mode=args.rerank_mode, amp=args.amp,
+                  preprocess=cfg["preprocess"])
     if env is None:
-        rows = evaluate_or_exit(COMMAND, backbone, head, ds, int(cfg["height"]), int(cfg["width"]), amp=args.amp,
-                                **kwargs)
+        rows = evaluate_or_exit(COMMAND, backbone, head, ds, int(cfg["height"]), int(cfg["width"]), **kwargs)
     else:
-        if args.amp and str(device).startswith("cpu"):
-            raise CommandError(f"{COMMAND}: --amp (bfloat16 feature maps) is not supported on the CPU with several "
-                               f"processes; run it in one process")
         from ..distributed import sharded_evaluate_trained
 
         rows = evaluate_or_exit(COMMAND, backbone, head, ds, int(cfg["height"]), int(cfg["width"]),

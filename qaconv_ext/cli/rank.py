@@ -170,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
     q = ds.query[args.query_index]
     h, w = cfg["height"], cfg["width"]
     g_fea = extract_features(model, gallery, h, w, batch_size=args.batch_size, device=device,
-                             progress=len(gallery) > 2000, desc="gallery features")
-    ranking = rank_query(model, head, q, gallery, g_fea, h, w, device)
+                             progress=len(gallery) > 2000, desc="gallery features", preprocess=cfg["preprocess"])
+    ranking = rank_query(model, head, q, gallery, g_fea, h, w, device, preprocess=cfg["preprocess"])
     q_fea, scores, junk, matches, order = (ranking.features, ranking.scores, ranking.junk, ranking.matches,
                                            ranking.order)
     n_rel = int(np.sum(matches & ~junk))

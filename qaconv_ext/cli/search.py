@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         backbone, _, cfg = index.load_model(args.checkpoint, device)
         t0 = time.time()
         q = extract_features(backbone, list(args.images), int(cfg["height"]), int(cfg["width"]),
-                             batch_size=args.batch_size, device=device, progress=False)
+                             batch_size=args.batch_size, device=device, progress=False,
+                             preprocess=cfg["preprocess"])
         t1 = time.time()
         scores, indices = index.search(q, k=args.k, shortlist=args.shortlist, device=device,
                                        progress=not args.no_progress and len(index) > 20000)

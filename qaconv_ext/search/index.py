@@ -28,7 +28,7 @@ from .identity import (
     check_head,
     describe_model,
     model_identity,
-    preprocessing_of,
+    check_preprocessing,
 )
 from .images import RecordLike, as_records, extract_map_blocks, load_model, map_shape_of
 from .storage import (
@@ -52,7 +52,8 @@ from .storage import (
     verify_segments,
     write_manifest,
 )
-from .topk import descriptor_topk, global_descriptors, iterate_blocks, rerank_shortlist, streaming_topk
+from ..scoring import blocks as iterate_blocks
+from .topk import descriptor_topk, global_descriptors, rerank_shortlist, streaming_topk
 
 __all__ = ["GalleryIndex", "NonFiniteScoresError", "DEFAULT_CHUNK_BYTES"]
 
@@ -175,7 +176,8 @@ class GalleryIndex:
             raise GalleryIndexError(f"{path}: no images to index")
         backbone, head, cfg = load_model(checkpoint, device)
         ident = model_identity(head, map_shape_of(head, cfg), checkpoint=cfg["checkpoint"], config=cfg)
-        blocks = extract_map_blocks(backbone, recs, int(cfg["height"]), int(cfg["width"]), batch_size=batch_size,
+        blocks = extract_map_blocks(backbone, recs, int(cfg["height"]), int(cfg["width"]), preprocess=cfg["preprocess"],
+                                    batch_size=batch_size,
                                     device=device, workers=workers, block=block, progress=progress)
         return cls._write_new(path, ident, blocks, overwrite)
 
@@ -200,8 +202,9 @@ class GalleryIndex:
         if checkpoint is not None:
             check_checkpoint(path, index.model, os.fspath(checkpoint))
             if not index.model.get("checkpoint"):
-                _, ck_head, _ = load_model(os.fspath(checkpoint))
+                _, ck_head, ck_cfg = load_model(os.fspath(checkpoint))
                 check_head(path, index.model, ck_head)
+                check_preprocessing(path, index.model, ck_cfg, os.fspath(checkpoint))
         if head is not None:
             check_head(path, index.model, head)
         return index
@@ -262,7 +265,8 @@ class GalleryIndex:
         if not recs:
             return self
         backbone, _, cfg = self.load_model(checkpoint, device)
-        blocks = extract_map_blocks(backbone, recs, int(cfg["height"]), int(cfg["width"]), batch_size=batch_size,
+        blocks = extract_map_blocks(backbone, recs, int(cfg["height"]), int(cfg["width"]), preprocess=cfg["preprocess"],
+                                    batch_size=batch_size,
                                     device=device, workers=workers, block=block, progress=progress)
         return self._append_blocks(blocks)
 
@@ -299,10 +303,7 @@ class GalleryIndex:
         if list(map_shape_of(head, cfg)) != list(self.map_shape):
             raise GalleryIndexError(f"{checkpoint} makes {list(map_shape_of(head, cfg))} maps, {self.path} holds "
                                     f"{list(self.map_shape)}")
-        pre = self.model.get("preprocessing")
-        if pre is not None and pre != preprocessing_of(cfg["height"], cfg["width"]):
-            raise GalleryIndexError(f"{self.path} was made with the preprocessing {pre}; this model and version "
-                                    f"use {preprocessing_of(cfg['height'], cfg['width'])}")
+        check_preprocessing(self.path, self.model, cfg, checkpoint)
         return backbone, head, cfg
 
     # ------------------------------------------------------------------------------------------
@@ -350,7 +351,7 @@ class GalleryIndex:
                                         f"map {a}); the index is damaged")
             return buf
 
-        blocks = list(iterate_blocks(stop - start, chunk))
+        blocks = iterate_blocks(stop - start, chunk)
         if not blocks:
             return
         with open(path, "rb") as fh, ThreadPoolExecutor(max_workers=1) as pool:

@@ -92,6 +92,7 @@ def build(replace: Optional[Dict[str, str]] = None) -> Path:
     units: List[Tuple[str, bytes, List[str]]] = [
         ("runtime.cpp", (HERE / "runtime.cpp").read_bytes(), []),
         ("driver.cpp", (HERE / "driver.cpp").read_bytes(), []),
+        ("probes.cpp", (HERE / "probes.cpp").read_bytes(), KERNEL_FLAGS[2:]),
     ]
     for name in KERNEL_FILES:
         text = replace[name].encode() if name in replace else (CUDA_DIR / name).read_bytes()
@@ -104,7 +105,7 @@ def build(replace: Optional[Dict[str, str]] = None) -> Path:
         objects.append(obj)
         if obj.exists():
             continue
-        src = HERE / name if name in ("runtime.cpp", "driver.cpp") else CUDA_DIR / name
+        src = CUDA_DIR / name if name in KERNEL_FILES else HERE / name
         if name in replace:  # a patched copy, under the original's name
             src = BUILD_DIR / obj.stem / name
             src.parent.mkdir(exist_ok=True)
@@ -160,6 +161,9 @@ class Emulator:
         L.emu_mma_channels.argtypes = [_I64]
         L.emu_convert.argtypes = [ctypes.c_int, _VP, _VP, _I64]
         L.emu_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
+        L.emu_probe_mma.argtypes = [_VP] * 7 + [ctypes.c_int]
+        L.emu_probe_ldmatrix.argtypes = [_VP] * 3
+        L.emu_probe_fault.argtypes = [ctypes.c_int, _VP, _VP, ctypes.c_int]
         self.configure()
 
     def configure(self, device: Device = DEVICES["sm_80"], schedule: str = "forward", seed: int = 0) -> None:
@@ -252,6 +256,37 @@ class Emulator:
             self._call(self.lib.emu_match_backward, KIND[q.dtype], self._upload(grad_values.float()),
                        self._upload(indices), self._upload(q), self._upload(g), pq, pg, P, N, d, Lq, Lg)
             return (self._download(gq, pq) if need_q else None), (self._download(gg, pg) if need_g else None)
+        return self._run(body)
+
+    # ---- probes of the emulator itself (probes.cpp) ----
+    def probe_mma(self, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, a_idx: torch.Tensor,
+                  b_idx: torch.Tensor, c_idx: torch.Tensor) -> torch.Tensor:
+        """One mma.m16n8k16 with fragments gathered by the given layouts: A [16, 16], B [16, 8] (k, n)
+        float16/bfloat16, C [16, 8] float32; index tensors int32 [32, 8], [32, 4], [32, 4] (flat)."""
+        def body():
+            D, pd = self._output((16, 8), torch.float32)
+            A16, B16 = A.contiguous().view(torch.int16), B.contiguous().view(torch.int16)
+            self._call(self.lib.emu_probe_mma, self._upload(A16), self._upload(B16), self._upload(C.float()),
+                       self._upload(a_idx.int()), self._upload(b_idx.int()), self._upload(c_idx.int()), pd,
+                       int(A.dtype == torch.bfloat16))
+            return self._download(D, pd)
+        return self._run(body)
+
+    def probe_ldmatrix(self, rows: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
+        """ldmatrix.x4 of 32 rows (int32 [32, 4]: 16 bytes each), lane l addressing row row_of[l]:
+        int32 [32, 4], register j of lane l."""
+        def body():
+            out, po = self._output((32, 4), torch.int32)
+            self._call(self.lib.emu_probe_ldmatrix, self._upload(rows.int()), self._upload(row_of.int()), po)
+            return self._download(out, po)
+        return self._run(body)
+
+    def probe_fault(self, fault: int, smem_bytes: int = 256) -> torch.Tensor:
+        """The fault kernel of probes.cpp (64 threads): raises EmuError where the emulator stops it."""
+        def body():
+            out, po = self._output((64,), torch.float32)
+            self._call(self.lib.emu_probe_fault, fault, self._upload(torch.arange(64.0)), po, smem_bytes)
+            return self._download(out, po)
         return self._run(body)
 
     # ---- planning ----

@@ -76,43 +76,43 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def _headers() -> bytes:
-    files = sorted(HERE.glob("**/*.h")) + sorted(CUDA_DIR.glob("*.h")) + sorted(CUDA_DIR.glob("*.cuh"))
-    return b"".join(f.name.encode() + f.read_bytes() for f in files)
-
-
 def build(replace: Optional[Dict[str, str]] = None) -> Path:
-    """Compiles the emulator library, kernel files replaced by ``{file name: source text}``; cached."""
+    """Compiles the emulator library, files of csrc/cuda replaced by ``{file name: source text}``
+    (kernel files or headers: a patched copy of the whole folder is compiled); cached."""
     cxx = compiler()
     if cxx is None:
         raise EmuError("no C++ compiler")
     replace = replace or {}
+    unknown = set(replace) - {f.name for f in CUDA_DIR.iterdir()}
+    if unknown:
+        raise EmuError(f"not in csrc/cuda: {sorted(unknown)}")
+    cuda_src = {f.name: replace.get(f.name, f.read_text()).encode() for f in sorted(CUDA_DIR.iterdir())
+                if f.suffix in (".h", ".cuh", ".cu")}
+    cuda_dir = CUDA_DIR
+    if replace:  # a patched copy of csrc/cuda (quoted includes resolve next to the including file)
+        cuda_dir = BUILD_DIR / f"src-{_digest(*(n.encode() + t for n, t in cuda_src.items()))}"
+        cuda_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in cuda_src.items():
+            (cuda_dir / name).write_bytes(text)
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.encode()
-    common = _headers() + " ".join(FLAGS).encode() + version
-    units: List[Tuple[str, bytes, List[str]]] = [
-        ("runtime.cpp", (HERE / "runtime.cpp").read_bytes(), []),
-        ("driver.cpp", (HERE / "driver.cpp").read_bytes(), []),
-        ("probes.cpp", (HERE / "probes.cpp").read_bytes(), KERNEL_FLAGS[2:]),
-    ]
-    for name in KERNEL_FILES:
-        text = replace[name].encode() if name in replace else (CUDA_DIR / name).read_bytes()
-        units.append((name, text, KERNEL_FLAGS))
+    emu_headers = [f.name.encode() + f.read_bytes() for f in sorted(HERE.glob("**/*.h"))]
+    cuda_headers = [n.encode() + t for n, t in cuda_src.items() if not n.endswith(".cu")]
+    own = _digest(*emu_headers, " ".join(FLAGS).encode(), version).encode()  # runtime, probes
+    common = _digest(own, *cuda_headers).encode()                             # driver, kernel files
+    units: List[Tuple[Path, List[str], bytes]] = [(HERE / "runtime.cpp", [], own), (HERE / "driver.cpp", [], common),
+                                                  (HERE / "probes.cpp", KERNEL_FLAGS[2:], own)]
+    units += [(cuda_dir / name, KERNEL_FLAGS, common) for name in KERNEL_FILES]
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    includes = [f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CUDA_DIR}"]
+    includes = [f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{cuda_dir}"]
     objects, jobs = [], []
-    for name, text, extra in units:
-        obj = BUILD_DIR / f"{Path(name).stem}-{_digest(common, text, ' '.join(extra).encode())}.o"
+    for src, extra, deps in units:
+        obj = BUILD_DIR / f"{src.stem}-{_digest(deps, src.read_bytes(), ' '.join(extra).encode())}.o"
         objects.append(obj)
         if obj.exists():
             continue
-        src = CUDA_DIR / name if name in KERNEL_FILES else HERE / name
-        if name in replace:  # a patched copy, under the original's name
-            src = BUILD_DIR / obj.stem / name
-            src.parent.mkdir(exist_ok=True)
-            src.write_bytes(text)
         tmp = obj.with_suffix(f".{os.getpid()}.tmp")
         cmd = [cxx, *FLAGS, *extra, *includes, "-c", str(src), "-o", str(tmp)]
-        jobs.append((subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True), tmp, obj, name))
+        jobs.append((subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True), tmp, obj, src.name))
     for proc, tmp, obj, name in jobs:
         _, err = proc.communicate()
         if proc.returncode != 0:

@@ -311,3 +311,92 @@ def test_schedules_agree(emu, schedule, seed, gen):
     emu.configure(schedule=schedule, seed=seed)
     for a, b in zip(base, run()):
         assert torch.equal(a, b)
+
+
+# ---- launch planning (launch_plan.h) and the dispatcher ---------------------------------------------
+
+# Feature maps (h x w, d) of the planning table in docs/CUDA.md.
+PLAN_MAPS = [(24, 8, 128), (16, 8, 128), (24, 16, 128), (24, 8, 256), (12, 4, 512), (24, 8, 512), (32, 32, 64)]
+
+
+def plan_table(emu: Emulator) -> list:
+    """Markdown rows: per map size and device, the tensor-core plan (stages, shared KiB) or the fallback."""
+    rows = []
+    for h, w, d in PLAN_MAPS:
+        cells = []
+        for dev in DEVICES.values():
+            p = emu.plan(dev, 64, 1000, d, h * w, h * w)
+            cells.append(f"{p['stages']} stage{'s' * (p['stages'] > 1)}, {p['smem_bytes'] / 1024:.1f} KiB"
+                         if p["supported"] else "CUDA cores")
+        rows.append(f"| {h} × {w}, d = {d} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def test_plan_table_in_docs(emu):
+    """docs/CUDA.md's planning table is the planner's output for the four device profiles."""
+    doc = (cuda_emu.ROOT / "docs" / "CUDA.md").read_text()
+    for row in plan_table(emu):
+        assert row in doc, f"docs/CUDA.md lacks the row\n{row}"
+
+
+@pytest.mark.parametrize("device", list(DEVICES))
+def test_plans_fit_the_device(emu, device):
+    """Every supported plan fits the device's shared memory, takes two stages where they fit, and never
+    runs below sm_80; the shapes the README names fall back on the A100 (d = 512; 24 x 16 maps at d = 128)."""
+    dev = DEVICES[device]
+    for (h, w, d), (P, N) in itertools.product(PLAN_MAPS + [(7, 5, 8), (48, 16, 64)], [(1, 1), (3, 700), (500, 20)]):
+        L = h * w
+        p = emu.plan(dev, P, N, d, L, L)
+        two = emu.plan(dataclasses.replace(dev, smem_optin=10**9), P, N, d, L, L)
+        if dev.major < 8:
+            assert not p["supported"]
+            continue
+        assert p["supported"] == (emu.plan(dataclasses.replace(dev, smem_optin=10**9), 1, 1, d, L, L)
+                                  ["supported"] and p["smem_bytes"] <= dev.smem_optin)
+        if p["supported"]:
+            assert p["smem_bytes"] <= dev.smem_optin and p["stages"] == (2 if two["smem_bytes"] <= dev.smem_optin
+                                                                         else 1)
+            assert 1 <= p["per_cta"] <= 64 and p["chunks"] * p["per_cta"] >= N and p["warps"] <= 12
+    if device == "sm_80":
+        for h, w, d in [(24, 8, 512), (24, 16, 128)]:
+            assert not emu.plan(dev, 64, 1000, d, h * w, h * w)["supported"]
+
+
+@pytest.mark.parametrize("device", list(DEVICES))
+def test_fallback_gives_the_same_numbers(emu, device, gen):
+    """On each device profile the dispatcher runs what the plan says (tensor cores or the CUDA-core
+    fallback), and the scores are bit-identical to float64 on exact inputs: 24 x 16 maps at d = 128 (the
+    fallback everywhere) and 24 x 8 at d = 128 (two stages on sm_80 and sm_90, the fallback on sm_75 and
+    sm_89)."""
+    dev = DEVICES[device]
+    emu.configure(dev)
+    for (h, w, d), P, N in [((24, 16, 128), 1, 1), ((24, 8, 128), 1, 2)]:
+        L = h * w
+        q, g = int_maps(P, L, d, gen, 1).half(), int_maps(N, L, d, gen, 1).half()
+        wt = torch.randint(-2, 3, (2 * L,), generator=gen).float()
+        out, used = emu.score_dispatch(q, g, wt, torch.tensor([0.5]))
+        assert used.startswith("tensor") == bool(emu.plan(dev, P, N, d, L, L)["supported"]), (used, h, w, d)
+        assert_same(out, score_reference(q, g, wt, 0.5), f"{device} {h}x{w} d={d} ({used})")
+
+
+@pytest.mark.parametrize("dtype, precision, simple, scale, expect", [
+    (torch.float32, "highest", False, 1, "CUDA cores"),
+    (torch.float32, "high", False, 1, "tensor cores (torch.float16)"),
+    (torch.float32, "high", False, 2**15, "tensor cores (torch.bfloat16)"),  # beyond float16's range
+    (torch.float32, "medium", False, 1, "tensor cores (torch.bfloat16)"),
+    (torch.float16, "highest", False, 1, "tensor cores (torch.float16)"),
+    (torch.bfloat16, "highest", False, 1, "tensor cores (torch.bfloat16)"),
+    (torch.float16, "highest", True, 1, "CUDA cores"),
+])
+def test_dispatcher_paths(emu, dtype, precision, simple, scale, expect, gen):
+    """Every dtype path of qaconv_score's dispatcher (kernel choice, float32 staging, channel padding to a
+    multiple of 8: d = 13), bit-exact against float64 on the inputs each kernel is given."""
+    P, N, Lq, Lg, d = 2, 3, 50, 70, 13
+    q, g = int_maps(P, Lq, d, gen, 2) * scale, int_maps(N, Lg, d, gen, 2) * scale
+    q[0, 0, 0] = 3 * scale  # |values| up to 3 * 2^15 = 98304 > 65504: staged in bfloat16
+    q, g = q.to(dtype), g.to(dtype)
+    w = torch.randint(-3, 4, (Lq + Lg,), generator=gen).float()
+    bias = float(scale * scale)  # a multiple of the scores' last bit: their sums stay exact
+    out, used = emu.score_dispatch(q, g, w, torch.tensor([bias]), float32_precision=precision, simple=simple)
+    assert used == expect
+    assert_same(out, score_reference(q, g, w, bias), used)

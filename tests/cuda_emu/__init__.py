@@ -297,6 +297,28 @@ class Emulator:
         keys = ("supported", "stages", "smem_bytes", "warps", "per_cta", "chunks", "max_p", "row_stride")
         return dict(zip(keys, out))
 
+    def score_dispatch(self, q: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       float32_precision: str = "highest", simple: bool = False) -> Tuple[torch.Tensor, str]:
+        """qaconv_score as the torch binding (match_cuda.cpp) dispatches it, with the decisions taken from
+        launch_plan.h: the tensor-core kernel where it is tried and fits (float32 staged in float16 or
+        bfloat16, channels zero-padded to a multiple of 8), else the CUDA-core kernel on the maps as given.
+        Returns the scores and which kernel produced them."""
+        L = self.lib
+        kind = KIND[q.dtype]
+        if L.emu_score_tries_tensor_cores(kind, int(float32_precision == "highest"), int(simple)):
+            qs, gs = q, g
+            if q.dtype == torch.float32:
+                max_abs = float(torch.stack([q.abs().max(), g.abs().max()]).max())
+                staged = {1: torch.float16, 2: torch.bfloat16}[L.emu_staging_kind(int(float32_precision == "high"),
+                                                                                   max_abs)]
+                qs, gs = q.to(staged), g.to(staged)
+            pad = L.emu_mma_channels(q.shape[2]) - q.shape[2]
+            qs, gs = (torch.nn.functional.pad(qs, (0, pad)), torch.nn.functional.pad(gs, (0, pad)))
+            out = self.score(qs, gs, weight, bias, tensor_cores=True)
+            if out is not None:
+                return out, f"tensor cores ({qs.dtype})"
+        return self.score(q, g, weight, bias, tensor_cores=False), "CUDA cores"
+
     def convert(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """float32 -> dtype (float16/bfloat16) -> float32 through the emulator's conversions."""
         x = x.float().contiguous()
@@ -319,7 +341,8 @@ class Emulator:
 
         def one(m: "re.Match[str]") -> str:
             off = int(m.group(1)) - base - 1  # the call's return address: step back into the call
-            res = subprocess.run([tool, "-C", "-i", "-e", str(self.path), hex(off)], capture_output=True, text=True)
-            where = res.stdout.split("\n")[0].strip()
-            return f"at {where.rsplit('/', 1)[-1]}" if where and "??" not in where else m.group(0)
+            res = subprocess.run([tool, "-i", "-e", str(self.path), hex(off)], capture_output=True, text=True)
+            frames = [f.strip().rsplit("/", 1)[-1] for f in res.stdout.splitlines() if f.strip()]
+            frames = [f for f in frames if "??" not in f]
+            return "at " + " inlined in ".join(frames[:3]) if frames else m.group(0)
         return re.sub(r"pc=(\d+)", one, message)

@@ -44,6 +44,12 @@ def _default_device(emu):
     yield
 
 
+def rotate_schedule(emu: Emulator, case: int) -> None:
+    """Cases take turns with the schedules (forward, reverse, random with two seeds)."""
+    schedule, seed = SCHEDULES[case % len(SCHEDULES)]
+    emu.configure(schedule=schedule, seed=seed)
+
+
 def int_maps(n: int, L: int, d: int, gen: torch.Generator, hi: int = 3) -> torch.Tensor:
     """Integer-valued maps [n, L, d] in [-hi, hi]: every product and sum below is exact."""
     return torch.randint(-hi, hi + 1, (n, L, d), generator=gen).float()
@@ -151,7 +157,9 @@ def test_16bit_conversions(emu, gen):
 
 @pytest.mark.parametrize("fault, message", [(0, "shared-memory race"), (1, "divergent warp collective"),
                                             (2, "deadlock"), (3, "shared memory out of bounds"),
-                                            (4, "global memory out of bounds")])
+                                            (4, "global memory out of bounds: .* reads"),
+                                            (6, "global memory out of bounds: .* writes"),
+                                            (7, "write to a read-only input")])
 def test_emulator_stops_faulty_kernels(emu, fault, message):
     with pytest.raises(EmuError, match=message):
         emu.probe_fault(fault)
@@ -176,6 +184,7 @@ MATCH_SHAPES = [(2, 3, 70, 35, 20), (1, 2, 1, 130, 3), (3, 1, 64, 64, 16), (2, 2
 @pytest.mark.parametrize("shape", MATCH_SHAPES)
 def test_match_exact(emu, dtype, shape, gen):
     """match_forward with and without indices: values and first-index argmax bit-exact (many ties)."""
+    rotate_schedule(emu, MATCH_SHAPES.index(shape) + DTYPES.index(dtype))
     P, N, Lq, Lg, d = shape
     hi = 3 if d <= 24 else 1  # |sums| <= 256: exact in bfloat16 as well
     q, g = int_maps(P, Lq, d, gen, hi).to(dtype), int_maps(N, Lg, d, gen, hi).to(dtype)
@@ -218,6 +227,7 @@ SCORE_SHAPES = [(2, 3, 50, 70, 24), (1, 2, 100, 130, 8), (2, 2, 7, 5, 40), (1, 1
 def test_score_exact(emu, dtype, shape, gen):
     """Both score kernels (CUDA cores: every dtype; tensor cores: float16 / bfloat16) bit-exact, with the
     head's weights and bias (and without bias)."""
+    rotate_schedule(emu, SCORE_SHAPES.index(shape) + DTYPES.index(dtype))
     P, N, Lq, Lg, d = shape
     q, g = int_maps(P, Lq, d, gen, 2).to(dtype), int_maps(N, Lg, d, gen, 2).to(dtype)
     w = torch.randint(-3, 4, (Lq + Lg,), generator=gen).float()
@@ -279,6 +289,7 @@ def test_score_gallery_chunks(emu, gen):
 def test_backward_exact(emu, dtype, shape, gen):
     """match_backward (warps of 32 locations, 128-channel passes) against the float64 scatter of the
     gradient through the argmax; grad_q only and grad_g only as well."""
+    rotate_schedule(emu, shape[4] + DTYPES.index(dtype))
     P, N, Lq, Lg, d = shape
     q, g = int_maps(P, Lq, d, gen, 2).to(dtype), int_maps(N, Lg, d, gen, 2).to(dtype)
     _, indices = emu.match(q, g)

@@ -134,7 +134,7 @@ def build(replace: Optional[Dict[str, str]] = None) -> Path:
     return lib
 
 
-_I64, _VP, _F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_I64, _VP = ctypes.c_int64, ctypes.c_void_p
 
 
 class Emulator:
@@ -202,9 +202,6 @@ class Emulator:
             msg = self.lib.emu_last_error().decode() or "the launcher refused its arguments"
             raise EmuError(f"cudaError {err}: {self.symbolize(msg)}")
         return err
-
-    def __enter__(self):
-        return self
 
     def _run(self, body):
         self._buffers = []

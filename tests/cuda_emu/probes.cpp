@@ -43,7 +43,8 @@ void ldmatrix_probe_kernel(const uint32_t* rows, const int* row_of, uint32_t* ou
 
 // Faults: 0 a shared-memory race (warp 1 reads what warp 0 wrote, no barrier), 1 divergent shuffles,
 // 2 a thread leaves before __syncthreads, 3 a read of shared memory beyond the dynamic allocation,
-// 4 a global read past the end of a buffer, 5 none (the same kernel, correctly synchronised).
+// 4 a global read past the end of a buffer, 5 none (the same kernel, correctly synchronised), 6 a global
+// write past the end of a buffer, 7 a write to a read-only input.
 void fault_kernel(int fault, const float* in, float* out) {
   QACONV_DYNAMIC_SMEM(smem);
   auto* s = reinterpret_cast<float*>(smem);
@@ -66,6 +67,8 @@ void fault_kernel(int fault, const float* in, float* out) {
   }
   if (fault == 3) out[t] = s[t + 64];
   if (fault == 4) out[t] = in[t + 64];
+  if (fault == 6) out[t + 64] = 0.f;
+  if (fault == 7) const_cast<float*>(in)[t] = 0.f;
 }
 
 }  // namespace

@@ -356,16 +356,6 @@ void execute(Op op, Fiber* lanes, unsigned mask, bool bf16, const void* pc) {
   }
 }
 
-const char* op_name(Op op) {
-  switch (op) {
-    case Op::kShfl: return "shuffle";
-    case Op::kBallot: return "__ballot_sync";
-    case Op::kLdmatrix: return "ldmatrix";
-    case Op::kMma: return "mma.sync";
-  }
-  return "?";
-}
-
 // Every lane of `mask` must arrive here (same kind, same call); the last one to arrive executes the
 // collective for all and the warp goes on first (its lanes are run next, in lane order).
 void collective(Op op, const char* kind, const char* file, int line, unsigned mask, void* lane_data, bool bf16,
@@ -403,7 +393,6 @@ void collective(Op op, const char* kind, const char* file, int line, unsigned ma
       g_cta.ready.push_front(t);
     }
   }
-  (void)op_name;
 }
 
 // ---- the CTA scheduler ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ namespace {
 constexpr int kTile = 64;      // S tile: kTile query locations x kTile gallery locations
 constexpr int kChunk = 16;     // channels staged per step
 constexpr int kThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
+using plan::kMaxLocations;
 constexpr int kWarpsPerBlock = 4;   // backward
 constexpr int kChannelsPerPass = 128;  // backward: 4 channels per lane and pass
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -58,10 +59,10 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float a_s[kChunk][kTile + 1];
   __shared__ float b_s[kChunk][kTile + 1];
   __shared__ float s_tile[kTile][kTile + 1];
-  __shared__ float row_max[plan::kMaxLocations];
-  __shared__ float col_max[plan::kMaxLocations];
-  __shared__ int row_arg[kIndex ? plan::kMaxLocations : 1];
-  __shared__ int col_arg[kIndex ? plan::kMaxLocations : 1];
+  __shared__ float row_max[kMaxLocations];
+  __shared__ float col_max[kMaxLocations];
+  __shared__ int row_arg[kIndex ? kMaxLocations : 1];
+  __shared__ int col_arg[kIndex ? kMaxLocations : 1];
   __shared__ float warp_sums[kThreads / 32];
 
   const int tid = threadIdx.x;
@@ -246,7 +247,7 @@ cudaError_t launch_pairs(const void* q, const void* g, void* values, int64_t* in
                          const float* bias, float* out, int64_t P, int64_t N, int64_t d, int64_t Lq, int64_t Lg,
                          cudaStream_t stream) {
   if (P == 0 || N == 0) return cudaSuccess;
-  if (Lq > plan::kMaxLocations || Lg > plan::kMaxLocations || Lq <= 0 || Lg <= 0 || d <= 0) return cudaErrorInvalidValue;
+  if (Lq > kMaxLocations || Lg > kMaxLocations || Lq <= 0 || Lg <= 0 || d <= 0) return cudaErrorInvalidValue;
   const int64_t grid = std::min<int64_t>(P * N, resident_blocks_hint());
   return launch(match_pairs_kernel<T, kScore, kIndex>, dim3(static_cast<unsigned>(grid)), dim3(kThreads), 0, stream,
                 static_cast<const T*>(q), static_cast<const T*>(g), static_cast<T*>(values), indices, weight, bias,

@@ -271,6 +271,8 @@ struct MmaLane {
   uint32_t b0, b1;
 };
 
+uint16_t half_of(uint32_t reg, int h) { return static_cast<uint16_t>(reg >> (16 * h)); }  // h = 0: low half
+
 float b16_to_float(uint16_t bits, bool bf16) {
   return bf16 ? bf16_bits_to_float(bits) : half_bits_to_float(bits);
 }
@@ -333,10 +335,10 @@ void execute(Op op, Fiber* lanes, unsigned mask, bool bf16, const void* pc) {
         const int g = l / 4, t = l % 4;
         for (int i = 0; i < 4; ++i)
           for (int h = 0; h < 2; ++h)
-            A[g + 8 * (i % 2)][2 * t + 8 * (i / 2) + h] = b16_to_float(static_cast<uint16_t>(m->a[i] >> (16 * h)), bf16);
+            A[g + 8 * (i % 2)][2 * t + 8 * (i / 2) + h] = b16_to_float(half_of(m->a[i], h), bf16);
         const uint32_t b[2] = {m->b0, m->b1};
         for (int i = 0; i < 2; ++i)
-          for (int h = 0; h < 2; ++h) B[2 * t + 8 * i + h][g] = b16_to_float(static_cast<uint16_t>(b[i] >> (16 * h)), bf16);
+          for (int h = 0; h < 2; ++h) B[2 * t + 8 * i + h][g] = b16_to_float(half_of(b[i], h), bf16);
         for (int i = 0; i < 4; ++i) C[g + 8 * (i / 2)][2 * t + i % 2] = m->d[i];
       }
       // Products of 16-bit floats are exact in double; the sum is rounded to float32 once (hardware
@@ -570,8 +572,8 @@ unsigned char* dynamic_smem() { return g_dynamic_smem.lo; }
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   if (value < 0 || value > g_device.smem_optin) {
-    g_error = "cudaFuncSetAttribute: " + std::to_string(value) + " bytes of dynamic shared memory exceed the device's " +
-              std::to_string(g_device.smem_optin);
+    g_error = "cudaFuncSetAttribute: " + std::to_string(value) +
+              " bytes of dynamic shared memory exceed the device's " + std::to_string(g_device.smem_optin);
     return g_last = cudaErrorInvalidValue;
   }
   g_max_dynamic_smem[kernel] = value;
@@ -687,7 +689,8 @@ void* device_alloc(size_t bytes, bool readonly) {
   g_allocs.push_back({base, bytes, readonly, raw});
   g_glob_lo = g_glob_hi = 0;
   for (const Allocation& a : g_allocs) {
-    const uintptr_t lo = reinterpret_cast<uintptr_t>(a.base) - kRedZone, hi = reinterpret_cast<uintptr_t>(a.base) + a.size + kRedZone;
+    const uintptr_t base = reinterpret_cast<uintptr_t>(a.base);
+    const uintptr_t lo = base - kRedZone, hi = base + a.size + kRedZone;
     if (g_glob_lo == 0 || lo < g_glob_lo) g_glob_lo = lo;
     if (hi > g_glob_hi) g_glob_hi = hi;
   }

@@ -77,10 +77,11 @@ unsigned char* dynamic_smem();
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
 cudaError_t launch(const void* kernel, dim3 grid, dim3 block, size_t smem, std::function<void()> body);
 
-// Barriers and warp collectives: `site` names the call in error messages.
+// Barriers and warp collectives; file and line name the call in error messages.
 void syncthreads(const char* file, int line);
-// Exchanges one 32-bit value per lane; returns the value of lane src_of(lane) (src_of is evaluated per
-// lane as that lane passed it). kind names the collective for divergence reports.
+// Exchanges one 32-bit value per lane and returns the value of this lane's source: src_lane >= 0 for
+// __shfl_sync (a lane of this lane's width-segment), -1 - lane_mask for __shfl_xor_sync. kind names the
+// collective in divergence reports.
 uint32_t shfl(const char* kind, const char* file, int line, unsigned mask, uint32_t value, int src_lane, int width);
 uint32_t ballot(const char* file, int line, unsigned mask, bool predicate);
 [[noreturn]] void fail(const char* fmt, ...);
@@ -124,8 +125,9 @@ inline T shfl_value(const char* kind, const char* file, int line, unsigned mask,
 }
 }  // namespace qaconv_emu
 // src for __shfl_xor_sync is encoded as -1 - lane_mask (the runtime computes lane ^ lane_mask).
-#define __shfl_sync(mask, v, src, ...) \
-  ::qaconv_emu::shfl_value("__shfl_sync", __FILE__, __LINE__, (mask), (v), (src), ::qaconv_emu::width_or_32(__VA_ARGS__))
+#define __shfl_sync(mask, v, src, ...)                                                   \
+  ::qaconv_emu::shfl_value("__shfl_sync", __FILE__, __LINE__, (mask), (v), (src), \
+                           ::qaconv_emu::width_or_32(__VA_ARGS__))
 #define __shfl_xor_sync(mask, v, lane_mask, ...)                                             \
   ::qaconv_emu::shfl_value("__shfl_xor_sync", __FILE__, __LINE__, (mask), (v), -1 - (lane_mask), \
                            ::qaconv_emu::width_or_32(__VA_ARGS__))

@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # Results go to a new folder runs/bench/<date-time>/; `make bench UPDATE=1` rewrites the committed
-# benchmarks/results/cpu_match.json (the README's table) instead.
+# benchmarks/results/cpu_match.json (docs/PERFORMANCE.md's table) instead.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_match.py $(if $(filter 1,$(UPDATE)),--update-results)
 

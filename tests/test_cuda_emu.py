@@ -168,7 +168,7 @@ def test_emulator_stops_faulty_kernels(emu, fault, message):
 
 
 def test_launch_limits(emu):
-    """Dynamic shared memory above 48 KiB needs cudaFuncSetAttribute; blocks above 1024 threads fail."""
+    """Dynamic shared memory above 48 KiB needs cudaFuncSetAttribute (the probe does not set it)."""
     with pytest.raises(EmuError, match="above the kernel's limit"):
         emu.probe_fault(5, smem_bytes=48 * 1024 + 16)
     emu.probe_fault(5, smem_bytes=48 * 1024)

@@ -22,6 +22,8 @@ import torch
 
 import cuda_emu
 from cuda_emu import DEVICES, EmuError, Emulator
+from cuda_emu.reference import (assert_same, backward_reference, int_maps, match_reference,
+                                score_reference)
 
 pytestmark = pytest.mark.skipif(cuda_emu.compiler() is None, reason="no C++ compiler (g++ or $CXX) to build the "
                                                                   "CUDA emulator")
@@ -48,46 +50,6 @@ def rotate_schedule(emu: Emulator, case: int) -> None:
     """Cases take turns with the schedules (forward, reverse, random with two seeds)."""
     schedule, seed = SCHEDULES[case % len(SCHEDULES)]
     emu.configure(schedule=schedule, seed=seed)
-
-
-def int_maps(n: int, L: int, d: int, gen: torch.Generator, hi: int = 3) -> torch.Tensor:
-    """Integer-valued maps [n, L, d] in [-hi, hi]: every product and sum below is exact."""
-    return torch.randint(-hi, hi + 1, (n, L, d), generator=gen).float()
-
-
-def similarity(q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """S [P, N, Lq, Lg] in float64 of the maps as the kernel sees them."""
-    return torch.einsum("pld,nmd->pnlm", q.double(), g.double())
-
-
-def max_torch_semantics(S: torch.Tensor, dim: int):
-    """max and argmax along dim as torch.max: NaN propagates (first NaN's index), ties -> first index."""
-    nan = torch.isnan(S)
-    filled = torch.where(nan, torch.full_like(S, float("inf")), S)
-    idx = torch.where(nan.any(dim, keepdim=True), nan.double().argmax(dim, keepdim=True),
-                      torch.from_numpy(np.argmax(filled.numpy(), axis=dim)).unsqueeze(dim))
-    return torch.gather(S, dim, idx).squeeze(dim), idx.squeeze(dim)
-
-
-def match_reference(q, g):
-    S = similarity(q, g)
-    rv, ri = max_torch_semantics(S, 3)
-    cv, ci = max_torch_semantics(S, 2)
-    return torch.cat([rv, cv], 2), torch.cat([ri, ci], 2)
-
-
-def score_reference(q, g, w, bias):
-    values, _ = match_reference(q, g)
-    return (values * w.double()).sum(-1) + (0.0 if bias is None else float(bias))
-
-
-def assert_same(out: torch.Tensor, ref: torch.Tensor, what: str):
-    """Bit-exact agreement (NaN where the reference has NaN)."""
-    out, ref = out.double(), ref.double()
-    assert torch.equal(torch.isnan(out), torch.isnan(ref)), f"{what}: NaN positions differ"
-    ok = ~torch.isnan(ref)
-    diff = (out[ok] - ref[ok]).abs()
-    assert diff.numel() == 0 or diff.max().item() == 0.0, f"{what}: max |diff| {diff.max().item()}"
 
 
 # ---- the emulator's own parts ------------------------------------------------------------------
@@ -294,11 +256,7 @@ def test_backward_exact(emu, dtype, shape, gen):
     q, g = int_maps(P, Lq, d, gen, 2).to(dtype), int_maps(N, Lg, d, gen, 2).to(dtype)
     _, indices = emu.match(q, g)
     gv = torch.randint(-2, 3, (P, N, Lq + Lg), generator=gen).float()
-    rows = torch.nn.functional.one_hot(indices[..., :Lq], Lg).double() * gv[..., :Lq, None].double()
-    cols = torch.nn.functional.one_hot(indices[..., Lq:], Lq).double() * gv[..., Lq:, None].double()
-    W = rows + cols.transpose(2, 3)  # [P, N, Lq, Lg]
-    ref_q = torch.einsum("pnij,njd->pid", W, g.double())
-    ref_g = torch.einsum("pnij,pid->njd", W, q.double())
+    ref_q, ref_g = backward_reference(gv, indices, q, g)
     gq, gg = emu.backward(gv, indices, q, g)
     assert_same(gq, ref_q, "grad_q")
     assert_same(gg, ref_g, "grad_g")

@@ -224,7 +224,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     load_before = os.getloadavg()
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     q_maps = extract_features(backbone, b.query, int(cfg["height"]), int(cfg["width"]), batch_size=args.batch_size,
-                              progress=False)
+                              progress=False, preprocess=cfg["preprocess"])
     ck = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     result: Dict[str, Any] = {
         "benchmark": "centroid_synthetic", "checkpoint": os.path.abspath(args.checkpoint),

@@ -164,7 +164,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     backbone, head, cfg = load_trained(args.checkpoint)
     h, w = int(cfg["height"]), int(cfg["width"])
     load_before = os.getloadavg()
-    q_maps = extract_features(backbone, b.query, h, w, batch_size=args.batch_size, progress=False)
+    q_maps = extract_features(backbone, b.query, h, w, batch_size=args.batch_size, progress=False,
+                              preprocess=cfg["preprocess"])
     result: Dict[str, Any] = {"benchmark": "two_stage_synthetic", "checkpoint": os.path.abspath(args.checkpoint),
                               "checkpoint_sha256": checkpoint_sha256(args.checkpoint),
                               "checkpoint_epochs": torch.load(args.checkpoint, map_location="cpu",
@@ -176,7 +177,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         index = GalleryIndex.build(os.path.join(tmp, "test.idx"), args.checkpoint, b.gallery,
                                    batch_size=args.batch_size, progress=False)
         result["index_build_s"] = time.perf_counter() - t
-        g32 = extract_features(backbone, b.gallery, h, w, batch_size=args.batch_size, progress=False)
+        g32 = extract_features(backbone, b.gallery, h, w, batch_size=args.batch_size, progress=False,
+                               preprocess=cfg["preprocess"])
         result["galleries"]["test"] = evaluate_gallery("domain_b test gallery", index, q_maps, b.query,
                                                        list(b.gallery), shortlists, args.k, args.repeats,
                                                        args.timed_queries, g32, head)

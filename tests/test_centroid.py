@@ -244,7 +244,8 @@ def test_codebook_commands(market, tmp_path, capsys):  # noqa: F811 (fixture)
     index = GalleryIndex.open(idx)
     from qaconv_ext.evaluation import extract_features
     backbone, _, cfg = index.load_model()
-    q = extract_features(backbone, [query], int(cfg["height"]), int(cfg["width"]), progress=False)
+    q = extract_features(backbone, [query], int(cfg["height"]), int(cfg["width"]), progress=False,
+                         preprocess=cfg["preprocess"])
     assert [h["index"] for h in hits] == index.search(q, k=3)[1][0].tolist()
     assert _run(["index", "codebook", idx, "--k", 16, "--seed", 1]) == 0
     assert "codebook: 16 centroids" in capsys.readouterr().out

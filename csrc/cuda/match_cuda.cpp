@@ -75,11 +75,11 @@ cuda::ScalarKind kind_of_type(at::ScalarType t) {
 // the scoring of a gallery.
 at::ScalarType staging_type(const at::Tensor& q, const at::Tensor& g, at::Float32MatmulPrecision precision) {
   if (precision != at::Float32MatmulPrecision::HIGH) return at::kBFloat16;
-  constexpr float kHalfMax = 65504.f;  // larger magnitudes round to inf in float16
   const auto [q_min, q_max] = at::aminmax(q);
   const auto [g_min, g_max] = at::aminmax(g);
   const at::Tensor range = at::stack({q_min, q_max, g_min, g_max}).abs().max();
-  return range.item<float>() < kHalfMax ? at::kHalf : at::kBFloat16;
+  return cuda::plan::staging_kind(true, range.item<float>()) == cuda::ScalarKind::kFloat16 ? at::kHalf
+                                                                                          : at::kBFloat16;
 }
 
 // Which kernel scores: tensor cores for float16/bfloat16 maps, and for float32 maps unless
@@ -101,10 +101,9 @@ at::Tensor score_cuda(const at::Tensor& query, const at::Tensor& gallery, const 
   const float* bias_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
-  bool tensor_cores = !simple_kernel_requested();
   const auto precision = at::globalContext().float32MatmulPrecision();
-  if (kind == cuda::ScalarKind::kFloat32 && precision == at::Float32MatmulPrecision::HIGHEST) tensor_cores = false;
-  if (tensor_cores) {
+  if (cuda::plan::score_tries_tensor_cores(kind, precision == at::Float32MatmulPrecision::HIGHEST,
+                                           simple_kernel_requested())) {
     at::Tensor q = q_in, g = g_in;
     auto tc_kind = kind;
     if (kind == cuda::ScalarKind::kFloat32) {
@@ -114,12 +113,10 @@ at::Tensor score_cuda(const at::Tensor& query, const at::Tensor& gallery, const 
       tc_kind = kind_of_type(staged);
     }
     // The kernel copies 16-byte chunks: pad the channels to a multiple of 8 with zeros, align the bases.
-    int64_t channels = d.channels;
-    if (channels % 8 != 0) {
-      const int64_t pad = 8 - channels % 8;
-      q = at::constant_pad_nd(q, {0, pad});
-      g = at::constant_pad_nd(g, {0, pad});
-      channels += pad;
+    const int64_t channels = cuda::plan::mma_channels(d.channels);
+    if (channels != d.channels) {
+      q = at::constant_pad_nd(q, {0, channels - d.channels});
+      g = at::constant_pad_nd(g, {0, channels - d.channels});
     }
     if (reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) q = q.clone();
     if (reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 != 0) g = g.clone();

@@ -37,9 +37,10 @@ _ASSIGN_BYTES = 64 << 20  # float32 similarities per assignment block
 
 def default_codebook_size(vectors: int) -> int:
     """K for ``vectors`` location vectors: the power of two nearest ``4 * sqrt(vectors)``, within 2^8..2^14
-    (2^14 keeps a query's table, ``K * Lq * 4`` bytes, at 8 MiB for 16 x 8 maps)."""
-    k = 4.0 * math.sqrt(max(1, int(vectors)))
-    return int(min(1 << 14, max(1 << 8, 1 << int(round(math.log2(k))))))
+    (2^14 keeps a query's table, ``K * Lq * 4`` bytes, at 8 MiB for 16 x 8 maps) and at most ``vectors``."""
+    n = max(1, int(vectors))
+    k = min(1 << 14, max(1 << 8, 1 << int(round(math.log2(4.0 * math.sqrt(n))))))
+    return min(k, 1 << int(math.floor(math.log2(n))))
 
 
 def default_sample_size(k: int) -> int:

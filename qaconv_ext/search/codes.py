@@ -37,7 +37,8 @@ from .centroids import (
 from .storage import GalleryIndexError, now
 
 __all__ = ["CODEBOOK_DTYPE", "new_tag", "check_codes", "read_codebook", "codes_coverage", "CodesWriter",
-           "verify_codes", "codebook_drift", "write_codebook", "remove_codebook_files", "iter_codes", "train_codes"]
+           "verify_codes", "codebook_drift", "codebook_bytes", "write_codebook", "remove_codebook_files",
+           "iter_codes", "train_codes"]
 
 CODEBOOK_DTYPE = np.dtype("<f4")
 
@@ -58,6 +59,15 @@ def codes_coverage(manifest: Dict[str, Any]) -> int:
     return sum(int(s["count"]) for s in manifest["codebook"]["segments"])
 
 
+def codebook_bytes(manifest: Dict[str, Any]) -> Dict[str, int]:
+    """Bytes of the codebook's two files that the manifest commits (none without a codebook)."""
+    cb = manifest.get("codebook")
+    if cb is None:
+        return {}
+    return {str(cb["codebook_file"]): int(cb["k"]) * int(cb["dim"]) * CODEBOOK_DTYPE.itemsize,
+            str(cb["codes_file"]): codes_coverage(manifest) * _locations(manifest) * CODES_DTYPE.itemsize}
+
+
 def check_codes(folder: str, manifest: Dict[str, Any]) -> None:
     """The codebook entry is well formed and its files hold the bytes it commits."""
     cb = manifest.get("codebook")
@@ -73,8 +83,7 @@ def check_codes(folder: str, manifest: Dict[str, Any]) -> None:
             raise ValueError("file names with folders")
     except (KeyError, TypeError, ValueError) as exc:
         raise GalleryIndexError(f"{folder}: the manifest's codebook entry is damaged ({exc})") from None
-    for name, nbytes in ((names[0], k * d * CODEBOOK_DTYPE.itemsize),
-                         (names[1], covered * _locations(manifest) * CODES_DTYPE.itemsize)):
+    for name, nbytes in codebook_bytes(manifest).items():
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise GalleryIndexError(f"{folder}: {name} is missing (the manifest commits a codebook of {k} centroids)")
@@ -130,7 +139,10 @@ def codebook_drift(manifest: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     appended = [s for s in cb["segments"] if int(s["start"]) >= int(cb["trained_on"])]
     n = sum(int(s["count"]) for s in appended)
     err = sum(float(s["error"]) for s in appended) / (n * _locations(manifest)) if n else None
-    ratio = err / train if err is not None and train > 0 else None
+    if err is None:
+        ratio = None
+    else:  # a lossless codebook (error 0) makes any error in the appended maps an infinite ratio
+        ratio = err / train if train > 0 else (math.inf if err > 0 else 1.0)
     return {"train_error": train, "appended_maps": n, "appended_error": err, "ratio": ratio,
             "retrain": bool(ratio is not None and ratio > RETRAIN_RATIO)}
 

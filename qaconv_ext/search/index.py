@@ -36,6 +36,7 @@ from .centroids import centroid_topk
 from .codes import (
     CodesWriter,
     check_codes,
+    codebook_bytes,
     codebook_drift,
     codes_coverage,
     iter_codes,
@@ -148,7 +149,7 @@ class GalleryIndex:
         what lies behind the committed end (left by an interrupted append; the next append cuts it off)."""
         committed = os.path.getsize(os.path.join(self.path, MANIFEST))
         leftover = 0
-        for name, nbytes in committed_bytes(self.manifest).items():
+        for name, nbytes in {**committed_bytes(self.manifest), **codebook_bytes(self.manifest)}.items():
             f = os.path.join(self.path, name)
             have = os.path.getsize(f) if os.path.isfile(f) else 0
             committed += min(have, nbytes)
@@ -303,8 +304,8 @@ class GalleryIndex:
 
         Spherical k-means (:func:`~qaconv_ext.search.centroids.spherical_kmeans`, seeded) over ``sample``
         location vectors of maps drawn with ``seed``; defaults: ``k`` the power of two nearest ``4 sqrt(n)``
-        for ``n`` location vectors (2^8..2^14), 32 vectors per centroid. Committed at once by replacing the
-        manifest (the old codebook's files are deleted after). Appends encode new maps with this codebook;
+        for ``n`` location vectors (2^8..2^14, at most n), 32 vectors per centroid. Committed at once by
+        replacing the manifest (the old codebook's files are deleted after). Appends encode new maps with this codebook;
         :meth:`codebook_drift` says when training again is worthwhile. Returns ``self``.
         """
         with locked(self.path):

@@ -139,10 +139,11 @@ def evaluate(name: str, index: Any, q_maps: Any, query: List[Any], gallery: List
     return out
 
 
-def scale(index: Any, q_maps: Any, sizes: List[int], K: int, share: float, repeats: int, per_map_exhaustive: float
-          ) -> Dict[str, Any]:
+def scale(index: Any, q_maps: Any, sizes: List[int], K: int, share: float, repeats: int,
+          per_map_exhaustive: Optional[float] = None) -> Dict[str, Any]:
     """Candidate-stage latency on random codes of ``sizes`` maps, the measured exact stage of ``share`` of
-    them, and the extrapolated exhaustive search."""
+    them, and the extrapolated exhaustive search: ``per_map_exhaustive`` seconds per map, or (``None``) the
+    index's exhaustive search measured right before each size, so each ratio comes from one stretch of time."""
     import numpy as np
     import torch
 
@@ -172,9 +173,13 @@ def scale(index: Any, q_maps: Any, sizes: List[int], K: int, share: float, repea
             return index.read_maps(np.asarray(ids) % real)
 
         t_exact = _median_time(lambda: rerank_shortlist(q, cand, fetch, weight, bias, 10), repeats)
-        t_ex = per_map_exhaustive * n
+        rate = per_map_exhaustive
+        if rate is None:
+            rate = _median_time(lambda: index.search(q, k=10), repeats) / real
+        t_ex = rate * n
         out["sizes"][str(n)] = {
-            "maps": n, "shortlist": M, "candidate_stage_s": t_cand, "exact_stage_s": t_exact,
+            "maps": n, "shortlist": M, "exhaustive_s_per_map": rate, "candidate_stage_s": t_cand,
+            "exact_stage_s": t_exact,
             "exact_stage_maps_read": int(cand.shape[1]),
             "two_stage_s": t_cand + t_exact, "exhaustive_s_extrapolated": t_ex,
             "speedup_extrapolated": t_ex / (t_cand + t_exact),
@@ -207,6 +212,9 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--no-test-gallery", action="store_true", help="only the gallery with distractors")
     ap.add_argument("--no-distractors", action="store_true", help="only the test gallery (and scale on it)")
+    ap.add_argument("--scale-only", type=int, default=0, metavar="R",
+                    help="only the scale timing, on an index of R random unit maps of the model's map shape (its "
+                         "exhaustive rate measured next to each size; timing does not depend on the values)")
     add_output_args(ap, RESULT_NAME)
     args = ap.parse_args(argv)
 
@@ -235,23 +243,34 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         "cpu_flags": _cpu_flags()}
     tmp = tempfile.mkdtemp(prefix="bench_centroid.")
     try:
-        index = GalleryIndex.build(os.path.join(tmp, "test.idx"), args.checkpoint, b.gallery,
-                                   batch_size=args.batch_size, progress=False)
-        if not args.no_test_gallery:
-            result["galleries"]["test"] = evaluate("domain_b test gallery", index, q_maps, b.query, list(b.gallery),
-                                                   shortlists, codebooks, args.k, args.repeats, args.timed_queries)
-        big = result["galleries"].get("test")
-        if not args.no_distractors:
-            index.append_images(distractors, batch_size=args.batch_size, progress=False)
-            big = evaluate("domain_b test gallery + every other image as distractors", index, q_maps, b.query,
-                           list(b.gallery) + distractors, shortlists, codebooks, args.k, args.repeats,
-                           args.timed_queries)
-            result["galleries"]["enlarged"] = big
-        if sizes:
-            index.train_codebook(args.scale_codebook)
-            print(f"scale: codes drawn at random, K={args.scale_codebook}, one query at a time")
-            result["scale"] = scale(index, q_maps, sizes, args.scale_codebook, args.scale_share, args.repeats,
-                                    big["exhaustive_seconds_per_map_per_query"])
+        if args.scale_only:
+            gen = torch.Generator().manual_seed(0)
+            maps = torch.nn.functional.normalize(torch.randn(args.scale_only, *q_maps.shape[1:], generator=gen), dim=1)
+            index = GalleryIndex.create(os.path.join(tmp, "random.idx"), head, maps)
+            index.train_codebook(args.scale_codebook, iterations=2)  # its quality is not measured here
+            print(f"scale: codes drawn at random, K={args.scale_codebook}, one query at a time; exhaustive rate on "
+                  f"{args.scale_only} random maps measured before each size")
+            result["scale"] = scale(index, q_maps, sizes, args.scale_codebook, args.scale_share, args.repeats)
+            result["scale"]["exhaustive_index_maps"] = args.scale_only
+        else:
+            index = GalleryIndex.build(os.path.join(tmp, "test.idx"), args.checkpoint, b.gallery,
+                                       batch_size=args.batch_size, progress=False)
+            if not args.no_test_gallery:
+                result["galleries"]["test"] = evaluate("domain_b test gallery", index, q_maps, b.query,
+                                                       list(b.gallery), shortlists, codebooks, args.k, args.repeats,
+                                                       args.timed_queries)
+            big = result["galleries"].get("test")
+            if not args.no_distractors:
+                index.append_images(distractors, batch_size=args.batch_size, progress=False)
+                big = evaluate("domain_b test gallery + every other image as distractors", index, q_maps, b.query,
+                               list(b.gallery) + distractors, shortlists, codebooks, args.k, args.repeats,
+                               args.timed_queries)
+                result["galleries"]["enlarged"] = big
+            if sizes:
+                index.train_codebook(args.scale_codebook)
+                print(f"scale: codes drawn at random, K={args.scale_codebook}, one query at a time")
+                result["scale"] = scale(index, q_maps, sizes, args.scale_codebook, args.scale_share, args.repeats,
+                                        big["exhaustive_seconds_per_map_per_query"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result.update(machine_record(load_before, os.getloadavg()))

@@ -34,4 +34,4 @@ dist-check: $(STAMP)
 	bash tools/check_dist.sh $(PY)
 
 clean:
-	rm -rf build *.egg-info qaconv_ext/_C*.so $(STAMP)
+	rm -rf build *.egg-info qaconv_ext/_kernels*.so qaconv_ext/_build_info.json $(STAMP)

@@ -119,9 +119,15 @@ inline Tensor empty_gradient(const Tensor& like) { return empty_like_device(like
 template <typename... Args>
 Tensor call_aten(const char* name, const char* overload, const Args&... args) {
   std::array<StableIValue, (sizeof...(Args) > 0 ? sizeof...(Args) : 1)> stack{torch::stable::detail::from(args)...};
-  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+  // (torch's own message of a failure reaches an extension only from the 2.13 stable API on)
+  QACONV_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION) == TORCH_SUCCESS, "qaconv: ",
+               name, *overload != '\0' ? "." : "", overload, " failed");
   return torch::stable::detail::to<Tensor>(stack[0]);
 }
+
+// The tensor without its autograd history (for ATen calls on torch's worker threads, which run above
+// autograd: an out= call on a tensor that requires grad is refused there).
+inline Tensor detach(const Tensor& x) { return call_aten("aten::detach", "", x); }
 
 // A CPU copy of a one-value tensor, read as T (the tensor's own dtype must be T).
 template <typename T>

@@ -63,7 +63,8 @@ done < <(find csrc -type f ! -name '*.o' | sort; printf '%s\n' README.md LICENSE
 "$PY" - "$WHEEL" <<'EOF' || fail "the wheel's contents"
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-assert any(n.startswith("qaconv_ext/_C") and n.endswith(".so") for n in names), "no compiled module"
+assert any(n.startswith("qaconv_ext/_kernels") and n.endswith(".so") for n in names), "no compiled library"
+assert "qaconv_ext/_build_info.json" in names, "no build record"
 assert "qaconv_ext/data/synthetic/plan.py" in names and not any(n.startswith("csrc/") for n in names)
 EOF
 

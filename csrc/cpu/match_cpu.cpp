@@ -419,7 +419,7 @@ void dispatch_reduced(ScalarType st, F&& f) {
 template <typename scalar_t, typename Epilogue>
 void for_each_pair(const Tensor& query, const Tensor& gallery, const MatchDims& d, Epilogue&& epilogue) {
   // [B, d, h, w] -> [B, d, L]: a view whenever the layout allows (contiguous and channels_last both do)
-  const Tensor q = flatten_locations(query), g = flatten_locations(gallery);
+  const Tensor q = flatten_locations(detach(query)), g = flatten_locations(detach(gallery));
   if constexpr (std::is_same_v<scalar_t, double>)
     for_each_tile_f64(q, g, d, epilogue);
   else

@@ -1,21 +1,48 @@
 """Public API of the fused QAConv matching ops."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from . import _library  # noqa: F401  (registers fake kernels, autograd and fallbacks)
-from .checks import require_tensor, scalar_bias
+from .checks import check_head, check_pair, require_tensor, scalar_bias
 
 Tensor = torch.Tensor
 
-__all__ = ["qaconv_match", "qaconv_score", "native_available"]
+__all__ = ["qaconv_match", "qaconv_score", "native_available", "cpu_kernel", "build_info"]
 
 
 def native_available(device: str = "cpu") -> bool:
     """Whether a compiled fused kernel serves ``device`` ("cpu" or "cuda")."""
     return _library.NATIVE_CUDA if str(device).startswith("cuda") else _library.NATIVE
+
+
+def cpu_kernel() -> str:
+    """Name of the CPU micro-kernel variant the compiled ops use (avx512, avx2, generic, generic16).
+
+    The processor's best, or the variant the environment variable ``QACONV_CPU_KERNEL`` names
+    (ValueError when it names an unknown one or one this processor cannot run). RuntimeError when the
+    compiled kernels are not available.
+    """
+    if not _library.NATIVE:
+        raise RuntimeError(f"qaconv_ext's compiled kernels are not available ({_library._IMPORT_ERROR})")
+    return _library._native.cpu_kernel()
+
+
+def build_info() -> Dict[str, Any]:
+    """What the compiled kernels were built with and which of them run here.
+
+    Keys: ``torch`` (the torch built against), ``target_torch`` and ``target_abi`` (the oldest torch the
+    libraries load into: the stable-ABI version they were compiled for), ``cuda`` and ``cuda_archs``
+    (the CUDA toolkit and the architectures of the CUDA kernels, ``sm_*`` machine code and ``compute_*``
+    PTX; None and [] in a CPU-only build), ``cuda_library`` (whether the build has CUDA kernels),
+    ``kernels`` (the devices whose compiled kernels are loaded now: ``cpu``, ``cuda``), ``cpu_kernel``
+    and ``torch_running``. Without compiled kernels: ``kernels`` is empty and ``error`` says why.
+    """
+    if not _library.NATIVE:
+        return {"kernels": [], "error": str(_library._IMPORT_ERROR), "torch_running": torch.__version__}
+    return _library._native.build_info()
 
 
 def qaconv_match(query: Tensor, gallery: Tensor, return_indices: bool = False
@@ -49,6 +76,11 @@ def qaconv_match(query: Tensor, gallery: Tensor, return_indices: bool = False
     """
     require_tensor("query", query)
     require_tensor("gallery", gallery)
+    # The contract's checks run here first: the compiled kernels report the dtype rules as ValueError
+    # (their stable ABI carries no TypeError), these as TypeError. Compiled graphs get the same checks
+    # from the fake kernels.
+    if not torch.compiler.is_compiling():
+        check_pair(query, gallery)
     if _cpu_bfloat16_autocast(query, gallery):
         values, indices = _BFloat16Forward.apply(query, gallery)
         return (values, indices) if return_indices else values
@@ -107,4 +139,8 @@ def qaconv_score(query: Tensor, gallery: Tensor, weight: Tensor,
     require_tensor("query", query)
     require_tensor("gallery", gallery)
     require_tensor("weight", weight, "qaconv_score")
-    return torch.ops.qaconv_ext.score(query, gallery, weight, scalar_bias(bias, query))
+    bias = scalar_bias(bias, query)
+    if not torch.compiler.is_compiling():  # first, as in qaconv_match
+        _, _, _, Lq, Lg = check_pair(query, gallery)
+        check_head(weight, bias, Lq + Lg, query)
+    return torch.ops.qaconv_ext.score(query, gallery, weight, bias)

@@ -38,8 +38,12 @@ native = pytest.mark.skipif(not _library.NATIVE, reason="the compiled kernels ar
 
 
 def test_bindings_include_only_the_stable_api():
+    if not (ROOT / "csrc").is_dir():
+        pytest.skip("the C++ sources are not here (tests copied next to an installed wheel)")
     allowed = ("torch/csrc/stable/", "torch/headeronly/")
-    for path in sorted(ROOT.glob("csrc/**/*")):
+    sources = sorted(ROOT.glob("csrc/**/*"))
+    assert any(p.name == "binding.h" for p in sources)
+    for path in sources:
         if path.suffix not in (".cpp", ".h", ".cu", ".cuh"):
             continue
         for line in path.read_text().splitlines():

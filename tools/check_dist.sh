@@ -2,11 +2,12 @@
 # The distributions install and run outside the repository:
 #  1. builds the sdist, then the wheel FROM that sdist (python -m build --no-isolation: one compile, and
 #     proof that the sdist alone builds), with the build environment's torch;
-#  2. installs the wheel into one fresh virtual environment and the sdist (compiled again by pip, the way
-#     a user installs it) into another; each gets only torch (the build's exact version, --no-deps, never
-#     a resolver's pick), torch's own requirements and the package's runtime dependencies (as the wheel
-#     declares them), then the distribution with --no-deps, checked with `pip check`;
-#  3. in a temporary folder outside the tree, imports qaconv_ext from each environment, checks that the
+#  2. installs the sdist (compiled again by pip, the way a user installs it) into a fresh virtual
+#     environment that gets only torch (the build's exact version, --no-deps, never a resolver's pick),
+#     torch's own requirements and the package's runtime dependencies (as the wheel declares them), then
+#     the sdist with --no-deps, checked with `pip check` (the wheel's own installs, next to several torch
+#     versions and without a compiler, are tools/wheel_check.sh's);
+#  3. in a temporary folder outside the tree, imports qaconv_ext from that environment, checks that the
 #     compiled CPU kernel loaded and compares qaconv_score / qaconv_match with qaconv_ext.reference;
 #  4. checks that an isolated `pip install <sdist>` stops with the message naming --no-build-isolation.
 # Usage: tools/check_dist.sh [python]   (default .venv/bin/python: the build environment, with torch)
@@ -80,9 +81,6 @@ fresh_env() {  # fresh_env DIR [BUILD_TOOLS...]
   "$dir/bin/python" -c "import torch, sys; sys.exit(torch.__version__ != '$TORCH_VERSION')" \
     || fail "$name: torch changed from $TORCH_VERSION"
 }
-step "fresh environment for the wheel"
-fresh_env "$WORK/env-wheel"
-run_logged "$WORK/install-wheel.log" "$WORK/env-wheel/bin/python" -m pip install -q --no-deps "$WHEEL"
 step "fresh environment for the sdist (compiles)"
 # Building from the sdist without isolation needs the build tools in that environment too.
 fresh_env "$WORK/env-sdist" "setuptools>=64" wheel ninja
@@ -91,7 +89,7 @@ run_logged "$WORK/install-sdist.log" "$WORK/env-sdist/bin/python" -m pip install
 
 # 3. run the op from outside the tree.
 mkdir "$WORK/outside"
-for env in env-wheel env-sdist; do
+for env in env-sdist; do
   vpy="$WORK/$env/bin/python"
   run_logged "$WORK/pip-check-$env.log" "$vpy" -m pip check
   (cd "$WORK/outside" && "$vpy" - "$WORK/$env" <<'EOF') || fail "the op in $env"
@@ -123,7 +121,7 @@ done
 
 # 4. the default (isolated) pip install of the sdist stops with the exact command.
 step "isolated install of the sdist (expected to stop)"
-if "$WORK/env-wheel/bin/python" -m pip install --no-deps "$SDIST" > "$WORK/isolated.log" 2>&1; then
+if "$WORK/env-sdist/bin/python" -m pip install --no-deps --force-reinstall "$SDIST" > "$WORK/isolated.log" 2>&1; then
   fail "an isolated build found a torch it cannot see"
 fi
 grep -q "pip install --no-build-isolation \." "$WORK/isolated.log" \

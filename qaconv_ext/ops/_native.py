@@ -15,6 +15,7 @@ import ctypes
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -81,11 +82,18 @@ def load() -> None:
     lib.qaconv_ext_cpu_kernel.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
     _BUILD = json.loads(lib.qaconv_ext_build_info().decode())  # what the library says of itself
     _CUDA_PATH = _library("_kernels_cuda")
-    # The CUDA library links torch's CUDA libraries and the CUDA runtime: loaded only where torch has
-    # CUDA (a CPU-only torch keeps the CPU kernels of the same wheel).
+    # The CUDA library links torch's CUDA libraries and the CUDA runtime of its toolkit's major version:
+    # loaded only where torch has CUDA (a CPU-only torch keeps the CPU kernels of the same wheel); where it
+    # cannot load (a torch built for another CUDA major version), CUDA tensors take the chunked path.
     if _CUDA_PATH is not None and torch.version.cuda is not None:
-        torch.ops.load_library(str(_CUDA_PATH))
-        with_cuda = True
+        try:
+            torch.ops.load_library(str(_CUDA_PATH))
+            with_cuda = True
+        except OSError as exc:
+            _BUILD["cuda_load_error"] = str(exc)
+            warnings.warn(f"qaconv_ext: the CUDA kernels (built with CUDA {_BUILD.get('cuda')}) do not load "
+                          f"next to torch {torch.__version__} (CUDA {torch.version.cuda}): {exc}. CUDA tensors "
+                          "use the chunked PyTorch path; see docs/INSTALL.md.", RuntimeWarning, stacklevel=2)
     _CPU = lib
 
 

@@ -49,9 +49,8 @@ def check_torch_version(info: Dict[str, Any], installed: str) -> None:
     if _version_tuple(installed) < _version_tuple(target):
         raise TorchTooOldError(
             f"qaconv_ext's compiled kernels need torch >= {target} (they use PyTorch's stable ABI of {target}; "
-            f"built with torch {info['torch']}), but torch {installed} is installed. Install torch >= {target}, "
-            "or build qaconv-ext from source against this torch: pip install --no-build-isolation <source folder>"
-            " (see docs/INSTALL.md; the stable ABI exists from torch 2.10 on).")
+            f"built with torch {info['torch']}), but torch {installed} is installed. Install torch >= {target} "
+            "(docs/INSTALL.md).")
 
 
 _CPU: Optional[ctypes.CDLL] = None

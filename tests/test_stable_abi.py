@@ -164,8 +164,10 @@ def test_cuda_wheel_holds_the_architectures(tmp_path):
     # one entry per .cu file and architecture: "ELF file 1: match_kernels.sm_80.cubin"
     elf_archs = re.findall(r"ELF file\s+\d+:\s+(\w+)\.(sm_\w+)\.cubin", elf)
     ptx_archs = re.findall(r"PTX file\s+\d+:\s+(\w+)\.(sm_\w+)\.ptx", ptx)
-    sources = {Path(p).stem for p in glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu"))}
-    assert {s for s, _ in elf_archs} == sources
+    sources = {s for s, _ in elf_archs}
+    assert sources
+    if (ROOT / "csrc").is_dir():  # every .cu file of the tree is in the library
+        assert sources == {Path(p).stem for p in glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu"))}
     for source in sources:
         assert {a for s, a in elf_archs if s == source} == CUDA_ELF, (source, elf)
         assert {a for s, a in ptx_archs if s == source} == CUDA_PTX, (source, ptx)

@@ -16,16 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY="${1:-${PY:-.venv/bin/python}}"
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/qaconv-dist-check.XXXXXX")"
-if [[ "${KEEP_DIST_CHECK:-0}" == 1 ]]; then echo "check_dist: work folder $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
-export PIP_DISABLE_PIP_VERSION_CHECK=1 MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}"
-t0=$SECONDS
-step() { echo "check_dist: $* ($((SECONDS - t0)) s)"; }
-fail() { echo "check_dist: FAIL: $*" >&2; exit 1; }
-run_logged() {  # run_logged LOG CMD...: quiet on success, the log's tail on failure
-  local log=$1; shift
-  if ! "$@" > "$log" 2>&1; then tail -40 "$log" >&2; fail "$* (log: $log)"; fi
-}
+CHECK=check_dist KEEP="${KEEP_DIST_CHECK:-0}"
+source tools/check_common.sh
 
 "$PY" -c "import torch" 2>/dev/null || fail "$PY cannot import torch; run 'make setup' first"
 "$PY" -c "from build import ProjectBuilder" 2>/dev/null || run_logged "$WORK/pip-build.log" "$PY" -m pip install -q build

@@ -25,16 +25,8 @@ if [[ "${1:-}" == "--update-results" ]]; then UPDATE=1; fi
 CUDA_VENV="${CUDA_VENV:-$(cd "$ROOT/.." && pwd)/venv-cu130}"
 CPU_TORCH="${CPU_TORCH:-2.13.0}"
 BASE_PY="${BASE_PY:-$(.venv/bin/python -c "import sys; print(getattr(sys, '_base_executable', sys.executable))")}"
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/qaconv-wheel-check.XXXXXX")"
-if [[ "${KEEP_WHEEL_CHECK:-0}" == 1 ]]; then echo "wheel_check: work folder $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
-export PIP_DISABLE_PIP_VERSION_CHECK=1 MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}"
-t0=$SECONDS
-step() { echo "wheel_check: $* ($((SECONDS - t0)) s)"; }
-fail() { echo "wheel_check: FAIL: $*" >&2; exit 1; }
-run_logged() {  # run_logged LOG CMD...: quiet on success, the log's tail on failure
-  local log=$1; shift
-  if ! "$@" > "$log" 2>&1; then tail -40 "$log" >&2; fail "$* (log: $log)"; fi
-}
+CHECK=wheel_check KEEP="${KEEP_WHEEL_CHECK:-0}"
+source tools/check_common.sh
 
 # 1. the wheel
 if [[ -x "$CUDA_VENV/bin/python" ]] && "$CUDA_VENV/bin/python" -c "import torch; assert torch.version.cuda" 2>/dev/null; then

@@ -76,18 +76,31 @@ def qaconv_match(query: Tensor, gallery: Tensor, return_indices: bool = False
     """
     require_tensor("query", query)
     require_tensor("gallery", gallery)
-    # The contract's checks run here first: the compiled kernels report the dtype rules as ValueError
-    # (their stable ABI carries no TypeError), these as TypeError. Compiled graphs get the same checks
-    # from the fake kernels.
-    if not torch.compiler.is_compiling():
-        check_pair(query, gallery)
     if _cpu_bfloat16_autocast(query, gallery):
         values, indices = _BFloat16Forward.apply(query, gallery)
         return (values, indices) if return_indices else values
     need_indices = bool(return_indices) or (
         torch.is_grad_enabled() and (query.requires_grad or gallery.requires_grad))
-    values, indices = torch.ops.qaconv_ext.match(query, gallery, need_indices)
+    values, indices = _with_contract_errors(lambda: torch.ops.qaconv_ext.match(query, gallery, need_indices),
+                                            lambda: check_pair(query, gallery))
     return (values, indices) if return_indices else values
+
+
+def _with_contract_errors(call, check):
+    """``call()``; when the op refuses its inputs, the contract's error from ``check()`` instead.
+
+    The compiled kernels raise the contract's dtype rules as ValueError (their stable ABI carries no
+    TypeError); the same checks in Python raise TypeError for them, with the same message. They run only
+    after a refusal: nothing is added to a call that succeeds. (Compiled graphs check in the fake kernels.)
+    """
+    if torch.compiler.is_compiling():
+        return call()
+    try:
+        return call()
+    except ValueError as exc:
+        error = exc
+    check()  # raises the first broken rule, as the kernel found it
+    raise error
 
 
 def _cpu_bfloat16_autocast(query: Tensor, gallery: Tensor) -> bool:
@@ -140,7 +153,9 @@ def qaconv_score(query: Tensor, gallery: Tensor, weight: Tensor,
     require_tensor("gallery", gallery)
     require_tensor("weight", weight, "qaconv_score")
     bias = scalar_bias(bias, query)
-    if not torch.compiler.is_compiling():  # first, as in qaconv_match
+
+    def check() -> None:
         _, _, _, Lq, Lg = check_pair(query, gallery)
         check_head(weight, bias, Lq + Lg, query)
-    return torch.ops.qaconv_ext.score(query, gallery, weight, bias)
+
+    return _with_contract_errors(lambda: torch.ops.qaconv_ext.score(query, gallery, weight, bias), check)

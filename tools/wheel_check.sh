@@ -154,18 +154,23 @@ work, wheel, out, build_torch, seconds, envs = sys.argv[1], sys.argv[2], sys.arg
 def read(name):
     path = os.path.join(work, name)
     return open(path).read() if os.path.exists(path) else None
-def tag(text):
-    found = re.findall(r'platform tag to "([^"]+)"', text or "") or re.findall(r"is consistent with the following platform tag:\s*\"?([\w.]+)", text or "")
-    return found[0] if found else None
+def found(pattern, text):
+    match = re.search(pattern, text or "", re.S)
+    return match.group(1) if match else None
 nvcc = subprocess.run(["sh", "-c", "nvcc --version | tail -1"], capture_output=True, text=True).stdout.strip()
 summary = {
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "nvcc": nvcc or None},
     "wheel": {"name": os.path.basename(wheel), "bytes": os.path.getsize(wheel), "built_with_torch": build_torch},
     "environments": {name: json.load(open(os.path.join(work, f"{name}.json"))) for name in envs},
-    "auditwheel": {"show": read("auditwheel-show.txt"), "tag": tag(read("auditwheel-show.txt")),
+    # show: "consistent with" linux_x86_64 (torch's libraries are external, and show has no --exclude),
+    # the glibc symbol versions "constrain" the tag; repair with torch's libraries excluded retags the wheel
+    "auditwheel": {"show": read("auditwheel-show.txt"),
+                   "show_consistent_with": found(r'consistent\s+with\s+the\s+following\s+platform\s+tag:\s+"([^"]+)"', read("auditwheel-show.txt")),
+                   "glibc_constrains_to": found(r'platform tag to "([^"]+)"', read("auditwheel-show.txt")),
                    "repair_excluding_torch": read("auditwheel-repair.txt"),
-                   "show_repaired": read("auditwheel-show-repaired.txt"), "tag_repaired": tag(read("auditwheel-show-repaired.txt"))},
+                   "repaired_wheel": found(r"Fixed-up wheel written to \S*/([^/\s]+\.whl)", read("auditwheel-repair.txt")),
+                   "show_repaired": read("auditwheel-show-repaired.txt")},
     "seconds": seconds,
 }
 json.dump(summary, open(out, "w"), indent=1)

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qaconv-built
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: all setup demo test test-fast bench nvcc-check dist-check wheel-check clean
+.PHONY: all setup demo test test-fast bench nvcc-check emu-mutants dist-check wheel-check clean
 
 all: test
 
@@ -21,12 +21,16 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # Results go to a new folder runs/bench/<date-time>/; `make bench UPDATE=1` rewrites the committed
-# benchmarks/results/cpu_match.json (the README's table) instead.
+# benchmarks/results/cpu_match.json (docs/PERFORMANCE.md's table) instead.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_match.py $(if $(filter 1,$(UPDATE)),--update-results)
 
 nvcc-check: $(STAMP)
 	bash tools/nvcc_check.sh $(PY)
+
+# Every mutant of the CUDA emulator's mutation table (docs/CUDA.md); `make test` runs a subset.
+emu-mutants: $(STAMP)
+	QACONV_EMU_MUTANTS=all $(PY) -m pytest -q tests/test_cuda_emu_mutants.py
 
 # The sdist and a wheel built from it, each installed into a fresh virtual environment and run from
 # outside the repository (compiles the extension twice: a few minutes).

@@ -1,7 +1,7 @@
 """What the benchmarks share: the machine's description, the process's resident memory (Linux), JSON output.
 
 Where results go: ``--json PATH`` if given; ``--update-results`` writes the committed file in
-``benchmarks/results/`` (the figures the README quotes); by default a new folder of this run,
+``benchmarks/results/`` (the figures docs/PERFORMANCE.md quotes); by default a new folder of this run,
 ``runs/bench/<date-time>/``, so a run never overwrites the committed results by accident.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ __all__ = ["cpu_name", "machine_record", "status_kib", "reset_peak_rss", "write_
            "output_path", "RESULTS_DIR", "RUNS_DIR"]
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(_REPO, "benchmarks", "results")  # committed: the README's figures
+RESULTS_DIR = os.path.join(_REPO, "benchmarks", "results")  # committed: docs/PERFORMANCE.md's figures
 RUNS_DIR = os.path.join(_REPO, "runs", "bench")             # one folder per run, not committed
 _this_run: Dict[str, str] = {}
 
@@ -83,7 +83,7 @@ def add_output_args(parser: Any, name: str) -> None:
     parser.add_argument("--json", default=None,
                         help=f"where to write the results ('' to skip; default: runs/bench/<date-time>/{name})")
     parser.add_argument("--update-results", action="store_true",
-                        help=f"write the committed benchmarks/results/{name} (the README's figures) instead")
+                        help=f"write the committed benchmarks/results/{name} (docs/PERFORMANCE.md's figures) instead")
 
 
 def output_path(args: Any, name: str) -> str:

@@ -154,7 +154,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     backbone, head, cfg = load_trained(args.checkpoint)
     h, w = int(cfg["height"]), int(cfg["width"])
     load_before = os.getloadavg()
-    q_maps = extract_features(backbone, b.query, h, w, batch_size=args.batch_size, progress=False)
+    q_maps = extract_features(backbone, b.query, h, w, batch_size=args.batch_size, progress=False,
+                              preprocess=cfg["preprocess"])
     distractors = [Record(r.path, 0, r.camid, r.time) for r in list(b.train) + list(a.train) + list(a.query)
                    + list(a.gallery)]
     result: Dict[str, Any] = {"benchmark": "two_stage_synthetic", "checkpoint": os.path.abspath(args.checkpoint),
@@ -168,7 +169,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         index = GalleryIndex.build(os.path.join(tmp, "test.idx"), args.checkpoint, b.gallery,
                                    batch_size=args.batch_size, progress=False)
         result["index_build_s"] = time.perf_counter() - t
-        g32 = extract_features(backbone, b.gallery, h, w, batch_size=args.batch_size, progress=False)
+        g32 = extract_features(backbone, b.gallery, h, w, batch_size=args.batch_size, progress=False,
+                               preprocess=cfg["preprocess"])
         result["galleries"]["test"] = evaluate_gallery("domain_b test gallery", index, q_maps, b.query,
                                                        list(b.gallery), shortlists, args.k, args.repeats,
                                                        args.timed_queries, g32, head)

@@ -97,12 +97,13 @@ std::string float32_matmul_precision() {
 // the scoring of a gallery.
 ScalarType staging_type(const Tensor& q, const Tensor& g, const std::string& precision) {
   if (precision != "high") return ScalarType::BFloat16;
-  constexpr float kHalfMax = 65504.f;  // larger magnitudes round to inf in float16
   const std::vector<int64_t> all_dims;
   const Tensor q_range = torch::stable::amax(call_aten("aten::abs", "", q), all_dims);
   const Tensor g_range = torch::stable::amax(call_aten("aten::abs", "", g), all_dims);
   const Tensor range = call_aten("aten::maximum", "", q_range, g_range);
-  return scalar_value<float>(range) < kHalfMax ? ScalarType::Half : ScalarType::BFloat16;
+  return cuda::plan::staging_kind(true, scalar_value<float>(range)) == cuda::ScalarKind::kFloat16
+             ? ScalarType::Half
+             : ScalarType::BFloat16;
 }
 
 // Which kernel scores: tensor cores for float16/bfloat16 maps, and for float32 maps unless
@@ -124,10 +125,8 @@ Tensor score_cuda(const Tensor& query, const Tensor& gallery, const Tensor& weig
   const float* bias_ptr = b.has_value() ? b->const_data_ptr<float>() : nullptr;
   const cudaStream_t stream = current_stream(query);
 
-  bool tensor_cores = !simple_kernel_requested();
-  const std::string precision = kind == cuda::ScalarKind::kFloat32 && tensor_cores ? float32_matmul_precision() : "";
-  if (kind == cuda::ScalarKind::kFloat32 && precision == "highest") tensor_cores = false;
-  if (tensor_cores) {
+  const std::string precision = kind == cuda::ScalarKind::kFloat32 ? float32_matmul_precision() : "";
+  if (cuda::plan::score_tries_tensor_cores(kind, precision == "highest", simple_kernel_requested())) {
     Tensor q = q_in, g = g_in;
     auto tc_kind = kind;
     if (kind == cuda::ScalarKind::kFloat32) {
@@ -137,12 +136,10 @@ Tensor score_cuda(const Tensor& query, const Tensor& gallery, const Tensor& weig
       tc_kind = kind_of_type(staged);
     }
     // The kernel copies 16-byte chunks: pad the channels to a multiple of 8 with zeros, align the bases.
-    int64_t channels = d.channels;
-    if (channels % 8 != 0) {
-      const int64_t pad = 8 - channels % 8;
-      q = torch::stable::pad(q, {0, pad});
-      g = torch::stable::pad(g, {0, pad});
-      channels += pad;
+    const int64_t channels = cuda::plan::mma_channels(d.channels);
+    if (channels != d.channels) {
+      q = torch::stable::pad(q, {0, channels - d.channels});
+      g = torch::stable::pad(g, {0, channels - d.channels});
     }
     if (reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) q = torch::stable::clone(q);
     if (reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 != 0) g = torch::stable::clone(g);

@@ -107,10 +107,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _size(path: str) -> str:
-    total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
-                if os.path.isfile(os.path.join(path, f)))
-    return f"{total / 2 ** 20:.1f} MiB"
+def _size(index: Any) -> str:
+    """The committed size of ``index`` (what its manifest commits; leftover bytes are not counted)."""
+    return f"{index.disk_usage()[0] / 2 ** 20:.1f} MiB"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,8 +124,12 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "info":
             index = GalleryIndex.open(args.index, verify=args.verify)
             print(index)
-            print(f"  {len(index)} maps of {' x '.join(map(str, index.map_shape))} (float16), {_size(index.path)}, "
+            print(f"  {len(index)} maps of {' x '.join(map(str, index.map_shape))} (float16), {_size(index)} committed, "
                   f"{len(index.manifest['segments'])} segment(s), last change {index.manifest['updated']}")
+            leftover = index.disk_usage()[1]
+            if leftover:
+                print(f"  plus {leftover / 2 ** 20:.1f} MiB ({leftover} bytes) behind the committed end, left by an "
+                      "interrupted append: ignored, and removed by the next append")
             pre = index.model.get("preprocessing")
             if pre:
                 print(f"  input {index.model['input_size'][0]} x {index.model['input_size'][1]}: {pre}")
@@ -142,14 +145,14 @@ def run(args: argparse.Namespace) -> int:
                                        device=device, workers=args.workers, progress=not args.no_progress,
                                        overwrite=args.overwrite)
             print(f"indexed {len(index)} images in {time.time() - t0:.1f} s -> {index.path} "
-                  f"({' x '.join(map(str, index.map_shape))} maps, {_size(index.path)})")
+                  f"({' x '.join(map(str, index.map_shape))} maps, {_size(index)})")
         else:
             index = GalleryIndex.open(args.index)
-            before = len(index)
             index.append_images(records, checkpoint=args.checkpoint, batch_size=args.batch_size, device=device,
                                 workers=args.workers, progress=not args.no_progress)
-            print(f"appended {len(index) - before} images in {time.time() - t0:.1f} s: {index.path} now holds "
-                  f"{len(index)} maps ({_size(index.path)})")
+            # one commit adds all the records or none; `len(index)` also counts appends of other processes
+            print(f"appended {len(records)} images in {time.time() - t0:.1f} s: {index.path} now holds "
+                  f"{len(index)} maps ({_size(index)})")
     except (GalleryIndexError, ImageReadError) as exc:
         raise SystemExit(f"{COMMAND}: {error_line(exc)}") from None
     return 0

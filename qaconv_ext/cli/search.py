@@ -14,7 +14,8 @@ import os
 import time
 from typing import Any, Dict, List
 
-from .common import error_line, image_record, json_path, picture_path, positive_int, resolve_device, write_json
+from .common import (FAILED, CommandError, check_picture_ranks, error_line, image_record, json_path, picture_path, positive_int,
+                     resolve_device, write_json)
 
 __all__ = ["register", "run", "format_ranking"]
 
@@ -29,7 +30,10 @@ Find query images in a gallery index (made by `qaconv index build`) with its mod
 
 Prints each query's ranked list (score, camera, time, identity when known, path); -o draws it (one
 row per query), --json writes it. The model is the checkpoint recorded in the index unless
---checkpoint gives its new location (it must be the same model)."""
+--checkpoint gives its new location (it must be the same model).
+
+Scores are always finite: a damaged index whose maps hold NaN or Inf ends the search with one line
+naming the index (exit status 1); `qaconv index info --verify INDEX` tells which part is damaged."""
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -98,8 +102,10 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``qaconv search``."""
     from ..data import ImageReadError, read_image
     from ..evaluation import extract_features
-    from ..search import GalleryIndex, GalleryIndexError
+    from ..search import GalleryIndex, GalleryIndexError, NonFiniteScoresError
 
+    if args.output:
+        check_picture_ranks(args.k, COMMAND, " (or leave out -o: the printed and --json lists have no limit)")
     device = resolve_device(args.device, COMMAND)
     try:
         for img in args.images:
@@ -112,11 +118,14 @@ def run(args: argparse.Namespace) -> int:
         backbone, _, cfg = index.load_model(args.checkpoint, device)
         t0 = time.time()
         q = extract_features(backbone, list(args.images), int(cfg["height"]), int(cfg["width"]),
-                             batch_size=args.batch_size, device=device, progress=False)
+                             batch_size=args.batch_size, device=device, progress=False,
+                             preprocess=cfg["preprocess"])
         t1 = time.time()
         scores, indices = index.search(q, k=args.k, shortlist=args.shortlist, device=device,
                                        progress=not args.no_progress and len(index) > 20000)
         t2 = time.time()
+    except NonFiniteScoresError as exc:
+        raise CommandError(f"{COMMAND}: {error_line(exc)}", FAILED) from None
     except (GalleryIndexError, ImageReadError) as exc:
         raise SystemExit(f"{COMMAND}: {error_line(exc)}") from None
     results = []

@@ -7,11 +7,11 @@
 * ``GalleryIndex.search(..., shortlist=M)`` — shortlist by a global descriptor, re-rank exactly.
 """
 from .identity import checkpoint_sha256, model_identity
-from .index import DEFAULT_CHUNK_BYTES, GalleryIndex
+from .index import DEFAULT_CHUNK_BYTES, GalleryIndex, NonFiniteScoresError
 from .storage import FORMAT, GalleryIndexError
 from .topk import descriptor_topk, global_descriptors, merge_topk, rerank_shortlist, select_topk, streaming_topk
 
 __all__ = [
-    "GalleryIndex", "GalleryIndexError", "streaming_topk", "select_topk", "merge_topk", "global_descriptors",
+    "GalleryIndex", "GalleryIndexError", "NonFiniteScoresError", "streaming_topk", "select_topk", "merge_topk", "global_descriptors",
     "descriptor_topk", "rerank_shortlist", "checkpoint_sha256", "model_identity", "FORMAT", "DEFAULT_CHUNK_BYTES",
 ]

@@ -28,19 +28,21 @@ from .identity import (
     check_head,
     describe_model,
     model_identity,
-    preprocessing_of,
+    check_preprocessing,
 )
 from .images import RecordLike, as_records, extract_map_blocks, load_model, map_shape_of
 from .storage import (
     DESCRIPTORS_DTYPE,
     DESCRIPTORS_FILE,
     FORMAT,
+    MANIFEST,
     MAPS_DTYPE,
     MAPS_FILE,
     RECORDS_FILE,
     GalleryIndexError,
     SegmentWriter,
     check_sizes,
+    committed_bytes,
     locked,
     map_nbytes,
     now,
@@ -50,15 +52,27 @@ from .storage import (
     verify_segments,
     write_manifest,
 )
-from .topk import descriptor_topk, global_descriptors, iterate_blocks, rerank_shortlist, streaming_topk
+from ..scoring import blocks as iterate_blocks
+from .topk import descriptor_topk, global_descriptors, rerank_shortlist, streaming_topk
 
-__all__ = ["GalleryIndex", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["GalleryIndex", "NonFiniteScoresError", "DEFAULT_CHUNK_BYTES"]
 
 #: Float32 bytes of the gallery maps scored per call of the fused op while streaming (64 MiB).
 DEFAULT_CHUNK_BYTES = 64 << 20
 
 MapsLike = Union[torch.Tensor, np.ndarray]
 Block = Tuple[MapsLike, Optional[Sequence[RecordLike]]]
+
+
+class NonFiniteScoresError(GalleryIndexError):
+    """A search met scores that are not finite (NaN or Inf): maps of the index hold such values (the
+    index is damaged) or the queries' maps do. Nothing is returned rather than a ranking with them."""
+
+
+def _first_non_finite(maps: np.ndarray) -> Optional[int]:
+    """The position of the first map ``[n, ...]`` holding a NaN or Inf, else None."""
+    ok = np.isfinite(maps).reshape(maps.shape[0], -1).all(axis=1)
+    return None if ok.all() else int(np.flatnonzero(~ok)[0])
 
 
 def _as_maps(maps: MapsLike, what: str) -> np.ndarray:
@@ -112,6 +126,18 @@ class GalleryIndex:
         """The identity of the model that made the maps (checkpoint, preprocessing, folded head)."""
         return self.manifest["model"]
 
+    def disk_usage(self) -> Tuple[int, int]:
+        """``(committed, leftover)`` bytes: the manifest and the committed part of each data file, and
+        what lies behind the committed end (left by an interrupted append; the next append cuts it off)."""
+        committed = os.path.getsize(os.path.join(self.path, MANIFEST))
+        leftover = 0
+        for name, nbytes in committed_bytes(self.manifest).items():
+            f = os.path.join(self.path, name)
+            have = os.path.getsize(f) if os.path.isfile(f) else 0
+            committed += min(have, nbytes)
+            leftover += max(0, have - nbytes)
+        return committed, leftover
+
     def folded_head(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The index's folded head ``(weight [2L], bias [])`` as float32 tensors."""
         head = self.model["head"]
@@ -150,7 +176,8 @@ class GalleryIndex:
             raise GalleryIndexError(f"{path}: no images to index")
         backbone, head, cfg = load_model(checkpoint, device)
         ident = model_identity(head, map_shape_of(head, cfg), checkpoint=cfg["checkpoint"], config=cfg)
-        blocks = extract_map_blocks(backbone, recs, int(cfg["height"]), int(cfg["width"]), batch_size=batch_size,
+        blocks = extract_map_blocks(backbone, recs, int(cfg["height"]), int(cfg["width"]), preprocess=cfg["preprocess"],
+                                    batch_size=batch_size,
                                     device=device, workers=workers, block=block, progress=progress)
         return cls._write_new(path, ident, blocks, overwrite)
 
@@ -175,8 +202,9 @@ class GalleryIndex:
         if checkpoint is not None:
             check_checkpoint(path, index.model, os.fspath(checkpoint))
             if not index.model.get("checkpoint"):
-                _, ck_head, _ = load_model(os.fspath(checkpoint))
+                _, ck_head, ck_cfg = load_model(os.fspath(checkpoint))
                 check_head(path, index.model, ck_head)
+                check_preprocessing(path, index.model, ck_cfg, os.fspath(checkpoint))
         if head is not None:
             check_head(path, index.model, head)
         return index
@@ -205,7 +233,7 @@ class GalleryIndex:
         try:
             manifest = {"format": FORMAT, "count": 0, "map_shape": ident["map_shape"], "records_bytes": 0,
                         "segments": [], "model": ident, "created": now(), "updated": now()}
-            manifest = _write_segment(tmp, manifest, blocks)
+            manifest = _write_segment(tmp, manifest, blocks, name=path)
             write_manifest(tmp, manifest)
             if os.path.exists(path):
                 old = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".old", dir=parent)
@@ -237,7 +265,8 @@ class GalleryIndex:
         if not recs:
             return self
         backbone, _, cfg = self.load_model(checkpoint, device)
-        blocks = extract_map_blocks(backbone, recs, int(cfg["height"]), int(cfg["width"]), batch_size=batch_size,
+        blocks = extract_map_blocks(backbone, recs, int(cfg["height"]), int(cfg["width"]), preprocess=cfg["preprocess"],
+                                    batch_size=batch_size,
                                     device=device, workers=workers, block=block, progress=progress)
         return self._append_blocks(blocks)
 
@@ -274,10 +303,7 @@ class GalleryIndex:
         if list(map_shape_of(head, cfg)) != list(self.map_shape):
             raise GalleryIndexError(f"{checkpoint} makes {list(map_shape_of(head, cfg))} maps, {self.path} holds "
                                     f"{list(self.map_shape)}")
-        pre = self.model.get("preprocessing")
-        if pre is not None and pre != preprocessing_of(cfg["height"], cfg["width"]):
-            raise GalleryIndexError(f"{self.path} was made with the preprocessing {pre}; this model and version "
-                                    f"use {preprocessing_of(cfg['height'], cfg['width'])}")
+        check_preprocessing(self.path, self.model, cfg, checkpoint)
         return backbone, head, cfg
 
     # ------------------------------------------------------------------------------------------
@@ -325,7 +351,7 @@ class GalleryIndex:
                                         f"map {a}); the index is damaged")
             return buf
 
-        blocks = list(iterate_blocks(stop - start, chunk))
+        blocks = iterate_blocks(stop - start, chunk)
         if not blocks:
             return
         with open(path, "rb") as fh, ThreadPoolExecutor(max_workers=1) as pool:
@@ -372,7 +398,23 @@ class GalleryIndex:
                                     f"{list(self.map_shape)} maps")
         if not q.is_floating_point():
             raise GalleryIndexError(f"query maps: expected floating-point maps, got {q.dtype}")
+        if q.numel() and not bool(torch.isfinite(q).all()):
+            bad = int((~torch.isfinite(q)).flatten(1).any(dim=1).nonzero()[0])
+            raise NonFiniteScoresError(f"query map {bad} holds NaN or infinite values, so its scores against "
+                                       f"{self.path} are not finite")
         return q
+
+    def _non_finite(self, indices: torch.Tensor, bad: torch.Tensor) -> NonFiniteScoresError:
+        """The error for results ``indices [P, k]`` whose scores are not finite where ``bad``: a stored map
+        that is not finite (a damaged index), else scores that overflow."""
+        p, j = (int(x) for x in bad.nonzero()[0])
+        i = int(indices[p, j])
+        if _first_non_finite(self.read_maps([i])) is not None:
+            return NonFiniteScoresError(f"{self.path}: map {i} holds NaN or infinite values, so its scores are not "
+                                        f"finite; the index is damaged: check it with `qaconv index info --verify "
+                                        f"{self.path}`")
+        return NonFiniteScoresError(f"the scores of query {p} against {self.path} are not finite (map {i}: they "
+                                    "overflow float32); nothing is ranked")
 
     def search(self, query_maps: MapsLike, k: int = 10, *, shortlist: Optional[int] = None,
                chunk: Optional[int] = None, device: Union[str, torch.device, None] = None,
@@ -390,7 +432,8 @@ class GalleryIndex:
         exhaustive top ``k``; ``M >= len(index)`` is the exhaustive search.
 
         Returns ``(scores [P, k] float32, indices [P, k] int64)`` on the CPU, by score descending, ties
-        by the smaller index.
+        by the smaller index; ``[0, k]`` for no queries. Scores are always finite: a map that is not
+        (a damaged index) or queries that are not end the search with :class:`NonFiniteScoresError`.
         """
         q = self._queries(query_maps)
         n = len(self)
@@ -402,39 +445,51 @@ class GalleryIndex:
         weight, bias = self.folded_head()
         if shortlist is not None and int(shortlist) < k:
             raise GalleryIndexError(f"shortlist={shortlist} must be at least k={k}")
+        if q.shape[0] == 0:
+            return torch.empty(0, k, dtype=torch.float32), torch.empty(0, k, dtype=torch.int64)
         if shortlist is None or int(shortlist) >= n:
             bar = None
             if progress:
                 from tqdm.auto import tqdm
                 bar = tqdm(total=n, desc="search", unit="map", leave=False, dynamic_ncols=True)
             try:
-                return streaming_topk(q, self.iter_maps(chunk), weight, bias, k, device=device,
-                                      compute_dtype=compute_dtype, progress=bar.update if bar else None)
+                scores, indices = streaming_topk(q, self.iter_maps(chunk), weight, bias, k, device=device,
+                                                 compute_dtype=compute_dtype, progress=bar.update if bar else None)
             finally:
                 if bar is not None:
                     bar.close()
-        _, cand = descriptor_topk(global_descriptors(q), self.iter_descriptors(), int(shortlist))
-        return rerank_shortlist(q, cand, self.read_maps, weight, bias, k, device=device,
-                                compute_dtype=compute_dtype)
+        else:
+            _, cand = descriptor_topk(global_descriptors(q), self.iter_descriptors(), int(shortlist))
+            scores, indices = rerank_shortlist(q, cand, self.read_maps, weight, bias, k, device=device,
+                                               compute_dtype=compute_dtype)
+        # NaN and +Inf scores rank first, so a scored map with a non-finite score is among the results
+        bad = ~torch.isfinite(scores)
+        if bool(bad.any()):
+            raise self._non_finite(indices, bad)
+        return scores, indices
 
 
-def _write_segment(folder: str, manifest: Dict[str, Any], blocks: Iterable[Block]) -> Dict[str, Any]:
+def _write_segment(folder: str, manifest: Dict[str, Any], blocks: Iterable[Block], name: Optional[str] = None
+                   ) -> Dict[str, Any]:
     """Write ``blocks`` after the committed end of the index at ``folder``; returns the manifest that
-    commits them (not yet written). On any failure the files are cut back and the error re-raised."""
+    commits them (not yet written). On any failure the files are cut back and the error re-raised.
+    ``name``: the index's path in the error messages (default ``folder``; a new index is written in a
+    temporary folder, which means nothing to the user)."""
+    name = name or folder
     shape = tuple(int(x) for x in manifest["map_shape"])
     writer = SegmentWriter(folder, manifest)
     try:
         for maps, records in blocks:
-            arr = _as_maps(maps, f"{folder}: maps")
+            arr = _as_maps(maps, f"{name}: maps")
             if tuple(arr.shape[1:]) != shape:
-                raise GalleryIndexError(f"{folder}: the maps to add are {list(arr.shape)}, the index holds "
+                raise GalleryIndexError(f"{name}: the maps to add are {list(arr.shape)}, the index holds "
                                         f"[n, {', '.join(map(str, shape))}] maps")
             with np.errstate(over="ignore"):
                 half = arr.astype(MAPS_DTYPE)
             if not np.isfinite(half).all():
-                raise GalleryIndexError(f"{folder}: the maps to add hold NaN or infinite values (or values "
+                raise GalleryIndexError(f"{name}: the maps to add hold NaN or infinite values (or values "
                                         "beyond float16's range)")
-            recs = as_records(records, half.shape[0], f"{folder}: records")
+            recs = as_records(records, half.shape[0], f"{name}: records")
             desc = global_descriptors(torch.from_numpy(half)).numpy()
             lines = b"".join(record_line(r.path, r.pid, r.camid, r.time) for r in recs)
             writer.write(half, desc, lines)

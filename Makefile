@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qaconv-built
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: all setup demo test test-fast bench nvcc-check emu-mutants dist-check clean
+.PHONY: all setup demo test test-fast bench nvcc-check emu-mutants dist-check wheel-check clean
 
 all: test
 
@@ -37,5 +37,11 @@ emu-mutants: $(STAMP)
 dist-check: $(STAMP)
 	bash tools/check_dist.sh $(PY)
 
+# One abi3 wheel built once (with ../venv-cu130's torch 2.14.1+cu130 and nvcc when that venv exists: CPU and
+# CUDA kernels), installed without a compiler next to torch 2.13 CPU and torch 2.14.1+cu130 and run from
+# outside the tree; auditwheel. `make wheel-check UPDATE=1` rewrites benchmarks/results/wheel_check.json.
+wheel-check: $(STAMP)
+	bash tools/wheel_check.sh $(if $(filter 1,$(UPDATE)),--update-results)
+
 clean:
-	rm -rf build *.egg-info qaconv_ext/_C*.so $(STAMP)
+	rm -rf build *.egg-info qaconv_ext/_kernels*.so qaconv_ext/_build_info.json $(STAMP)

@@ -244,7 +244,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
         "torch": torch.__version__, "qaconv_ext": qaconv_ext.__version__, "python": platform.python_version(),
-        "cpu_kernel": _library._C.cpu_kernel() if _library.NATIVE else None,
+        "cpu_kernel": qaconv_ext.cpu_kernel() if _library.NATIVE else None,
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "problem": {"queries": args.queries, "gallery": args.gallery, "pairs": args.queries * args.gallery,
                     "channels": args.channels, "height": args.height, "width": args.width, "L": L,

@@ -1,12 +1,14 @@
-// CPU binding of qaconv_ext::centroid_score (schema in csrc/ops.cpp): checks the tensors, computes each
-// query table's maxima and runs the kernel of centroid_kernel.h over blocks of maps in parallel.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// CPU binding of qaconv_ext::centroid_score (schema in csrc/ops.cpp), on the stable ABI like the other
+// bindings: checks the tensors, computes each query table's column maxima and runs the kernel of
+// centroid_kernel.h over blocks of maps in parallel.
+#include <torch/csrc/stable/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <optional>
 #include <vector>
 
+#include "binding.h"
 #include "cpu/centroid_kernel.h"
 
 namespace qaconv {
@@ -14,41 +16,44 @@ namespace {
 
 constexpr int64_t kMapsPerTask = 512;  // codes of one task: 512 * Lg * 2 bytes (128 KiB at Lg = 128)
 
-at::Tensor centroid_score_cpu(const at::Tensor& table, const at::Tensor& codes, const at::Tensor& weight,
-                              const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(table.dim() == 3, "centroid_score: table must be [P, K, Lq], got shape ", table.sizes());
-  TORCH_CHECK_VALUE(codes.dim() == 2, "centroid_score: codes must be [N, Lg], got shape ", codes.sizes());
-  TORCH_CHECK_TYPE(table.scalar_type() == at::kFloat, "centroid_score: table must be float32, got ",
-                   table.scalar_type());
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kUInt16, "centroid_score: codes must be uint16, got ",
-                   codes.scalar_type());
-  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat, "centroid_score: weight must be float32, got ",
-                   weight.scalar_type());
+Tensor centroid_score_cpu(const Tensor& table, const Tensor& codes, const Tensor& weight,
+                          const std::optional<Tensor>& bias) {
+  QACONV_CHECK_VALUE(table.dim() == 3, "centroid_score: table must be [P, K, Lq], got shape ", shape(table));
+  QACONV_CHECK_VALUE(codes.dim() == 2, "centroid_score: codes must be [N, Lg], got shape ", shape(codes));
+  QACONV_CHECK_VALUE(table.scalar_type() == ScalarType::Float, "centroid_score: table must be float32, got ",
+                     dtype_name(table.scalar_type()));
+  QACONV_CHECK_VALUE(codes.scalar_type() == ScalarType::UInt16, "centroid_score: codes must be uint16, got ",
+                     dtype_name(codes.scalar_type()));
+  QACONV_CHECK_VALUE(weight.scalar_type() == ScalarType::Float, "centroid_score: weight must be float32, got ",
+                     dtype_name(weight.scalar_type()));
+  QACONV_CHECK(table.is_cpu() && codes.is_cpu() && weight.is_cpu(),
+               "centroid_score: the CPU kernel got tensors on another device");
   const int64_t P = table.size(0), K = table.size(1), Lq = table.size(2);
   const int64_t N = codes.size(0), Lg = codes.size(1);
-  TORCH_CHECK_VALUE(weight.numel() == Lq + Lg, "centroid_score: weight must hold Lq + Lg = ", Lq + Lg,
-                    " values, got ", weight.numel());
+  QACONV_CHECK_VALUE(weight.numel() == Lq + Lg, "centroid_score: weight must hold Lq + Lg = ", Lq + Lg,
+                     " values, got ", weight.numel());
   float b = 0.0f;
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->numel() == 1, "centroid_score: bias must be a scalar, got shape ", bias->sizes());
-    b = bias->to(at::kFloat).item<float>();
+  if (bias.has_value() && bias->defined()) {
+    QACONV_CHECK_VALUE(bias->numel() == 1, "centroid_score: bias must be a scalar, got shape ", shape(*bias));
+    b = static_cast<float>(scalar_value<double>(to_dtype(*bias, ScalarType::Double)));
   }
-  const at::Tensor t = table.contiguous(), c = codes.contiguous(), w = weight.reshape({-1}).contiguous();
-  at::Tensor out = at::empty({P, N}, table.options());
+  const Tensor t = torch::stable::contiguous(table), c = torch::stable::contiguous(codes);
+  const Tensor w = torch::stable::contiguous(torch::stable::reshape(weight, {-1}));
+  Tensor out = empty_like_device(table, {P, N}, ScalarType::Float);
   if (P == 0 || N == 0) return out;
-  TORCH_CHECK_VALUE(K > 0 && Lq > 0 && Lg > 0, "centroid_score: empty table or codes");
-  at::Tensor colmax = at::empty({P, K}, table.options());
-  const float* tp = t.data_ptr<float>();
-  float* cm = colmax.data_ptr<float>();
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+  QACONV_CHECK_VALUE(K > 0 && Lq > 0 && Lg > 0, "centroid_score: empty table or codes");
+  Tensor colmax = empty_like_device(table, {P, K}, ScalarType::Float);
+  const float* tp = t.const_data_ptr<float>();
+  float* cm = colmax.mutable_data_ptr<float>();
+  parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) cpu::centroid_table_maxima(tp + p * K * Lq, K, Lq, cm + p * K);
   });
-  const uint16_t* cp = reinterpret_cast<const uint16_t*>(c.data_ptr());
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  const uint16_t* cp = static_cast<const uint16_t*>(c.const_data_ptr());
+  const float* wp = w.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
   std::atomic<int64_t> bad{0};
   const int64_t tasks = (N + kMapsPerTask - 1) / kMapsPerTask;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(Lq);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n0 = task * kMapsPerTask, n1 = std::min(N, n0 + kMapsPerTask);
@@ -58,12 +63,12 @@ at::Tensor centroid_score_cpu(const at::Tensor& table, const at::Tensor& codes, 
       }
     }
   });
-  TORCH_CHECK_VALUE(bad.load() == 0, "centroid_score: codes hold ids >= K = ", K);
+  QACONV_CHECK_VALUE(bad.load() == 0, "centroid_score: codes hold ids >= K = ", K);
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qaconv_ext, CPU, m) { m.impl("centroid_score", &centroid_score_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(qaconv_ext, CPU, m) { m.impl("centroid_score", TORCH_BOX(&centroid_score_cpu)); }
 
 }  // namespace qaconv

@@ -12,7 +12,8 @@ from typing import Union
 import torch
 
 from . import _library  # noqa: F401  (registers the fake kernel and the fallbacks)
-from .checks import require_tensor
+from .checks import check_centroid_score, require_tensor
+from .match import with_contract_errors
 
 Tensor = torch.Tensor
 
@@ -35,4 +36,5 @@ def centroid_score(table: Tensor, codes: Tensor, weight: Tensor, bias: Union[Ten
     require_tensor("codes", codes, "centroid_score")
     if bias is not None and not isinstance(bias, Tensor):
         bias = torch.tensor(float(bias), dtype=torch.float32)
-    return torch.ops.qaconv_ext.centroid_score(table, codes, weight, bias)
+    return with_contract_errors(lambda: torch.ops.qaconv_ext.centroid_score(table, codes, weight, bias),
+                                lambda: check_centroid_score(table, codes, weight, bias))

@@ -196,7 +196,7 @@ def _interleaved_worker(args: argparse.Namespace) -> Dict:
         torch.set_num_threads(args.threads)
         return best
 
-    kernel = qaconv_ext.ops._library._C.cpu_kernel()
+    kernel = qaconv_ext.cpu_kernel()
     labels = ["fused score float32", f"fused score bfloat16 [{kernel}]"] + [
         f"fused score bfloat16 [{k}]" for k in args.compare_kernels] + [
         "torch.mm float32", "torch.mm bfloat16", "torch.mm float32 limit", "torch.mm bfloat16 limit"]
@@ -324,7 +324,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     import qaconv_ext
     from qaconv_ext.ops import _library
 
-    kernel = _library._C.cpu_kernel() if _library.NATIVE else None
+    kernel = qaconv_ext.cpu_kernel() if _library.NATIVE else None
     if args.compare_kernels is None:
         args.compare_kernels = ["avx512"] if kernel == "avx512bf16" else []
     load_before = os.getloadavg()

@@ -55,6 +55,18 @@ def _two_stage_order(shortlist_order, desc_sim):
     return out
 
 
+def synthetic_test_set(data_root: str):
+    """The synthetic network's test set (``domain_b``, generated in ``data_root`` when missing) and every other
+    image it renders (``domain_b``'s training images and all of ``domain_a``) as distractors of identity 0."""
+    from qaconv_ext.data import Market1501, Record, make_synthetic_network
+
+    paths = make_synthetic_network(data_root, progress=False)
+    b, a = Market1501(paths["domain_b"]), Market1501(paths["domain_a"])
+    distractors = [Record(r.path, 0, r.camid, r.time) for r in list(b.train) + list(a.train) + list(a.query)
+                   + list(a.gallery)]
+    return b, distractors
+
+
 def _timed(fn, repeats: int) -> float:
     import statistics
 
@@ -143,20 +155,17 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
 
     import torch
 
-    from qaconv_ext.data import Market1501, Record, make_synthetic_network
     from qaconv_ext.engine import load_trained
     from qaconv_ext.evaluation import extract_features
     from qaconv_ext.search import GalleryIndex, checkpoint_sha256
 
     shortlists = [int(s) for s in args.shortlists.split(",") if s]
-    paths = make_synthetic_network(args.data_root, progress=False)
-    b, a = Market1501(paths["domain_b"]), Market1501(paths["domain_a"])
+    b, distractors = synthetic_test_set(args.data_root)
     backbone, head, cfg = load_trained(args.checkpoint)
     h, w = int(cfg["height"]), int(cfg["width"])
     load_before = os.getloadavg()
-    q_maps = extract_features(backbone, b.query, h, w, batch_size=args.batch_size, progress=False)
-    distractors = [Record(r.path, 0, r.camid, r.time) for r in list(b.train) + list(a.train) + list(a.query)
-                   + list(a.gallery)]
+    q_maps = extract_features(backbone, b.query, h, w, batch_size=args.batch_size, progress=False,
+                              preprocess=cfg["preprocess"])
     result: Dict[str, Any] = {"benchmark": "two_stage_synthetic", "checkpoint": os.path.abspath(args.checkpoint),
                               "checkpoint_sha256": checkpoint_sha256(args.checkpoint),
                               "checkpoint_epochs": torch.load(args.checkpoint, map_location="cpu",
@@ -168,7 +177,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         index = GalleryIndex.build(os.path.join(tmp, "test.idx"), args.checkpoint, b.gallery,
                                    batch_size=args.batch_size, progress=False)
         result["index_build_s"] = time.perf_counter() - t
-        g32 = extract_features(backbone, b.gallery, h, w, batch_size=args.batch_size, progress=False)
+        g32 = extract_features(backbone, b.gallery, h, w, batch_size=args.batch_size, progress=False,
+                               preprocess=cfg["preprocess"])
         result["galleries"]["test"] = evaluate_gallery("domain_b test gallery", index, q_maps, b.query,
                                                        list(b.gallery), shortlists, args.k, args.repeats,
                                                        args.timed_queries, g32, head)

@@ -23,7 +23,7 @@ export TORCH_CUDA_ARCH_LIST
 echo "gpu_check: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 PY=.venv/bin/python
 if step build; then
-  rm -f .venv/.qaconv-built qaconv_ext/_C*.so
+  rm -f .venv/.qaconv-built qaconv_ext/_kernels*.so qaconv_ext/_build_info.json
   if ! make setup > "$OUT/gpu_build.log" 2>&1; then
     tail -60 "$OUT/gpu_build.log"; echo "gpu_check: build failed"; exit 1
   fi

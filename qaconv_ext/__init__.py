@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 #: Each public name and the part of the package it lives in.
 _HOMES = {
     "qaconv_match": "ops", "qaconv_score": "ops", "native_available": "ops", "reference": "ops",
+    "cpu_kernel": "ops", "build_info": "ops",
     "QAConv": "head", "ClassMemoryLoss": "losses", "TripletLoss": "losses", "PairwiseMatchingLoss": "losses", "build_backbone": "models", "evaluate_rank": "evaluation",
     "tlift": "postprocess", "k_reciprocal_rerank": "postprocess",
 }

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .ops import qaconv_match, qaconv_score
-from .ops.dtypes import accumulation_dtype
+from .ops.dtypes import score_weights
 
 __all__ = ["QAConv", "normalize_layout", "head_from_state_dict", "extract_head_state"]
 
@@ -263,18 +263,23 @@ class QAConv(nn.Module):
             x = F.linear(x, self.fc.weight, self.fc.bias)
         return self.logit_bn(x.reshape(1, 1, -1)).reshape(lead)
 
-    def folded(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def folded(self, dtype: Optional[torch.dtype] = None, device: Any = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """The eval-mode head as ``(weight [2L], bias [])``: ``logit = values @ weight + bias``.
 
         ``weight`` is in the op's value order (query-location maxima first). Built from the running
-        statistics (whatever the module's mode); differentiable in the head's parameters.
+        statistics (whatever the module's mode, which is left as it is); differentiable in the head's
+        parameters. With ``dtype`` (the feature maps' dtype) or ``device``: cast as the op takes them
+        for such maps (:func:`qaconv_ext.ops.dtypes.score_weights`: the accumulation dtype).
         """
         a1, b1 = _bn_affine(self.bn)
         a2, b2 = _bn_affine(self.logit_bn)
         w, c, slots, uses = self._fc_terms()
         # each application of the FC adds its bias and the first BatchNorm's shift times its weights
         inner_bias = (b1 * w.sum() + c) * uses
-        return a2 * a1 * slots, a2 * inner_bias + b2
+        weight, bias = a2 * a1 * slots, a2 * inner_bias + b2
+        if dtype is None and device is None:
+            return weight, bias
+        return score_weights(weight, bias, weight.dtype if dtype is None else dtype, device)
 
     def forward(self, prob_fea: torch.Tensor, gal_fea: torch.Tensor) -> torch.Tensor:
         """Logits ``[P, N]`` of every probe against every gallery map."""
@@ -285,9 +290,7 @@ class QAConv(nn.Module):
             prob_fea, gal_fea = prob_fea.to(dtype), gal_fea.to(dtype)
         if self.training:
             return self.head(qaconv_match(prob_fea, gal_fea))
-        weight, bias = self.folded()
-        wdtype = accumulation_dtype(prob_fea.dtype)
-        return qaconv_score(prob_fea, gal_fea, weight.to(wdtype), bias.to(wdtype))
+        return qaconv_score(prob_fea, gal_fea, *self.folded(prob_fea.dtype))
 
 
 def head_from_state_dict(state: Mapping[str, Any], num_features: int, height: int, width: int,

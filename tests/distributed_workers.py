@@ -206,3 +206,61 @@ def training_worker(env, out: str, sync_bn: bool, runs) -> None:
         torch.save({"model": trainer.model.state_dict(), "criterion": trainer.criterion.state_dict(),
                     "loss": [h["loss"] for h in trainer.history], "acc": [h["acc"] for h in trainer.history]},
                    Path(out) / f"train_{dtype}_{env.rank}.pt")
+
+
+def sparse_cli_worker(env, out: str, argv: Sequence[str]) -> None:
+    """``qaconv`` with ``argv`` while every gallery-gallery matrix the sharded evaluation asks for is
+    recorded (its size, per rank); then as :func:`cli_worker`."""
+    import json
+
+    import qaconv_ext.distributed.evaluation as dist_eval
+
+    sizes = []
+    real = dist_eval.sharded_self_score_blocks
+
+    def recording(head, fea, *args, **kwargs):
+        sizes.append(int(fea.shape[0]))
+        return real(head, fea, *args, **kwargs)
+
+    dist_eval.sharded_self_score_blocks = recording
+    try:
+        cli_worker(env, out, [argv] * env.world_size)
+    finally:
+        dist_eval.sharded_self_score_blocks = real
+    (Path(out) / f"matrices{env.rank}.json").write_text(json.dumps(sizes))
+
+
+def pair_count_worker(env, out: str, n: int, chunk: int, layout: str) -> None:
+    """``sharded_self_score_blocks`` of ``n`` small maps, counting the pairs this rank scores."""
+    import json
+
+    import qaconv_ext.ops
+    import qaconv_ext.scoring
+    from qaconv_ext.distributed import sharded_self_score_blocks
+
+    counted = [0]
+    real = qaconv_ext.ops.qaconv_score
+
+    def counting(q, g, *args, **kwargs):
+        counted[0] += q.shape[0] * g.shape[0]
+        return real(q, g, *args, **kwargs)
+
+    patched = [m for m in (qaconv_ext.ops, qaconv_ext.scoring) if getattr(m, "qaconv_score", None) is real]
+    for m in patched:
+        m.qaconv_score = counting
+    try:
+        fea = maps(11, n, d=4, h=2, w=2)
+        full = sharded_self_score_blocks(_small_head(layout), fea, chunk=chunk, progress=False)
+    finally:
+        for m in patched:
+            m.qaconv_score = real
+    (Path(out) / f"pairs{env.rank}.json").write_text(json.dumps(counted[0]))
+    if env.rank == 0:
+        torch.save(full, Path(out) / "full.pt")
+
+
+def _small_head(layout: str):
+    from qaconv_ext.head import QAConv
+
+    torch.manual_seed(4)
+    return QAConv(4, 2, 2, layout=layout).eval()

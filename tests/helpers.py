@@ -200,6 +200,36 @@ def put_market_views(data, pids: Iterable[int], views, *, seed: int, noise: floa
             put_market_image(data, sub, pid, cam, 100 * pid + k, color, rng, noise=noise, size=size)
 
 
+def fails(argv, capsys, code: int = 2) -> str:
+    """Run ``qaconv argv``; it must end with status ``code`` and one line on stderr, ``qaconv <command>: ...``.
+    Returns that line."""
+    from qaconv_ext import cli
+
+    argv = [str(a) for a in argv]
+    with pytest.raises(SystemExit) as err:
+        cli.main(argv)
+    assert err.value.code == code, (err.value.code, str(err.value))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0] == str(err.value) and lines[0].startswith(f"qaconv {argv[0]}: "), lines[0]
+    return lines[0]
+
+
+def save_tiny_checkpoint(path, seed: int, *, neck: int = 8, height: int = 32, width: int = 16) -> str:
+    """An untrained QAConv checkpoint of the small backbone (``neck`` channels, ``height x width`` images,
+    seeded with ``seed``) at ``path``, written as training writes it; returns the path."""
+    from qaconv_ext import QAConv
+    from qaconv_ext.models import build_backbone
+
+    torch.manual_seed(seed)
+    backbone = build_backbone("small", neck=neck).eval()
+    head = QAConv(neck, height // 8, width // 8).eval()
+    torch.save({"format": "qaconv-ext/1", "model": backbone.state_dict(), "head": head.state_dict(),
+                "config": {"method": "qaconv", "arch": "small", "neck": neck, "height": height, "width": width}},
+               path)
+    return str(path)
+
+
 #: The benchmark scripts' folder (they import their shared helpers as ``_machine``).
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 

@@ -53,7 +53,7 @@ def test_train_resume_eval(market, tmp_path, capsys):
     second = torch.load(ck / "checkpoint.pt", weights_only=True)
     assert second["epoch"] == 2 and second["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0002)
     rows = json.loads((ck / "results_market1501.json").read_text())
-    assert set(rows["QAConv"]) == {"rank1", "rank5", "rank10", "mAP", "mINP"}
+    assert set(rows["QAConv"]) == {"rank1", "rank5", "rank10", "mAP", "mINP", "queries", "queries_with_true_match"}
 
     res = tmp_path / "eval.json"
     assert _run(["eval", "--checkpoint", ck / "checkpoint.pt", "--dataset", "market1501", "--data-root", market,
@@ -208,13 +208,15 @@ def test_train_records_the_test_set_for_rank(market, tmp_path, capsys):
 
 
 def test_rank_reads_the_recorded_test_set_with_its_type(market):
-    from qaconv_ext.cli.rank import resolve_dataset
+    from qaconv_ext.cli.rank import dataset_options, resolve_dataset
     from qaconv_ext.data import ImageFolderDataset
 
     assert isinstance(resolve_dataset(None, {"test_root": market, "test_dataset": "folder"}), ImageFolderDataset)
     assert isinstance(resolve_dataset(None, {"test_root": market}), Market1501)
-    assert isinstance(resolve_dataset(None, {"test_root": market, "test_dataset": "folder"}, "market1501"),
-                      Market1501)   # --dataset-type wins
+    config = {"test_root": market, "test_dataset": "folder"}
+    name, root = dataset_options(None, None, config, dataset_type="market1501")   # the deprecated --dataset-type
+    assert (name, root) == ("market1501", market) and isinstance(resolve_dataset(name, config, root), Market1501)
+    assert isinstance(resolve_dataset("market1501", config, market), Market1501)
 
 
 @pytest.mark.parametrize("argv", [

@@ -42,7 +42,7 @@ def _variants():
         old = os.environ.get("QACONV_CPU_KERNEL")
         try:
             os.environ["QACONV_CPU_KERNEL"] = name
-            _library._C.cpu_kernel()
+            qaconv_ext.cpu_kernel()
             names.append(name)
         except ValueError:
             pass
@@ -74,11 +74,11 @@ def _ops(q, g, w):
 def test_unknown_or_unsupported_variant_is_refused(monkeypatch):
     monkeypatch.setenv("QACONV_CPU_KERNEL", "nope")
     with pytest.raises(ValueError, match="QACONV_CPU_KERNEL=nope"):
-        _library._C.cpu_kernel()
+        qaconv_ext.cpu_kernel()
     with pytest.raises(RuntimeError, match="QACONV_CPU_KERNEL=nope"):
         qaconv_ext.qaconv_score(torch.ones(1, 2, 1, 1), torch.ones(1, 2, 1, 1), torch.ones(2))
     monkeypatch.delenv("QACONV_CPU_KERNEL")
-    assert _library._C.cpu_kernel() in VARIANTS
+    assert qaconv_ext.cpu_kernel() in VARIANTS
 
 
 # (hq, wq, hg, wg, d): tiny maps (the small-map epilogue), maps crossing the 16 epilogue lanes, d across
@@ -133,7 +133,7 @@ def test_variants_give_identical_bits(shape, dtype, gen, monkeypatch):
     results = {}
     for name in VARIANTS:
         monkeypatch.setenv("QACONV_CPU_KERNEL", name)
-        assert _library._C.cpu_kernel() == name
+        assert qaconv_ext.cpu_kernel() == name
         results[name] = _ops(q, g, w)
     first = results[VARIANTS[0]]
     for name, res in results.items():
@@ -208,11 +208,11 @@ def test_default_variant_follows_the_processor(monkeypatch):
     monkeypatch.delenv("QACONV_CPU_KERNEL", raising=False)
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
     if "avx512_bf16" in flags and "avx512f" in flags:
-        assert _library._C.cpu_kernel() == "avx512bf16"
+        assert qaconv_ext.cpu_kernel() == "avx512bf16"
     elif "avx512_bf16" not in flags and sys.platform.startswith("linux"):
         monkeypatch.setenv("QACONV_CPU_KERNEL", "avx512bf16")
         with pytest.raises(ValueError, match="QACONV_CPU_KERNEL=avx512bf16"):
-            _library._C.cpu_kernel()
+            qaconv_ext.cpu_kernel()
 
 
 @pytest.fixture(scope="module")

@@ -83,3 +83,27 @@ def test_stuck_rank_makes_the_others_fail_after_the_timeout(tmp_path):
     elapsed, msg = (tmp_path / "error.txt").read_text().split("\n", 1)
     assert 1.5 < float(elapsed) < 6.0
     assert "did not answer within the timeout" in msg
+
+
+@pytest.mark.parametrize("layout", ["v2", "eccv"])
+def test_self_scoring_deals_equal_pair_counts(tmp_path, layout):
+    """The gallery x gallery blocks are dealt by pair count: with 1,151 maps (the demo's gallery) and
+    blocks of up to 1,024, the two ranks' pair counts differ by at most one block and a few per cent of
+    the total, and the matrix is that of one process."""
+    import json
+
+    n = 1151
+    workers.spawn(workers.pair_count_worker, 2, str(tmp_path), n, 1024, layout)
+    counts = [json.loads((tmp_path / f"pairs{r}.json").read_text()) for r in range(2)]
+    assert abs(counts[0] - counts[1]) <= 0.05 * sum(counts), counts
+    assert sum(counts) <= n * n and (layout == "eccv" or sum(counts) < 0.6 * n * n)  # v2: about half
+    from qaconv_ext.distributed import self_score_shares
+
+    jobs, shares = self_score_shares(workers._small_head(layout), n, 1024, 2)
+    sizes = [(a1 - a0) * (b1 - b0) for (a0, a1), (b0, b1) in jobs]
+    assert sorted(i for s in shares for i in s) == list(range(len(jobs)))
+    assert counts == [sum(sizes[i] for i in s) for s in shares]
+    assert abs(counts[0] - counts[1]) <= max(sizes)
+    one = self_score_blocks(workers._small_head(layout), workers.maps(11, n, d=4, h=2, w=2), chunk=1024,
+                            progress=False)
+    assert torch.equal(torch.load(tmp_path / "full.pt"), one)

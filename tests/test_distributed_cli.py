@@ -168,3 +168,35 @@ def test_two_process_gs_training_matches_one_process(trained, tmp_path):
     for k, v in one["sampler"].items():
         assert torch.equal(two["sampler"][k], v), k
     assert_same_training(one, two)
+
+
+def _rows(path) -> dict:
+    rows = json.loads(path.read_text())
+    rows.pop("world_size", None)
+    return rows
+
+
+def test_two_process_sparse_rerank_holds_no_gallery_matrix_and_equals_one_process(trained, tmp_path, capsys):
+    """``--rerank-mode sparse`` under torchrun: rank 0's re-ranking streams the gallery rows, no rank builds
+    the gallery x gallery matrix, and the rows are those of one process."""
+    root, ck = trained
+    argv = lambda name: _eval_argv(root, ck, tmp_path / name) + ["--rerank-mode", "sparse"]  # noqa: E731
+    assert cli.main(argv("one.json")) == 0
+    capsys.readouterr()
+    workers.spawn(workers.sparse_cli_worker, 2, str(tmp_path), argv("two.json"))
+    for r in range(2):
+        assert (tmp_path / f"rank{r}.out").read_text().split("\n", 1)[0] == "0"
+        assert json.loads((tmp_path / f"matrices{r}.json").read_text()) == []   # no dense gallery-gallery call
+    one, two = _rows(tmp_path / "one.json"), _rows(tmp_path / "two.json")
+    assert list(one) == ["QAConv", "QAConv + RR", "QAConv + RR + TLift"] and two == one
+
+
+def test_two_process_amp_eval_on_the_cpu_equals_one_process(trained, tmp_path, capsys):
+    """``--amp`` (bfloat16 feature maps) under torchrun on the CPU: the rows of one process."""
+    root, ck = trained
+    argv = lambda name: _eval_argv(root, ck, tmp_path / name) + ["--amp"]  # noqa: E731
+    assert cli.main(argv("one.json")) == 0
+    capsys.readouterr()
+    workers.spawn(workers.cli_worker, 2, str(tmp_path), [argv("two.json")] * 2)
+    assert (tmp_path / "rank0.out").read_text().split("\n", 1)[0] == "0", (tmp_path / "rank0.out").read_text()
+    assert _rows(tmp_path / "two.json") == _rows(tmp_path / "one.json")

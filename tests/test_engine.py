@@ -111,6 +111,7 @@ def test_resume_continues_exactly(tiny_records, tmp_path, method):
     torch.manual_seed(12345)   # a fresh process: other RNG states, other initial weights
     np.random.seed(7)
     second, loader2 = _trainer(cfg.replace(seed=99), tiny_records, str(tmp_path))
+    second.config.update(seed=cfg.seed)   # the run's settings are the checkpoint's; only the process state differs
     assert second.resume(str(tmp_path)) == 1
     second.fit(loader2, 2)
 
@@ -243,3 +244,24 @@ def test_rank_metrics_on_a_toy():
     m = rank_metrics(dist, q, g)
     assert m["rank1"] == 0.5 and m["rank5"] == 1.0
     assert m["mAP"] == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_resume_checks_the_settings_as_the_command_does(tiny_records, tmp_path):
+    """Trainer.resume and run_training(resume=...) refuse what ``qaconv train --resume`` refuses: another
+    setting than the checkpoint's, and a number of epochs not beyond the epochs done."""
+    from qaconv_ext.engine import ResumeConflict, run_training
+
+    cfg = _cfg(epochs=1)
+    first, loader = _trainer(cfg, tiny_records, str(tmp_path))
+    first.fit(loader, 1)
+    other, _ = _trainer(cfg.replace(lr=0.5, epochs=2), tiny_records, str(tmp_path / "other"))
+    with pytest.raises(ResumeConflict, match=r"these differ: --lr: 0\.05 in the checkpoint, 0\.5 given"):
+        other.resume(str(tmp_path))
+    done, _ = _trainer(cfg, tiny_records, str(tmp_path / "done"))
+    with pytest.raises(ResumeConflict, match=r"has already done 1 epoch; give more than 1"):
+        done.resume(str(tmp_path))
+    with pytest.raises(ResumeConflict, match=r"--augment: eccv in the checkpoint, v2 given"):
+        run_training(cfg.replace(augment="v2", epochs=2), tiny_records, 6, checkpoint_dir=str(tmp_path / "r"),
+                     resume=str(tmp_path), progress=False, log=lambda s: None)
+    again, loader2 = _trainer(cfg.replace(epochs=2), tiny_records, str(tmp_path / "again"))
+    assert again.resume(str(tmp_path)) == 1   # more epochs: the one change allowed

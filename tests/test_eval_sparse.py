@@ -109,11 +109,13 @@ def test_amp_evaluation_on_the_cpu_scores_bfloat16_maps(market, tmp_path, monkey
     ds = Market1501(os.path.join(market["root"], "Market-1501-v15.09.15"))
     seen = []
     real_score = ops.qaconv_score
-    monkeypatch.setattr("qaconv_ext.ops.qaconv_score",
+    monkeypatch.setattr("qaconv_ext.scoring.qaconv_score",
                         lambda q, g, *a: (seen.append((q.dtype, g.dtype)), real_score(q, g, *a))[1])
-    amp = evaluate_qaconv(backbone, head, ds.query, ds.gallery, IMG_H, IMG_W, rerank=True, progress=False, amp=True)
+    amp = evaluate_qaconv(backbone, head, ds.query, ds.gallery, IMG_H, IMG_W, rerank=True, progress=False, amp=True,
+                          preprocess=cfg["preprocess"])
     assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
-    q, g = (extract_features(backbone, recs, IMG_H, IMG_W, progress=False, dtype=torch.bfloat16)
+    q, g = (extract_features(backbone, recs, IMG_H, IMG_W, progress=False, dtype=torch.bfloat16,
+                             preprocess=cfg["preprocess"])
             for recs in (ds.query, ds.gallery))
     assert q.dtype == torch.bfloat16
     ref = evaluate_qaconv_features(head, pair_order(q), pair_order(g), ds.query, ds.gallery, rerank=True,

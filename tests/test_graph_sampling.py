@@ -134,19 +134,20 @@ class _UnitMaps(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
         self.bn = nn.BatchNorm2d(8)
-        self.preprocess = "imagenet"
 
     def forward(self, x):
         return nn.functional.normalize(self.bn(self.conv(x)), dim=1)
 
 
 def test_the_default_distances_are_qaconv_scores(tmp_path, gen):
-    """Without distance_fn: the model's maps of the chosen images, scored by the folded head through the
-    fused op (negated), as the evaluation scores them; the modules' modes (a frozen BN too) are kept."""
+    """qaconv_distance_fn: the model's maps of the chosen images with the given input preset, scored by the
+    folded head through the fused op (negated), as the evaluation scores them; the modules' modes (a
+    frozen BN too) are kept."""
     import numpy as np
     from PIL import Image
 
     from qaconv_ext.evaluation import extract_features, self_score_blocks
+    from qaconv_ext.scoring import qaconv_distance_fn
 
     rng = np.random.default_rng(0)
     recs = []
@@ -156,11 +157,11 @@ def test_the_default_distances_are_qaconv_scores(tmp_path, gen):
         recs.append(Record(path, pid, 0, None))
     model, head = _UnitMaps(), QAConv(8, 4, 2)
     model.bn.eval()                                  # as the trainer's frozen BatchNorms
-    s = GraphSampler(recs, 4, 2, model=model, matcher=head, height=16, width=8, progress=False)
+    s = GraphSampler(recs, 4, 2, qaconv_distance_fn(model, head, recs, 16, 8, preprocess="imagenet", progress=False))
     idx = [0, 3, 5, 6]
     got = s.distance_fn(idx)
     assert model.training and not model.bn.training and head.training
-    fea = extract_features(model, [recs[i] for i in idx], 16, 8, progress=False)
+    fea = extract_features(model, [recs[i] for i in idx], 16, 8, progress=False, preprocess="imagenet")
     want = -self_score_blocks(head, fea, progress=False)
     assert torch.allclose(got, want, atol=1e-5)
     assert len(list(s)) == 4 * 4
@@ -336,13 +337,6 @@ def test_loss_drop_schedule_follows_the_public_rule():
     t = LossDropSchedule(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0))
     t.load_state_dict(s.state_dict())
     assert t.state_dict() == s.state_dict()
-
-
-def test_recipe_tables_match_the_library():
-    from qaconv_ext.cli import common
-    from qaconv_ext.engine.config import RECIPE_DEFAULTS, RECIPES
-
-    assert common.RECIPE_CHOICES == RECIPES and common.GS_DEFAULTS == RECIPE_DEFAULTS["gs"]
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,10 @@
 The graph is read from the source with ``ast`` (nothing is imported); imports inside functions count
 like those at the top of a module. The layers, bottom first:
 
-    ops, utils                         the matching op (imports nothing else of the package); matrix checks, safe file reading
+    ops, utils, config                 the matching op (imports nothing else of the package); matrix checks, safe file
+                                       reading; the plain settings (names, presets, recipes, TrainConfig; no PyTorch)
     head, data, postprocess            the QAConv head; datasets; re-ranking and TLift
-    losses                             class memory, cosine softmax
+    losses, scoring                    class memory, cosine softmax; feature extraction and blocked QAConv scoring
     models                             backbones, the GAP baseline
     engine, evaluation, viz            training; scoring and metrics; pictures (drawing only)
     search                             the gallery index on disk and its search
@@ -29,9 +30,9 @@ import pytest
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "qaconv_ext"
 
 LAYERS: Tuple[Tuple[str, ...], ...] = (
-    ("ops", "utils"),
+    ("ops", "utils", "config"),
     ("head", "data", "postprocess"),
-    ("losses",),
+    ("losses", "scoring"),
     ("models",),
     ("engine", "evaluation", "viz"),
     ("search", "distributed"),
@@ -275,7 +276,7 @@ def test_checker_finds_cycles_upward_imports_and_subcommand_imports(tmp_path):
     text = "\n".join(layering)
     assert "qaconv_ext/ops/helpers.py:2: qaconv_ext.ops.helpers imports qaconv_ext.viz.draw: ops may import only " \
            "nothing else of the package" in text
-    assert "qaconv_ext.viz.draw imports qaconv_ext.evaluation: viz may import only ops, utils, data, head" in text
+    assert "qaconv_ext.viz.draw imports qaconv_ext.evaluation: viz may import only config, ops, utils, data, head" in text
     assert "qaconv_ext.evaluation imports qaconv_ext.viz" in text
     assert "qaconv_ext.cli.eval imports the sub-command qaconv_ext.cli.train" in text
     assert len(layering) == 4, layering   # cli -> ops, head -> ops, train -> common are fine

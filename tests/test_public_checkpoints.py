@@ -77,14 +77,15 @@ CASES = [("v1.0", "resnet50", None), ("v1.1", "resnet18", "a"), ("v1.1", "resnet
 @pytest.mark.parametrize("release,arch,ibn", CASES)
 def test_public_checkpoints_load_with_the_backbone_inferred(tmp_path, gen, release, arch, ibn):
     path, state, head_sd = public_checkpoint(str(tmp_path / "run"), release, arch, ibn, gen)
-    backbone, head, cfg = load_trained(str(tmp_path / "run"), height=H, width=W)   # a folder: finds the file
+    trained = load_trained(str(tmp_path / "run"), height=H, width=W)   # a folder: finds the file
+    backbone, head, cfg = trained
     spec = RELEASES[release]
     assert cfg["checkpoint"] == path
     assert {k: cfg[k] for k in ("arch", "ibn", "neck", "neck_type", "final_layer", "layout")} == dict(
         arch=arch, ibn=ibn, neck=16, neck_type=spec["neck_type"], final_layer="layer3", layout=spec["layout"])
     assert cfg["preprocess"] == "public" and cfg["source"] == "public"
     assert cfg["public_version"] == VERSION_LABEL[release]
-    assert backbone.preprocess == "public" and not backbone.training and not head.training
+    assert trained.preprocess == "public" and not backbone.training and not head.training
     loaded = backbone.state_dict()
     for k, v in state["model"].items():
         if k.startswith(("base.layer4.", "base.fc.")):
@@ -99,7 +100,7 @@ def test_public_checkpoints_load_with_the_backbone_inferred(tmp_path, gen, relea
     img.save(img_path)
     with torch.no_grad():
         ref = backbone(build_test_transform(H, W, "public")(img)[None])
-    assert torch.equal(extract_features(backbone, [img_path], H, W, progress=False), ref)
+    assert torch.equal(extract_features(backbone, [img_path], H, W, progress=False, preprocess=trained.preprocess), ref)
 
 
 def _shapes(**kwargs) -> dict:
@@ -197,7 +198,6 @@ def test_own_checkpoints_record_their_preset(tmp_path, gen):
 
     cfg = TrainConfig(arch="small", neck=16, height=H, width=W, preprocess="imagenet")
     backbone, criterion = build_model(cfg, 3)
-    assert backbone.preprocess == "imagenet"
     state = {"format": "qaconv-ext/1", "epoch": 1, "model": backbone.state_dict(),
              "head": criterion.matcher.state_dict(), "criterion": criterion.state_dict(), "config": cfg.to_dict()}
     new = _save(str(tmp_path / "new" / "checkpoint.pt"), state)
@@ -209,11 +209,12 @@ def test_own_checkpoints_record_their_preset(tmp_path, gen):
     img_path = str(tmp_path / "b.png")
     img.save(img_path)
     for path, preset in ((new, "imagenet"), (old, "imagenet"), (pub, "public")):
-        model, _, loaded = load_trained(path)
-        assert loaded["preprocess"] == preset and loaded["source"] == "qaconv-ext" and "public_version" not in loaded
+        trained = load_trained(path)
+        model, _, loaded = trained
+        assert loaded["preprocess"] == trained.preprocess == preset and loaded["source"] == "qaconv-ext" and "public_version" not in loaded
         with torch.no_grad():
             ref = model(build_test_transform(H, W, preset)(img)[None])
-        assert torch.equal(extract_features(model, [img_path], H, W, progress=False), ref)
+        assert torch.equal(extract_features(model, [img_path], H, W, progress=False, preprocess=trained.preprocess), ref)
     assert load_trained(old, preprocess="public")[2]["preprocess"] == "public"
     with pytest.raises(ValueError, match="^unknown preprocess 'raw'; valid: public, imagenet$"):
         load_trained(old, preprocess="raw")

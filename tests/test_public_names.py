@@ -7,6 +7,7 @@ import qaconv_ext
 
 PROMISED = {
     "qaconv_match": "ops", "qaconv_score": "ops", "native_available": "ops", "reference": "ops",
+    "cpu_kernel": "ops", "build_info": "ops",
     "QAConv": "head", "ClassMemoryLoss": "losses", "TripletLoss": "losses", "PairwiseMatchingLoss": "losses", "build_backbone": "models", "evaluate_rank": "evaluation",
     "tlift": "postprocess", "k_reciprocal_rerank": "postprocess",
 }

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import pair_order, put_market_views, uneven_head
+from helpers import pair_order, put_market_views, save_tiny_checkpoint, uneven_head
 from qaconv_ext import QAConv, qaconv_score
 from qaconv_ext import cli
 from qaconv_ext.search import (
@@ -390,14 +390,7 @@ def test_other_model_and_bad_arguments(built, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def _save_checkpoint(path, seed: int) -> str:
-    from qaconv_ext.models import build_backbone
-
-    torch.manual_seed(seed)
-    backbone = build_backbone("small", neck=D).eval()
-    head = QAConv(D, IMG_H // 8, IMG_W // 8).eval()
-    torch.save({"format": "qaconv-ext/1", "model": backbone.state_dict(), "head": head.state_dict(),
-                "config": {"method": "qaconv", "arch": "small", "neck": D, "height": IMG_H, "width": IMG_W}}, path)
-    return str(path)
+    return save_tiny_checkpoint(path, seed, neck=D, height=IMG_H, width=IMG_W)
 
 
 @pytest.fixture(scope="module")
@@ -423,7 +416,8 @@ def test_build_from_images_equals_create_from_extracted_maps(market, tmp_path):
     ds = Market1501(market["data"])
     index = GalleryIndex.build(tmp_path / "b.idx", market["ck"], ds.gallery, batch_size=3, block=4, progress=False)
     backbone, head, cfg = load_trained(market["ck"])
-    maps = extract_features(backbone, ds.gallery, IMG_H, IMG_W, batch_size=5, progress=False)
+    maps = extract_features(backbone, ds.gallery, IMG_H, IMG_W, batch_size=5, progress=False,
+                            preprocess=cfg["preprocess"])
     assert np.array_equal(np.array(index.maps()), maps.half().numpy())
     assert index.records == list(ds.gallery)
     assert index.model["checkpoint"]["path"] == os.path.abspath(market["ck"])
@@ -459,9 +453,9 @@ def test_index_and_search_commands(market, tmp_path, capsys):
     hits = res["queries"][0]["results"]
     assert [h["rank"] for h in hits] == [1, 2, 3, 4] and all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:]))
     index = GalleryIndex.open(idx)
-    backbone, _, _ = index.load_model()
+    backbone, _, cfg = index.load_model()
     from qaconv_ext.evaluation import extract_features
-    q = extract_features(backbone, [query], IMG_H, IMG_W, progress=False)
+    q = extract_features(backbone, [query], IMG_H, IMG_W, progress=False, preprocess=cfg["preprocess"])
     v, i = index.search(q, k=4)
     assert [h["index"] for h in hits] == i[0].tolist() and [h["path"] for h in hits] == \
         [index.records[j].path for j in i[0].tolist()]

@@ -435,7 +435,7 @@ def test_ranked_list_of_records(synthetic):
 def test_save_demo_pictures(synthetic, tmp_path, gen):
     model = TinyBackbone()
     head = randomise_head(QAConv(16, 8, 4), gen)
-    paths = save_demo_pictures(model, head, synthetic, str(tmp_path / "pics"), k=5)
+    paths = save_demo_pictures(model, head, synthetic, str(tmp_path / "pics"), k=5, preprocess="public")
     names = sorted(os.path.basename(p) for p in paths)
     assert names == ["correspondences_match.png", "correspondences_nonmatch.png", "overview.png",
                      "ranked_list.png"]
@@ -459,7 +459,7 @@ def test_rank_query(synthetic, gen):
     g_fea = extract_features(model, gallery, 128, 64, progress=False)
     for qi in (0, len(synthetic.query) - 1):
         q = synthetic.query[qi]
-        r = rank_query(model, head, q, gallery, g_fea, 128, 64)
+        r = rank_query(model, head, q, gallery, g_fea, 128, 64, preprocess="public")
         assert r.features.shape == (1, 16, 8, 4)
         with torch.no_grad():
             want = head(r.features, g_fea).reshape(-1).numpy()

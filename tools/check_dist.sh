@@ -2,11 +2,12 @@
 # The distributions install and run outside the repository:
 #  1. builds the sdist, then the wheel FROM that sdist (python -m build --no-isolation: one compile, and
 #     proof that the sdist alone builds), with the build environment's torch;
-#  2. installs the wheel into one fresh virtual environment and the sdist (compiled again by pip, the way
-#     a user installs it) into another; each gets only torch (the build's exact version, --no-deps, never
-#     a resolver's pick), torch's own requirements and the package's runtime dependencies (as the wheel
-#     declares them), then the distribution with --no-deps, checked with `pip check`;
-#  3. in a temporary folder outside the tree, imports qaconv_ext from each environment, checks that the
+#  2. installs the sdist (compiled again by pip, the way a user installs it) into a fresh virtual
+#     environment that gets only torch (the build's exact version, --no-deps, never a resolver's pick),
+#     torch's own requirements and the package's runtime dependencies (as the wheel declares them), then
+#     the sdist with --no-deps, checked with `pip check` (the wheel's own installs, next to several torch
+#     versions and without a compiler, are tools/wheel_check.sh's);
+#  3. in a temporary folder outside the tree, imports qaconv_ext from that environment, checks that the
 #     compiled CPU kernel loaded and compares qaconv_score / qaconv_match with qaconv_ext.reference;
 #  4. checks that an isolated `pip install <sdist>` stops with the message naming --no-build-isolation.
 # Usage: tools/check_dist.sh [python]   (default .venv/bin/python: the build environment, with torch)
@@ -15,16 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY="${1:-${PY:-.venv/bin/python}}"
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/qaconv-dist-check.XXXXXX")"
-if [[ "${KEEP_DIST_CHECK:-0}" == 1 ]]; then echo "check_dist: work folder $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
-export PIP_DISABLE_PIP_VERSION_CHECK=1 MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}"
-t0=$SECONDS
-step() { echo "check_dist: $* ($((SECONDS - t0)) s)"; }
-fail() { echo "check_dist: FAIL: $*" >&2; exit 1; }
-run_logged() {  # run_logged LOG CMD...: quiet on success, the log's tail on failure
-  local log=$1; shift
-  if ! "$@" > "$log" 2>&1; then tail -40 "$log" >&2; fail "$* (log: $log)"; fi
-}
+CHECK=check_dist KEEP="${KEEP_DIST_CHECK:-0}"
+source tools/check_common.sh
 
 "$PY" -c "import torch" 2>/dev/null || fail "$PY cannot import torch; run 'make setup' first"
 "$PY" -c "from build import ProjectBuilder" 2>/dev/null || run_logged "$WORK/pip-build.log" "$PY" -m pip install -q build
@@ -63,7 +56,8 @@ done < <(find csrc -type f ! -name '*.o' | sort; printf '%s\n' README.md LICENSE
 "$PY" - "$WHEEL" <<'EOF' || fail "the wheel's contents"
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-assert any(n.startswith("qaconv_ext/_C") and n.endswith(".so") for n in names), "no compiled module"
+assert any(n.startswith("qaconv_ext/_kernels") and n.endswith(".so") for n in names), "no compiled library"
+assert "qaconv_ext/_build_info.json" in names, "no build record"
 assert "qaconv_ext/data/synthetic/plan.py" in names and not any(n.startswith("csrc/") for n in names)
 EOF
 
@@ -79,9 +73,6 @@ fresh_env() {  # fresh_env DIR [BUILD_TOOLS...]
   "$dir/bin/python" -c "import torch, sys; sys.exit(torch.__version__ != '$TORCH_VERSION')" \
     || fail "$name: torch changed from $TORCH_VERSION"
 }
-step "fresh environment for the wheel"
-fresh_env "$WORK/env-wheel"
-run_logged "$WORK/install-wheel.log" "$WORK/env-wheel/bin/python" -m pip install -q --no-deps "$WHEEL"
 step "fresh environment for the sdist (compiles)"
 # Building from the sdist without isolation needs the build tools in that environment too.
 fresh_env "$WORK/env-sdist" "setuptools>=64" wheel ninja
@@ -90,7 +81,7 @@ run_logged "$WORK/install-sdist.log" "$WORK/env-sdist/bin/python" -m pip install
 
 # 3. run the op from outside the tree.
 mkdir "$WORK/outside"
-for env in env-wheel env-sdist; do
+for env in env-sdist; do
   vpy="$WORK/$env/bin/python"
   run_logged "$WORK/pip-check-$env.log" "$vpy" -m pip check
   (cd "$WORK/outside" && "$vpy" - "$WORK/$env" <<'EOF') || fail "the op in $env"
@@ -122,7 +113,7 @@ done
 
 # 4. the default (isolated) pip install of the sdist stops with the exact command.
 step "isolated install of the sdist (expected to stop)"
-if "$WORK/env-wheel/bin/python" -m pip install --no-deps "$SDIST" > "$WORK/isolated.log" 2>&1; then
+if "$WORK/env-sdist/bin/python" -m pip install --no-deps --force-reinstall "$SDIST" > "$WORK/isolated.log" 2>&1; then
   fail "an isolated build found a torch it cannot see"
 fi
 grep -q "pip install --no-build-isolation \." "$WORK/isolated.log" \

@@ -9,10 +9,9 @@
 // directions (optionally with argmax, optionally folding the linear head). The [P, N, Lq, Lg] tensor is
 // never materialised. Each S[s, r] is one FMA chain over the channels in order, independent of the
 // blocking, so a pair's result does not depend on the batch it comes in (see gemm_tile.h).
-// float64 (for gradcheck) computes each pair's S with one at::mm_out instead.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// float64 (for gradcheck) computes each pair's S with one aten::mm (out=) instead.
+// The torch-facing parts (tensors, allocation, the parallel loop, registration) use the stable ABI only.
+#include <torch/csrc/stable/library.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -282,25 +281,34 @@ int64_t gallery_block(const MatchDims& d, int64_t elem) {
   return std::max<int64_t>(1, std::min<int64_t>(d.N, kScratchBytes / per_pair));
 }
 
-at::ScalarType compute_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+ScalarType compute_type(ScalarType st) { return st == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
+
+// Calls f.template operator()<scalar_t>() with the C++ type of a compute dtype (float32 or float64).
+template <typename F>
+void dispatch_compute(ScalarType ct, F&& f) {
+  if (ct == ScalarType::Double)
+    f.template operator()<double>();
+  else
+    f.template operator()<float>();
+}
 
 // float64 path: runs `epilogue(p, n0, cnt, S, ld)` for every tile, in parallel. Each pair's
 // block of S is one GEMM S_n = Q_p^T [Lq x d] . G_n [d x Lg] written into the tile's scratch at column n * Lg.
 template <typename Epilogue>
-void for_each_tile_f64(const at::Tensor& q, const at::Tensor& g, const MatchDims& d, Epilogue&& epilogue) {
+void for_each_tile_f64(const Tensor& q, const Tensor& g, const MatchDims& d, Epilogue&& epilogue) {
   const int64_t nb = gallery_block(d, sizeof(double));
   const int64_t blocks = (d.N + nb - 1) / nb;
-  at::parallel_for(0, d.P * blocks, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor scratch = at::empty({d.Lq, nb * d.Lg}, q.options());
-    const double* base = scratch.data_ptr<double>();
+  parallel_for(0, d.P * blocks, 1, [&](int64_t begin, int64_t end) {
+    Tensor scratch = empty_like_device(q, {d.Lq, nb * d.Lg}, ScalarType::Double);
+    const double* base = scratch.mutable_data_ptr<double>();
     const int64_t ld = scratch.stride(0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / blocks, n0 = (task % blocks) * nb;
       const int64_t cnt = std::min(nb, d.N - n0);
-      const at::Tensor qp = q.select(0, p).t();  // [Lq, d]
+      const Tensor qp = torch::stable::transpose(torch::stable::select(q, 0, p), 0, 1);  // [Lq, d]
       for (int64_t j = 0; j < cnt; ++j) {
-        at::Tensor S = scratch.narrow(1, j * d.Lg, d.Lg);
-        at::mm_out(S, qp, g.select(0, n0 + j));
+        const Tensor S = torch::stable::narrow(scratch, 1, j * d.Lg, d.Lg);
+        call_aten("aten::mm", "out", qp, torch::stable::select(g, 0, n0 + j), S);
       }
       epilogue(p, n0, cnt, base, ld);
     }
@@ -308,14 +316,15 @@ void for_each_tile_f64(const at::Tensor& q, const at::Tensor& g, const MatchDims
 }
 
 inline float widen(float v) { return v; }
-inline float widen(c10::Half v) { return static_cast<float>(v); }      // exact
-inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }  // exact
+inline float widen(torch::headeronly::Half v) { return static_cast<float>(v); }      // exact
+inline float widen(torch::headeronly::BFloat16 v) { return static_cast<float>(v); }  // exact
 
 // The micro-kernel variant of this call (the processor's best, or QACONV_CPU_KERNEL's).
 const cpu::TileKernel& tile_kernel() {
   const char* error = nullptr;
   const cpu::TileKernel* k = cpu::select_tile_kernel(&error);
-  TORCH_CHECK(k != nullptr, "qaconv: QACONV_CPU_KERNEL=", std::getenv("QACONV_CPU_KERNEL"), ": ", error);
+  const char* name = std::getenv("QACONV_CPU_KERNEL");
+  QACONV_CHECK(k != nullptr, "qaconv: QACONV_CPU_KERNEL=", name != nullptr ? name : "", ": ", error);
   return *k;
 }
 
@@ -337,7 +346,7 @@ TilePlan tile_plan(const MatchDims& d, const cpu::TileKernel& k) {
   const int64_t blocks = (d.N + t.nb - 1) / t.nb;
   const int64_t panel_bytes = t.strips * k.nr * d.channels * int64_t(sizeof(float));
   t.sub = std::max<int64_t>(1, std::min(blocks, kGroupBytes / panel_bytes));
-  const int64_t want = kTasksPerThread * at::get_num_threads();
+  const int64_t want = kTasksPerThread * num_threads();
   t.sub = std::max<int64_t>(1, std::min(t.sub, blocks / want));  // enough groups for the threads, if N allows
   t.groups = (blocks + t.sub - 1) / t.sub;
   t.qchunks = std::max<int64_t>(1, std::min<int64_t>(d.P, (want + t.groups - 1) / t.groups));
@@ -351,7 +360,7 @@ struct Buffer {
   float* data = nullptr;
   explicit Buffer(int64_t n) {
     data = static_cast<float*>(std::aligned_alloc(64, std::max<int64_t>(64, (n * 4 + 63) / 64 * 64)));
-    TORCH_CHECK(data != nullptr, "qaconv: out of memory for a ", n * 4, "-byte scratch buffer");
+    QACONV_CHECK(data != nullptr, "qaconv: out of memory for a ", n * 4, "-byte scratch buffer");
   }
   ~Buffer() { std::free(data); }
   Buffer(const Buffer&) = delete;
@@ -361,9 +370,9 @@ struct Buffer {
 // float32/float16/bfloat16 path: runs `epilogue(p, n0, cnt, S, ld)` for every query p against every gallery
 // block (images n0 ... n0 + cnt - 1; pair n0 + j in columns j*Lg ... of S), task by task, in parallel. q [P, d, Lq] and g [N, d, Lg] are views of the inputs in their own dtype and strides.
 template <typename src_t, typename Epilogue>
-void for_each_tile(const at::Tensor& q, const at::Tensor& g, const MatchDims& d, Epilogue&& epilogue) {
+void for_each_tile(const Tensor& q, const Tensor& g, const MatchDims& d, Epilogue&& epilogue) {
   // bfloat16 maps: channel pairs (uint32) in the float buffers, bit patterns read as uint16 (gemm_tile.h)
-  constexpr bool kPairs = std::is_same_v<src_t, c10::BFloat16>;
+  constexpr bool kPairs = std::is_same_v<src_t, torch::headeronly::BFloat16>;
   auto pairs = [](float* p) { return reinterpret_cast<uint32_t*>(p); };
   auto bits = [](const src_t* p) { return reinterpret_cast<const uint16_t*>(p); };
   const cpu::TileKernel& k = tile_kernel();
@@ -374,7 +383,7 @@ void for_each_tile(const at::Tensor& q, const at::Tensor& g, const MatchDims& d,
   const int64_t qsp = q.stride(0), qsc = q.stride(1), qss = q.stride(2);
   const int64_t gsn = g.stride(0), gsc = g.stride(1), gsr = g.stride(2);
   const int64_t panel_size = t.strips * NR * D;
-  at::parallel_for(0, t.groups * t.qchunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, t.groups * t.qchunks, 1, [&](int64_t begin, int64_t end) {
     Buffer panel(t.sub * panel_size), A(t.row_blocks * MR * D), S(t.row_blocks * MR * t.ldS);
     std::vector<int64_t> offset(t.strips * NR);
     int64_t packed_group = -1;
@@ -438,38 +447,38 @@ void for_each_tile(const at::Tensor& q, const at::Tensor& g, const MatchDims& d,
 
 // Calls f.template operator()<src_t>() with the C++ type of a float32/float16/bfloat16 input.
 template <typename F>
-void dispatch_reduced(at::ScalarType st, F&& f) {
+void dispatch_reduced(ScalarType st, F&& f) {
   switch (st) {
-    case at::kFloat: f.template operator()<float>(); break;
-    case at::kHalf: f.template operator()<c10::Half>(); break;
-    case at::kBFloat16: f.template operator()<c10::BFloat16>(); break;
-    default: TORCH_CHECK(false, "qaconv: no CPU kernel for ", dtype_name(st));
+    case ScalarType::Float: f.template operator()<float>(); break;
+    case ScalarType::Half: f.template operator()<torch::headeronly::Half>(); break;
+    case ScalarType::BFloat16: f.template operator()<torch::headeronly::BFloat16>(); break;
+    default: QACONV_CHECK(false, "qaconv: no CPU kernel for ", dtype_name(st));
   }
 }
 
 // Runs `epilogue(p, n0, cnt, S, ld)` for every tile of pairs: S is float for float32/float16/bfloat16 inputs
 // (read in their own dtype, widened while packing), double for float64. Detached: below autograd.
 template <typename scalar_t, typename Epilogue>
-void for_each_pair(const at::Tensor& query, const at::Tensor& gallery, const MatchDims& d, Epilogue&& epilogue) {
+void for_each_pair(const Tensor& query, const Tensor& gallery, const MatchDims& d, Epilogue&& epilogue) {
   // [B, d, h, w] -> [B, d, L]: a view whenever the layout allows (contiguous and channels_last both do)
-  const at::Tensor q = query.detach().flatten(2), g = gallery.detach().flatten(2);
+  const Tensor q = flatten_locations(detach(query)), g = flatten_locations(detach(gallery));
   if constexpr (std::is_same_v<scalar_t, double>)
     for_each_tile_f64(q, g, d, epilogue);
   else
     dispatch_reduced(query.scalar_type(), [&]<typename src_t>() { for_each_tile<src_t>(q, g, d, epilogue); });
 }
 
-std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& query, const at::Tensor& gallery, bool with_indices) {
+std::tuple<Tensor, Tensor> match_cpu(const Tensor& query, const Tensor& gallery, bool with_indices) {
   const MatchDims d = check_pair(query, gallery);
-  TORCH_CHECK(query.device().is_cpu(), "qaconv: match_cpu called with ", query.device(), " tensors");
+  QACONV_CHECK(query.is_cpu(), "qaconv: match_cpu called with ", device_name(query.device()), " tensors");
   const auto ct = compute_type(query.scalar_type());
-  at::Tensor values = at::empty({d.P, d.N, d.L()}, query.options().dtype(ct));
-  at::Tensor indices = with_indices ? at::empty({d.P, d.N, d.L()}, query.options().dtype(at::kLong))
-                                    : at::empty({0}, query.options().dtype(at::kLong));
+  Tensor values = empty_like_device(query, {d.P, d.N, d.L()}, ct);
+  Tensor indices = with_indices ? empty_like_device(query, {d.P, d.N, d.L()}, ScalarType::Long)
+                                : empty_like_device(query, {0}, ScalarType::Long);
   if (d.P > 0 && d.N > 0) {
-    AT_DISPATCH_FLOATING_TYPES(ct, "qaconv_match_cpu", [&] {
-      scalar_t* vals = values.data_ptr<scalar_t>();
-      int64_t* idx = with_indices ? indices.data_ptr<int64_t>() : nullptr;
+    dispatch_compute(ct, [&]<typename scalar_t>() {
+      scalar_t* vals = values.mutable_data_ptr<scalar_t>();
+      int64_t* idx = with_indices ? indices.mutable_data_ptr<int64_t>() : nullptr;
       for_each_pair<scalar_t>(query, gallery, d, [&](int64_t p, int64_t n0, int64_t cnt, const scalar_t* S,
                                                       int64_t ld) {
         scalar_t* out = vals + (p * d.N + n0) * d.L();
@@ -484,23 +493,22 @@ std::tuple<at::Tensor, at::Tensor> match_cpu(const at::Tensor& query, const at::
       });
     });
   }
-  if (values.scalar_type() != query.scalar_type()) values = values.to(query.scalar_type());
-  return {values, indices};
+  return {to_dtype(values, query.scalar_type()), indices};
 }
 
-at::Tensor score_cpu(const at::Tensor& query, const at::Tensor& gallery, const at::Tensor& weight,
-                     const c10::optional<at::Tensor>& bias) {
+Tensor score_cpu(const Tensor& query, const Tensor& gallery, const Tensor& weight, const std::optional<Tensor>& bias) {
   const MatchDims d = check_pair(query, gallery);
   check_head(weight, bias, d, query);
-  TORCH_CHECK(query.device().is_cpu(), "qaconv: score_cpu called with ", query.device(), " tensors");
+  QACONV_CHECK(query.is_cpu(), "qaconv: score_cpu called with ", device_name(query.device()), " tensors");
   const auto ct = compute_type(query.scalar_type());
-  at::Tensor out = at::empty({d.P, d.N}, query.options().dtype(ct));
+  Tensor out = empty_like_device(query, {d.P, d.N}, ct);
   if (d.P == 0 || d.N == 0) return out;
-  const at::Tensor w = weight.reshape({-1}).to(ct).contiguous();
-  const double b = (bias.has_value() && bias->defined()) ? bias->item<double>() : 0.0;
-  AT_DISPATCH_FLOATING_TYPES(ct, "qaconv_score_cpu", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
+  const Tensor w = torch::stable::contiguous(to_dtype(torch::stable::reshape(weight, {-1}), ct));
+  const double b = (bias.has_value() && bias->defined()) ? scalar_value<double>(to_dtype(*bias, ScalarType::Double))
+                                                         : 0.0;
+  dispatch_compute(ct, [&]<typename scalar_t>() {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const double bb = b;
     for_each_pair<scalar_t>(query, gallery, d, [&](int64_t p, int64_t n0, int64_t cnt, const scalar_t* S,
                                                     int64_t ld) {
@@ -521,37 +529,36 @@ at::Tensor score_cpu(const at::Tensor& query, const at::Tensor& gallery, const a
 }
 
 // Owner-computes backward: grad_q[p] is written only by the task owning p, grad_g[n] by the task owning n.
-std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_values, const at::Tensor& indices,
-                                                      const at::Tensor& query, const at::Tensor& gallery,
-                                                      std::array<bool, 2> output_mask) {
+std::tuple<Tensor, Tensor> match_backward_cpu(const Tensor& grad_values, const Tensor& indices, const Tensor& query,
+                                              const Tensor& gallery, std::vector<bool> output_mask) {
   const MatchDims d = check_pair(query, gallery);
   check_backward(grad_values, indices, d);
   const auto ct = compute_type(query.scalar_type());
-  const bool need_q = output_mask[0], need_g = output_mask[1];
-  at::Tensor gq = at::zeros({need_q ? d.P : 0, d.Lq, d.channels}, query.options().dtype(ct));
-  at::Tensor gg = at::zeros({need_g ? d.N : 0, d.Lg, d.channels}, query.options().dtype(ct));
+  const bool need_q = output_mask.at(0), need_g = output_mask.at(1);
+  Tensor gq = zeros_like_device(query, {need_q ? d.P : 0, d.Lq, d.channels}, ct);
+  Tensor gg = zeros_like_device(query, {need_g ? d.N : 0, d.Lg, d.channels}, ct);
   if (d.P > 0 && d.N > 0 && (need_q || need_g)) {
-    const at::Tensor q = locations_major(query.detach()).to(ct), g = locations_major(gallery.detach()).to(ct);
-    const at::Tensor gv = grad_values.detach().to(ct).contiguous();
-    const at::Tensor ix = indices.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(ct, "qaconv_match_backward_cpu", [&] {
-      const scalar_t* Q = q.data_ptr<scalar_t>();
-      const scalar_t* G = g.data_ptr<scalar_t>();
-      const scalar_t* GV = gv.data_ptr<scalar_t>();
-      const int64_t* IX = ix.data_ptr<int64_t>();
-      scalar_t* GQ = gq.data_ptr<scalar_t>();
-      scalar_t* GG = gg.data_ptr<scalar_t>();
+    const Tensor q = to_dtype(locations_major(query), ct), g = to_dtype(locations_major(gallery), ct);
+    const Tensor gv = torch::stable::contiguous(to_dtype(grad_values, ct));
+    const Tensor ix = torch::stable::contiguous(indices);
+    dispatch_compute(ct, [&]<typename scalar_t>() {
+      const scalar_t* Q = q.const_data_ptr<scalar_t>();
+      const scalar_t* G = g.const_data_ptr<scalar_t>();
+      const scalar_t* GV = gv.const_data_ptr<scalar_t>();
+      const int64_t* IX = ix.const_data_ptr<int64_t>();
+      scalar_t* GQ = gq.mutable_data_ptr<scalar_t>();
+      scalar_t* GG = gg.mutable_data_ptr<scalar_t>();
       const int64_t D = d.channels, L = d.L();
       auto axpy = [D](scalar_t* dst, scalar_t a, const scalar_t* src) {
         for (int64_t c = 0; c < D; ++c) dst[c] += a * src[c];
       };
       auto check_index = [](int64_t i, int64_t bound) {
-        TORCH_CHECK(i >= 0 && i < bound, "qaconv: match index ", i, " out of range [0, ", bound, ")");
+        QACONV_CHECK(i >= 0 && i < bound, "qaconv: match index ", i, " out of range [0, ", bound, ")");
       };
       // Queries in blocks of kBackwardBlock, gallery images outer within a block: each gallery map is
       // read once per block while the block's gradient rows stay in cache.
       const int64_t q_blocks = need_q ? (d.P + kBackwardBlock - 1) / kBackwardBlock : 0;
-      at::parallel_for(0, q_blocks, 1, [&](int64_t begin, int64_t end) {
+      parallel_for(0, q_blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t blk = begin; blk < end; ++blk)
           for (int64_t n = 0; n < d.N; ++n)
             for (int64_t p = blk * kBackwardBlock; p < std::min(d.P, (blk + 1) * kBackwardBlock); ++p) {
@@ -571,7 +578,7 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_val
           }
       });
       const int64_t g_blocks = need_g ? (d.N + kBackwardBlock - 1) / kBackwardBlock : 0;
-      at::parallel_for(0, g_blocks, 1, [&](int64_t begin, int64_t end) {
+      parallel_for(0, g_blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t blk = begin; blk < end; ++blk)
           for (int64_t p = 0; p < d.P; ++p)
             for (int64_t n = blk * kBackwardBlock; n < std::min(d.N, (blk + 1) * kBackwardBlock); ++n) {
@@ -592,16 +599,16 @@ std::tuple<at::Tensor, at::Tensor> match_backward_cpu(const at::Tensor& grad_val
       });
     });
   }
-  return {need_q ? channels_first(gq, query) : query.new_empty({0}),
-          need_g ? channels_first(gg, gallery) : gallery.new_empty({0})};
+  return {need_q ? channels_first(gq, query) : empty_gradient(query),
+          need_g ? channels_first(gg, gallery) : empty_gradient(gallery)};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(qaconv_ext, CPU, m) {
-  m.impl("match", &match_cpu);
-  m.impl("score", &score_cpu);
-  m.impl("match_backward", &match_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(qaconv_ext, CPU, m) {
+  m.impl("match", TORCH_BOX(&match_cpu));
+  m.impl("score", TORCH_BOX(&score_cpu));
+  m.impl("match_backward", TORCH_BOX(&match_backward_cpu));
 }
 
 }  // namespace qaconv

@@ -12,8 +12,7 @@
 // no atomics.
 #include "match_kernels.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "device_api.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -25,7 +24,7 @@ namespace {
 constexpr int kTile = 64;      // S tile: kTile query locations x kTile gallery locations
 constexpr int kChunk = 16;     // channels staged per step
 constexpr int kThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
-constexpr int kMaxLocations = 1024;
+using plan::kMaxLocations;
 constexpr int kWarpsPerBlock = 4;   // backward
 constexpr int kChannelsPerPass = 128;  // backward: 4 channels per lane and pass
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -250,10 +249,9 @@ cudaError_t launch_pairs(const void* q, const void* g, void* values, int64_t* in
   if (P == 0 || N == 0) return cudaSuccess;
   if (Lq > kMaxLocations || Lg > kMaxLocations || Lq <= 0 || Lg <= 0 || d <= 0) return cudaErrorInvalidValue;
   const int64_t grid = std::min<int64_t>(P * N, resident_blocks_hint());
-  match_pairs_kernel<T, kScore, kIndex><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-      static_cast<const T*>(q), static_cast<const T*>(g), static_cast<T*>(values), indices, weight, bias, out, P, N,
-      d, static_cast<int>(Lq), static_cast<int>(Lg));
-  return cudaGetLastError();
+  return launch(match_pairs_kernel<T, kScore, kIndex>, dim3(static_cast<unsigned>(grid)), dim3(kThreads), 0, stream,
+                static_cast<const T*>(q), static_cast<const T*>(g), static_cast<T*>(values), indices, weight, bias,
+                out, P, N, d, static_cast<int>(Lq), static_cast<int>(Lg));
 }
 
 template <typename T>
@@ -265,18 +263,17 @@ cudaError_t launch_backward(const float* gv, const int64_t* idx, const void* q, 
   const int64_t cap = resident_blocks_hint() * 4;
   if (grad_q != nullptr) {
     const int64_t grid_q = std::min<int64_t>((P * Lq + kWarpsPerBlock - 1) / kWarpsPerBlock, cap);
-    match_backward_kernel<T><<<static_cast<unsigned>(grid_q), kWarpsPerBlock * 32, 0, stream>>>(
-        gv, idx, static_cast<const T*>(g), grad_q, P, N, N * L, L, 0, static_cast<int>(Lq), static_cast<int>(Lq),
-        static_cast<int>(Lg), d);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err =
+        launch(match_backward_kernel<T>, dim3(static_cast<unsigned>(grid_q)), dim3(kWarpsPerBlock * 32), 0, stream, gv,
+               idx, static_cast<const T*>(g), grad_q, P, N, N * L, L, 0, static_cast<int>(Lq), static_cast<int>(Lq),
+               static_cast<int>(Lg), d);
     if (err != cudaSuccess) return err;
   }
   if (grad_g == nullptr) return cudaSuccess;
   const int64_t grid_g = std::min<int64_t>((N * Lg + kWarpsPerBlock - 1) / kWarpsPerBlock, cap);
-  match_backward_kernel<T><<<static_cast<unsigned>(grid_g), kWarpsPerBlock * 32, 0, stream>>>(
-      gv, idx, static_cast<const T*>(q), grad_g, N, P, L, N * L, static_cast<int>(Lq), 0, static_cast<int>(Lg),
-      static_cast<int>(Lq), d);
-  return cudaGetLastError();
+  return launch(match_backward_kernel<T>, dim3(static_cast<unsigned>(grid_g)), dim3(kWarpsPerBlock * 32), 0, stream, gv,
+                idx, static_cast<const T*>(q), grad_g, N, P, L, N * L, static_cast<int>(Lq), 0, static_cast<int>(Lg),
+                static_cast<int>(Lq), d);
 }
 
 }  // namespace
@@ -331,7 +328,7 @@ cudaError_t match_backward(ScalarKind kind, const float* grad_values, const int6
   return cudaErrorInvalidValue;
 }
 
-int64_t max_locations() { return kMaxLocations; }
+int64_t max_locations() { return plan::kMaxLocations; }
 
 }  // namespace cuda
 }  // namespace qaconv

@@ -6,10 +6,10 @@
 
 #include <cstdint>
 
+#include "launch_plan.h"
+
 namespace qaconv {
 namespace cuda {
-
-enum class ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Layouts: q is [P, Lq, d] and g is [N, Lg, d], channels innermost (what a channels_last
 // [B, d, h, w] tensor already is). All sizes are element counts; all pointers are device pointers.

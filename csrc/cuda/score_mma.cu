@@ -15,7 +15,7 @@
 // then fall into distinct banks. Padding rows and channels are zero; padded rows and columns of the
 // similarity matrix are excluded from the maxima.
 #include "match_kernels.h"
-#include "ptx.cuh"
+#include "device_api.cuh"
 
 #include <algorithm>
 #include <climits>
@@ -26,47 +26,13 @@ namespace qaconv {
 namespace cuda {
 namespace {
 
-constexpr int kMmaM = 3;                // m16 tiles per warp tile
-constexpr int kMmaN = 8;                // n8 tiles per warp tile
-constexpr int kWarpRows = 16 * kMmaM;   // query locations per warp tile
-constexpr int kWarpCols = 8 * kMmaN;    // gallery locations per warp tile
-constexpr int kMaxWarps = 12;           // 384 threads: 170 registers per thread at one CTA per SM
-constexpr int kRowPad = 8;              // elements appended to every shared-memory row
-constexpr int kMaxGalleryPerCta = 64;
+using plan::kMaxWarps;
+using plan::kMmaM;
+using plan::kMmaN;
+using plan::kWarpCols;
+using plan::kWarpRows;
+using plan::MmaPlan;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// Sizes of one problem as the kernel lays it out; computed once on the host.
-struct MmaPlan {
-  int d;           // channels (a multiple of 8)
-  int d_pad;       // channels rounded up to the mma K of 16
-  int row_stride;  // shared-memory row length in elements (d_pad + kRowPad)
-  int Lq, Lg;
-  int tiles_m, tiles_n;  // warp tiles along query and gallery locations
-  int rows_q, rows_g;    // rows held in shared memory (whole warp tiles)
-  int warps;
-  int stages;  // gallery buffers (2: the next image loads during the current one)
-  size_t smem_bytes;
-};
-
-MmaPlan make_plan(int64_t d, int64_t Lq, int64_t Lg, int stages) {
-  MmaPlan s{};
-  s.d = static_cast<int>(d);
-  s.d_pad = static_cast<int>((d + 15) / 16 * 16);
-  s.row_stride = s.d_pad + kRowPad;
-  s.Lq = static_cast<int>(Lq);
-  s.Lg = static_cast<int>(Lg);
-  s.tiles_m = static_cast<int>((Lq + kWarpRows - 1) / kWarpRows);
-  s.tiles_n = static_cast<int>((Lg + kWarpCols - 1) / kWarpCols);
-  s.rows_q = s.tiles_m * kWarpRows;
-  s.rows_g = s.tiles_n * kWarpCols;
-  s.warps = std::min(s.tiles_m * s.tiles_n, kMaxWarps);
-  s.stages = stages;
-  const size_t tiles = static_cast<size_t>(s.rows_q + stages * s.rows_g) * s.row_stride * sizeof(uint16_t);
-  const size_t floats = static_cast<size_t>(s.Lq + s.Lg) + static_cast<size_t>(s.tiles_n) * s.rows_q +
-                        static_cast<size_t>(s.tiles_m) * s.rows_g + kMaxWarps;
-  s.smem_bytes = tiles + floats * sizeof(float);
-  return s;
-}
 
 // Copies one image's [L x d] 16-bit tile into a padded shared-memory tile (16 bytes per cp.async).
 __device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* __restrict__ src, int L, const MmaPlan& s) {
@@ -156,7 +122,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 1)
     score_mma_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ g, const float* __restrict__ weight,
                      const float* __restrict__ bias, float* __restrict__ out, int64_t P, int64_t N, int64_t per_cta,
                      const MmaPlan s) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  QACONV_DYNAMIC_SMEM(smem);
   uint16_t* qs = reinterpret_cast<uint16_t*>(smem);
   uint16_t* gs = qs + static_cast<size_t>(s.rows_q) * s.row_stride;
   const size_t g_elems = static_cast<size_t>(s.rows_g) * s.row_stride;
@@ -247,35 +213,27 @@ cudaError_t score_forward_mma(ScalarKind kind, const void* q, const void* g, con
   if (kind != ScalarKind::kFloat16 && kind != ScalarKind::kBFloat16) return cudaErrorInvalidValue;
   if (d <= 0 || d % 8 != 0 || Lq <= 0 || Lg <= 0 || d > INT_MAX / 2) return cudaErrorInvalidValue;
   if (P == 0 || N == 0) return cudaSuccess;
-  int device = 0, optin = 0, sms = 0, major = 0;
+  DeviceProfile dev{};
+  int device = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&dev.sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&dev.major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&dev.minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) return err;
-  if (major < 8 || Lq > max_locations() || Lg > max_locations()) return cudaErrorNotSupported;
-  MmaPlan plan = make_plan(d, Lq, Lg, 2);
-  if (plan.smem_bytes > static_cast<size_t>(optin)) plan = make_plan(d, Lq, Lg, 1);
-  if (plan.smem_bytes > static_cast<size_t>(optin)) return cudaErrorNotSupported;  // the caller falls back
-
-  // Enough CTAs to fill the device a few times over, at most kMaxGalleryPerCta gallery images each.
-  const int64_t want = 4 * static_cast<int64_t>(std::max(sms, 1));
-  int64_t chunks = std::min<int64_t>(N, std::max<int64_t>(1, (want + P - 1) / P));
-  int64_t per_cta = std::min<int64_t>((N + chunks - 1) / chunks, kMaxGalleryPerCta);
-  chunks = (N + per_cta - 1) / per_cta;
-  // The grid is one-dimensional (at most 2^31 - 1 CTAs): launch blocks of queries if needed.
-  const int64_t max_p = std::max<int64_t>(1, static_cast<int64_t>(INT_MAX) / chunks);
+  dev.smem_optin = optin;
+  const plan::MmaLaunch l = plan::plan_score_mma(P, N, d, Lq, Lg, dev);
+  if (!l.supported) return cudaErrorNotSupported;  // the caller falls back
 
   auto kernel = kind == ScalarKind::kBFloat16 ? score_mma_kernel<true> : score_mma_kernel<false>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem_bytes));
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.plan.smem_bytes));
   if (err != cudaSuccess) return err;
   const auto* q16 = static_cast<const uint16_t*>(q);
   const auto* g16 = static_cast<const uint16_t*>(g);
-  for (int64_t p0 = 0; p0 < P; p0 += max_p) {
-    const int64_t np = std::min(max_p, P - p0);
-    kernel<<<static_cast<unsigned>(np * chunks), plan.warps * 32, plan.smem_bytes, stream>>>(
-        q16 + p0 * Lq * d, g16, weight, bias, out + p0 * N, np, N, per_cta, plan);
-    err = cudaGetLastError();
+  for (int64_t p0 = 0; p0 < P; p0 += l.max_p) {
+    const int64_t np = std::min(l.max_p, P - p0);
+    err = launch(kernel, dim3(static_cast<unsigned>(np * l.chunks)), dim3(l.plan.warps * 32), l.plan.smem_bytes,
+                 stream, q16 + p0 * Lq * d, g16, weight, bias, out + p0 * N, np, N, l.per_cta, l.plan);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

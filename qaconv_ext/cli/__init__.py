@@ -7,12 +7,15 @@ the library inside ``run``), so ``qaconv --help`` and ``qaconv <command> --help`
 
 Errors a user can act on end a command with one line ``qaconv <command>: <message>`` on stderr and
 exit status 2 (bad input, found before the work starts) or 1 (a failure during the work, such as a
-training run that diverged); see :func:`qaconv_ext.cli.common.run_command`.
+training run that diverged); see :func:`qaconv_ext.cli.common.run_command`. An interrupted command
+(Ctrl-C, SIGINT) exits with status 130; ``qaconv train`` then says what was kept and the command that
+continues or starts the run again.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from typing import List, Optional
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
@@ -43,6 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # what was typed, for messages
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -8,6 +8,7 @@ imports PyTorch at module level, so that ``qaconv --help`` answers without loadi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -16,47 +17,46 @@ import sys
 import tempfile
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..config import ARCHITECTURES, AUGMENTATIONS, NECK_TYPES, PRESETS, RECIPE_DEFAULTS, RECIPES, TrainConfig
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 __all__ = [
     "DATASET_CHOICES", "ARCHITECTURE_CHOICES", "NECK_TYPE_CHOICES", "PREPROCESS_CHOICES", "AUGMENT_CHOICES",
-    "RECIPE_CHOICES", "GS_DEFAULTS", "TRAIN_DEFAULTS", "DEFAULT_CHECKPOINT", "PICTURES_DIR", "PICTURE_EXTENSIONS", "BAD_INPUT", "FAILED",
+    "RECIPE_CHOICES", "GS_DEFAULTS", "TRAIN_DEFAULTS", "DEFAULT_CHECKPOINT", "PICTURES_DIR", "PICTURE_EXTENSIONS",
+    "MAX_PICTURE_RANKS", "check_picture_ranks", "BAD_INPUT", "FAILED", "INTERRUPTED",
     "CommandError", "library_error", "run_command",
     "default_data_root", "default_synthetic_root", "load_dataset", "check_time_stamps",
     "positive_int", "non_negative_int", "positive_float", "non_negative_float", "output_file", "picture_path",
     "json_path", "check_writable_folder",
     "add_data_args", "add_model_args", "add_postprocess_args", "add_rerank_mode_arg", "add_dataset_command",
-    "add_checkpoint_args", "resolve_device", "load_model_or_exit", "load_qaconv", "evaluate_or_exit",
-    "note_postprocessing", "print_table", "write_json", "error_line", "image_record",
+    "add_checkpoint_args", "default_checkpoint", "resolve_device", "load_model_or_exit", "load_qaconv", "evaluate_or_exit",
+    "note_postprocessing", "FEW_QUERIES", "count_queries_or_exit", "describe_counts", "with_counts", "print_table", "write_json", "json_ready", "error_line", "image_record",
 ]
 
 DATASET_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "synthetic-a", "synthetic-b", "folder")
 
-#: The choices of the model options, spelled out so that the parsers are built without importing
-#: PyTorch (a test keeps them equal to the library's): :data:`qaconv_ext.models.ARCHITECTURES`,
-#: ``models.NECK_TYPES``, ``data.transforms.PREPROCESS_PRESETS`` and ``AUGMENTATIONS``.
-ARCHITECTURE_CHOICES = ("resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "small")
-NECK_TYPE_CHOICES = ("bn", "bias")
-PREPROCESS_CHOICES = ("public", "imagenet")
-AUGMENT_CHOICES = ("eccv", "v2")
-#: :data:`qaconv_ext.engine.config.RECIPES`, and where the ``gs`` recipe's defaults differ
-#: (``RECIPE_DEFAULTS["gs"]``), spelled out for the same reason.
-RECIPE_CHOICES = ("eccv", "gs")
-GS_DEFAULTS: Dict[str, Any] = dict(batch_size=64, lr=0.005, clip_grad=8.0, augment="v2", freeze_bn=True)
+#: The choices of the model options and the training defaults the help texts name, from the
+#: torch-free :mod:`qaconv_ext.config` (the parsers are built without importing PyTorch).
+ARCHITECTURE_CHOICES = ARCHITECTURES
+NECK_TYPE_CHOICES = NECK_TYPES
+PREPROCESS_CHOICES = PRESETS
+AUGMENT_CHOICES = AUGMENTATIONS
+RECIPE_CHOICES = RECIPES
+GS_DEFAULTS: Dict[str, Any] = RECIPE_DEFAULTS["gs"]
+TRAIN_DEFAULTS: Dict[str, Any] = dataclasses.asdict(TrainConfig())
 
-#: The defaults of :class:`qaconv_ext.engine.TrainConfig` that the help texts name (spelled out for the
-#: same reason; a test keeps them equal). A new run takes its defaults from ``TrainConfig`` itself.
-TRAIN_DEFAULTS: Dict[str, Any] = dict(method="qaconv", recipe="eccv", arch="resnet50", neck=128, layout="v2", neck_type="bn",
-                                      preprocess="public", augment="eccv", height=384, width=128, epochs=60,
-                                      batch_size=32, lr=0.01, step_size=40, weight_decay=5e-4, clip_grad=0.0,
-                                      workers=2, seed=0)
-
-#: The QAConv model the picture commands (``match``, ``rank``) read unless told otherwise.
+#: The QAConv model the picture commands (``match``, ``rank``) read unless told otherwise: ``qaconv demo``'s,
+#: in the current folder or the nearest folder above it that holds one (:func:`default_checkpoint`).
 DEFAULT_CHECKPOINT = os.path.join("runs", "demo", "qaconv.pt")
 
 #: Where the picture commands write unless told otherwise.
 PICTURES_DIR = os.path.join("runs", "pictures")
+
+#: The most gallery images one ranked-list picture shows (``rank -k``, ``search -k`` with ``-o``): beyond it
+#: the picture grows past what a screen or an image viewer handles (about 100 px a column).
+MAX_PICTURE_RANKS = 100
 
 #: The picture formats ``-o`` accepts.
 PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -65,6 +65,8 @@ PICTURE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 BAD_INPUT = 2
 #: Exit status of a command that failed during the work (e.g. a training run that diverged).
 FAILED = 1
+#: Exit status of a command interrupted by Ctrl-C (SIGINT), as a shell reports it.
+INTERRUPTED = 130
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,8 +116,8 @@ def run_command(func: Callable[[argparse.Namespace], Optional[int]], args: argpa
     try:
         rc = func(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(f"{command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
     except CommandError as exc:
         error = exc
     except SystemExit as exc:
@@ -292,6 +294,13 @@ def check_writable_folder(path: str, option: str, command: str) -> None:
                            f"{exc.strerror or exc}") from None
 
 
+def check_picture_ranks(k: int, command: str, advice: str = "") -> None:
+    """Refuse to draw more than :data:`MAX_PICTURE_RANKS` ranked gallery images in one picture."""
+    if k > MAX_PICTURE_RANKS:
+        raise CommandError(f"{command}: -k {k}: one ranked-list picture shows at most {MAX_PICTURE_RANKS} gallery "
+                           f"images; give -k {MAX_PICTURE_RANKS} or less{advice}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Options
 # ----------------------------------------------------------------------------------------------
@@ -385,9 +394,10 @@ def add_dataset_command(subparsers: Any, name: str, help: str, description: str,
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     """``--checkpoint`` and ``--device``, shared by the picture commands."""
-    parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+    parser.add_argument("--checkpoint", default=None,
                         help=f"trained model: a checkpoint file or a run folder holding checkpoint.pt "
-                             f"(default: {DEFAULT_CHECKPOINT}, written by `qaconv demo`)")
+                             f"(default: {DEFAULT_CHECKPOINT}, written by `qaconv demo`, in this folder or the "
+                             "nearest one above it that has it)")
     parser.add_argument("--device", default="cpu", help="torch device for the features (default: cpu)")
 
 
@@ -453,24 +463,43 @@ def load_model_or_exit(path: str, command: str, **kwargs: Any
     return backbone, head, cfg
 
 
-def load_qaconv(path: str, device: str = "cpu", command: str = "qaconv"
+def default_checkpoint(start: Optional[str] = None) -> Optional[str]:
+    """:data:`DEFAULT_CHECKPOINT` in ``start`` (default: the current folder) or the nearest folder above
+    it that holds one (so the picture commands find the demo's model from anywhere inside the folder
+    ``qaconv demo`` ran in), else None."""
+    folder = os.path.abspath(start or os.getcwd())
+    while True:
+        path = os.path.join(folder, DEFAULT_CHECKPOINT)
+        if os.path.isfile(path):
+            return path
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def load_qaconv(path: Optional[str], device: str = "cpu", command: str = "qaconv"
                 ) -> Tuple["nn.Module", "nn.Module", Dict[str, Any]]:
     """A trained QAConv model for the picture commands, or :class:`CommandError` saying what to do.
 
-    See :func:`qaconv_ext.engine.load_trained`; a missing default checkpoint asks the user to run
-    ``qaconv demo``, a folder without ``checkpoint.pt`` names the ``*.pt`` files it holds, and a
-    baseline checkpoint (no QAConv head) is refused.
+    See :func:`qaconv_ext.engine.load_trained`; ``path`` None is :func:`default_checkpoint` (when there is
+    none the message asks the user to run ``qaconv demo``), a folder without ``checkpoint.pt`` names the
+    ``*.pt`` files it holds, and a baseline checkpoint (no QAConv head) is refused.
     """
     from ..engine import find_checkpoint
     from ..engine.checkpoint import missing_checkpoint_message
 
+    if path is None:
+        path = default_checkpoint()
+        if path is None:
+            raise CommandError(f"{command}: no {DEFAULT_CHECKPOINT} in {os.getcwd()} or a folder above it; run "
+                               "`qaconv demo` first (it trains a model on the built-in synthetic data and saves it "
+                               "there), or give --checkpoint")
     if find_checkpoint(path) is None:
         if os.path.isdir(path):
             raise CommandError(f"{command}: {missing_checkpoint_message(path)}")
-        hint = ("run `qaconv demo` first (it trains a model on the built-in synthetic data and saves it there)"
-                if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else
-                f"pass an existing file with --checkpoint, or run `qaconv demo` to create {DEFAULT_CHECKPOINT}")
-        raise CommandError(f"{command}: checkpoint not found: {path}; {hint}")
+        raise CommandError(f"{command}: checkpoint not found: {path}; pass an existing file with --checkpoint, or "
+                           f"run `qaconv demo` to create {DEFAULT_CHECKPOINT}")
     backbone, head, cfg = load_model_or_exit(path, command, device=device)
     if head is None:
         raise CommandError(f"{command}: {path} is a baseline checkpoint (no QAConv head); give a QAConv model")
@@ -505,8 +534,42 @@ def note_postprocessing(head: Optional["nn.Module"], rerank: bool, tlift: bool, 
         print(f"{command}: note: {opts} apply to QAConv checkpoints; this is a baseline, so only its row is reported")
 
 
-def print_table(rows: Dict[str, Dict[str, float]], title: str = "") -> str:
-    """Print (and return) a table of Rank-1/5/10, mAP, mINP in percent."""
+#: Below this many queries with a true match, a metrics table says that its percentages say little.
+FEW_QUERIES = 20
+
+
+def count_queries_or_exit(dataset: Any, name: str, command: str) -> Dict[str, int]:
+    """:func:`qaconv_ext.evaluation.query_counts` of ``dataset``'s query and gallery sets, read from the
+    records before any work; a dataset where no query has a true match ends the command (one line,
+    :data:`BAD_INPUT`): its metrics would divide by zero."""
+    from ..evaluation import query_counts
+
+    counts = query_counts(dataset.query, dataset.gallery)
+    if counts["queries_with_true_match"] == 0:
+        raise CommandError(f"{command}: no query of {name} has a true match in its gallery (an image of the same "
+                           f"identity from another camera): {len(dataset.query)} queries, {len(dataset.gallery)} "
+                           "gallery images; there is nothing to evaluate")
+    return counts
+
+
+def describe_counts(counts: Dict[str, int]) -> str:
+    """The line under a metrics table that says what it counts (and when that is too few to mean much)."""
+    n, m = counts["queries"], counts["queries_with_true_match"]
+    text = (f"{n} quer{'y' if n == 1 else 'ies'} evaluated, {m} with a true match in the gallery "
+            f"(the metrics average over those {m})")
+    if m < FEW_QUERIES:
+        text += (f"; only {m}: each moves Rank-1 by {100 / m:.1f} points, so these numbers say little")
+    return text
+
+
+def with_counts(rows: Dict[str, Dict[str, Any]], counts: Dict[str, int]) -> Dict[str, Dict[str, Any]]:
+    """``rows`` with ``queries`` and ``queries_with_true_match`` in every row (the result JSON files)."""
+    return {name: {**m, **counts} for name, m in rows.items()}
+
+
+def print_table(rows: Dict[str, Dict[str, float]], title: str = "", counts: Optional[Dict[str, int]] = None) -> str:
+    """Print (and return) a table of Rank-1/5/10, mAP, mINP in percent; ``counts``
+    (:func:`count_queries_or_exit`) adds the line that says how many queries it counts."""
     from ..evaluation import format_metrics
 
     lines = []
@@ -515,16 +578,32 @@ def print_table(rows: Dict[str, Dict[str, float]], title: str = "") -> str:
     lines.append(f"{'method':<26}{'Rank-1':>8}{'Rank-5':>8}{'Rank-10':>8}{'mAP':>8}{'mINP':>8}")
     lines.append("-" * 66)
     lines += [format_metrics(name, m, width=26) for name, m in rows.items()]
+    if counts is not None:
+        lines.append(describe_counts(counts))
     text = "\n".join(lines)
     print(text)
     return text
 
 
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every float that is NaN or infinite replaced by None (JSON has no such numbers:
+    they are written as ``null``), through dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
 def write_json(path: str, obj: Any) -> str:
-    """Write ``obj`` as indented JSON to ``path`` (creating its folder); returns ``path``."""
+    """Write ``obj`` as indented, valid JSON to ``path`` (creating its folder); returns ``path``. A number
+    that is NaN or infinite is written as ``null`` (:func:`json_ready`); nothing else non-standard is
+    accepted (``allow_nan=False``)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
-        json.dump(obj, fh, indent=2)
+        json.dump(json_ready(obj), fh, indent=2, allow_nan=False)
     return path
 
 

@@ -27,12 +27,14 @@ from .common import (
     ARCHITECTURE_CHOICES,
     CommandError,
     check_writable_folder,
+    count_queries_or_exit,
     default_synthetic_root,
     non_negative_int,
     positive_float,
     positive_int,
     print_table,
     resolve_device,
+    with_counts,
     write_json,
 )
 
@@ -176,11 +178,11 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
     post = not args.no_postprocess
     amp = True if args.amp else None
     table_rows = evaluate_trained(backbone, head, test_ds, cfg.height, cfg.width, device=device, rerank=post,
-                                  tlift=post, progress=progress, amp=amp)
+                                  tlift=post, progress=progress, amp=amp, preprocess=cfg.preprocess)
     timings["eval_qaconv"] = time.time() - t0
     t0 = time.time()
     table_rows.update(evaluate_trained(trained["baseline"].model, None, test_ds, cfg.height, cfg.width,
-                                       device=device, progress=progress))
+                                       device=device, progress=progress, preprocess=cfg.preprocess))
     timings["eval_baseline"] = time.time() - t0
     if args.gs_epochs:
         # QAConv 2.x's recipe on the same backbone and data: graph sampling, triplet loss, gradient clipping
@@ -197,13 +199,15 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
         timings["train_gs"] = time.time() - t0
         t0 = time.time()
         gs_rows = evaluate_trained(trained["gs"].model.eval(), trained["gs"].criterion.matcher.eval(), test_ds,
-                                   cfg.height, cfg.width, device=device, progress=progress, amp=amp)
+                                   cfg.height, cfg.width, device=device, progress=progress, amp=amp,
+                                   preprocess=cfg.preprocess)
         table_rows[GS_ROW] = next(iter(gs_rows.values()))
         timings["eval_gs"] = time.time() - t0
     timings["total"] = time.time() - t_start
 
     print()
-    table = print_table(table_rows, "synthetic domain_a -> domain_b (direct transfer)")
+    counts = count_queries_or_exit(test_ds, "synthetic domain_b", "qaconv demo")
+    table = print_table(table_rows, "synthetic domain_a -> domain_b (direct transfer)", counts)
     training = sum(v for k, v in timings.items() if k.startswith("train_"))
     gs_note = f", QAConv-GS training {timings['train_gs']:.0f} s" if "train_gs" in timings else ""
     print(f"\nwall time {timings['total']:.0f} s (data {timings['data']:.0f} s, QAConv training "
@@ -226,12 +230,12 @@ def run_demo(args: argparse.Namespace) -> Dict[str, Any]:
         "data": {"root": root, "train_images": len(train_ds.train), "train_ids": train_ds.num_train_pids,
                  "queries": len(test_ds.query), "gallery": len(test_ds.gallery)},
         "final_training": final,
-        "results": table_rows,
+        "results": with_counts(table_rows, counts),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "table": table,
     }
     pictures = save_demo_pictures(backbone, head, test_ds, os.path.join(out, "pictures"), height=cfg.height,
-                                  width=cfg.width)
+                                  width=cfg.width, preprocess=cfg.preprocess)
     record["pictures"] = pictures
     write_json(os.path.join(out, "results.json"), record)
     print("pictures (a ranked list, the correspondences with a true match and with an impostor):")

@@ -12,6 +12,7 @@ from .common import (
     add_rerank_mode_arg,
     check_time_stamps,
     check_writable_folder,
+    count_queries_or_exit,
     evaluate_or_exit,
     json_path,
     load_dataset,
@@ -19,6 +20,7 @@ from .common import (
     note_postprocessing,
     print_table,
     resolve_device,
+    with_counts,
     write_json,
 )
 
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 def _shared_options(args: argparse.Namespace, path: str) -> dict:
     """The options every rank must agree on."""
     keys = ("dataset", "data_root", "combine_all", "arch", "neck", "height", "width", "layout", "batch_size",
-            "rerank", "tlift", "skip_bad_images")
+            "rerank", "tlift", "skip_bad_images", "rerank_mode", "amp", "preprocess")
     return {"checkpoint": os.path.abspath(path), **{k: getattr(args, k, None) for k in keys}}
 
 
@@ -91,17 +93,15 @@ def _evaluate(args: argparse.Namespace, path: str, device: str, env: Any) -> int
     note_postprocessing(head, args.rerank, args.tlift, COMMAND)
     ds = load_dataset(args.dataset, args.data_root, verbose=True, splits=("query", "gallery"),
                       skip_bad_images=args.skip_bad_images, command=COMMAND)
+    counts = count_queries_or_exit(ds, args.dataset, COMMAND)
     if args.tlift and head is not None:
         check_time_stamps(ds, args.dataset, COMMAND)
     kwargs = dict(device=device, batch_size=args.batch_size, workers=args.workers, rerank=args.rerank,
-                  tlift=args.tlift, progress=not args.no_progress, rerank_mode=args.rerank_mode)
+                  tlift=args.tlift, progress=not args.no_progress, rerank_mode=args.rerank_mode, amp=args.amp,
+                  preprocess=cfg["preprocess"])
     if env is None:
-        rows = evaluate_or_exit(COMMAND, backbone, head, ds, int(cfg["height"]), int(cfg["width"]), amp=args.amp,
-                                **kwargs)
+        rows = evaluate_or_exit(COMMAND, backbone, head, ds, int(cfg["height"]), int(cfg["width"]), **kwargs)
     else:
-        if args.amp and str(device).startswith("cpu"):
-            raise CommandError(f"{COMMAND}: --amp (bfloat16 feature maps) is not supported on the CPU with several "
-                               f"processes; run it in one process")
         from ..distributed import sharded_evaluate_trained
 
         rows = evaluate_or_exit(COMMAND, backbone, head, ds, int(cfg["height"]), int(cfg["width"]),
@@ -109,8 +109,9 @@ def _evaluate(args: argparse.Namespace, path: str, device: str, env: Any) -> int
         if not env.is_main:
             return 0
     where = "" if env is None else f" ({env.world_size} processes)"
-    print_table(rows, f"{os.path.basename(cfg['checkpoint'])} on {args.dataset}{where}")
+    print_table(rows, f"{os.path.basename(cfg['checkpoint'])} on {args.dataset}{where}", counts)
     if args.json:
+        rows = with_counts(rows, counts)
         out = rows if env is None else {**rows, "world_size": env.world_size}
         print(f"results: {write_json(args.json, out)}")
     return 0

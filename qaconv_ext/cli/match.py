@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         except ImageReadError as exc:
             raise CommandError(f"{COMMAND}: {exc}") from None
     fea = extract_features(model, [args.image_a, args.image_b], cfg["height"], cfg["width"], device=device,
-                           progress=False)
+                           progress=False, preprocess=cfg["preprocess"])
     max_lines: Optional[int] = None if args.max_lines is not None and args.max_lines < 0 else args.max_lines
     img, segs = draw_correspondences(args.image_a, args.image_b, fea[0], fea[1],
                                      head=None if args.no_head else head, direction=args.direction,

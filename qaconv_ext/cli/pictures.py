@@ -39,15 +39,16 @@ class QueryRanking:
 
 def rank_query(model: torch.nn.Module, head: torch.nn.Module, query: Any, gallery: Sequence[Any],
                gallery_features: torch.Tensor, height: int, width: int,
-               device: Union[str, torch.device] = "cpu") -> QueryRanking:
+               device: Union[str, torch.device] = "cpu", *, preprocess: str) -> QueryRanking:
     """Rank ``gallery`` (records with ``pid``/``camid``, features ``gallery_features``) for the record
-    ``query``: its features by ``model`` at ``height x width`` on ``device``, QAConv scores by ``head``."""
+    ``query``: its features by ``model`` at ``height x width`` with the input preset ``preprocess`` on
+    ``device``, QAConv scores by ``head``."""
     from ..evaluation import extract_features, junk_mask, score_blocks
     from ..viz import rank_gallery
 
     g_pid = np.array([g.pid for g in gallery])
     g_cam = np.array([g.camid for g in gallery])
-    q_fea = extract_features(model, [query], height, width, device=device, progress=False)
+    q_fea = extract_features(model, [query], height, width, device=device, progress=False, preprocess=preprocess)
     scores = score_blocks(head, q_fea, gallery_features, progress=False)[0].numpy()
     junk = junk_mask(query.pid, query.camid, g_pid, g_cam)
     return QueryRanking(q_fea, scores, junk, g_pid == query.pid, rank_gallery(scores, None, True, junk))
@@ -60,12 +61,13 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 def save_demo_pictures(model: torch.nn.Module, head: torch.nn.Module, dataset: Any, out_dir: str, *,
                        height: Optional[int] = None, width: Optional[int] = None,
                        query_index: Optional[int] = None, k: int = 10, max_lines: int = 40,
-                       batch_size: int = 64) -> List[str]:
+                       batch_size: int = 64, preprocess: str) -> List[str]:
     """Save a ranked list and two correspondence pictures for one query of ``dataset``.
 
     ``dataset`` has ``.query`` and ``.gallery`` record lists (e.g. ``Market1501`` on a synthetic
     domain); ``model`` maps images to L2-normalised feature maps, ``head`` is the QAConv head.
-    ``height``/``width`` is the network input size (default: the query image's own size).
+    ``height``/``width`` is the network input size (default: the query image's own size),
+    ``preprocess`` the model's input preset.
     The query is ``query_index``, or else the first query whose best-scored gallery image is a true
     match (the first with a true match in another camera if none is).
     Writes ``ranked_list.png``, ``correspondences_match.png`` (the query and its best-scored true
@@ -96,10 +98,11 @@ def save_demo_pictures(model: torch.nn.Module, head: torch.nn.Module, dataset: A
         w0, h0 = load_image(query[int(query_index or 0)], "query").size
         height, width = height or h0, width or w0
     device = _model_device(model)
-    g_fea = extract_features(model, gallery, height, width, batch_size=batch_size, device=device, progress=False)
+    g_fea = extract_features(model, gallery, height, width, batch_size=batch_size, device=device, progress=False,
+                             preprocess=preprocess)
 
     def ranked(i: int) -> QueryRanking:
-        return rank_query(model, head, query[i], gallery, g_fea, height, width, device)
+        return rank_query(model, head, query[i], gallery, g_fea, height, width, device, preprocess=preprocess)
 
     if query_index is None:  # a typical success: the first query whose rank-1 image is a true match
         chosen = None

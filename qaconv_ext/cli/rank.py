@@ -3,20 +3,24 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, Optional
+import shlex
+import sys
+from typing import Any, Dict, Optional, Tuple
 
-from .common import (PICTURES_DIR, CommandError, add_checkpoint_args, check_writable_folder, load_qaconv, picture_path,
-                     positive_int, resolve_device)
+from .common import (DATASET_CHOICES, MAX_PICTURE_RANKS, PICTURES_DIR, CommandError, add_checkpoint_args,
+                     check_picture_ranks, check_writable_folder, load_dataset, load_qaconv, picture_path, positive_int,
+                     resolve_device)
 
-DEFAULT_SYNTHETIC_ROOT = os.path.join("data_cache", "synthetic")
+COMMAND = "qaconv rank"
 _DATASET_KEYS = ("test_root", "target_root", "eval_root", "dataset_root", "data_dir")
 #: Readers for a dataset folder (the names ``train``/``eval`` use); ``duke`` is an alias.
 READER_CHOICES = ("market1501", "dukemtmcreid", "msmt17", "folder")
 _READER_ALIASES = {"duke": "dukemtmcreid"}
+_SYNTHETIC_SPECS = {"synthetic": "synthetic-b", "synthetic:domain_b": "synthetic-b", "synthetic:domain_a": "synthetic-a"}
 
 
 def dataset_type(text: str) -> str:
-    """``argparse`` type of ``--dataset-type``: the reader's name (old aliases accepted)."""
+    """``argparse`` type of ``--dataset-type`` (deprecated): the reader's name (old aliases accepted)."""
     return _READER_ALIASES.get(text.lower(), text.lower())
 
 
@@ -28,39 +32,85 @@ def recorded_reader(config: Dict[str, Any]) -> Optional[str]:
     return "market1501" if str(name).startswith("synthetic") else dataset_type(str(name))
 
 
-def resolve_dataset(spec: Any, config: Dict[str, Any], kind: Optional[str] = None,
-                    synthetic_root: Optional[str] = None) -> "ReIDDataset":  # noqa: F821
-    """The dataset to rank in.
+def _recorded_folder(config: Dict[str, Any]) -> Optional[str]:
+    return next((str(config[k]) for k in _DATASET_KEYS if config.get(k)), None)
 
-    ``spec`` is a dataset folder (read with ``kind``, Market-1501 layout by default),
-    ``"synthetic"`` or ``"synthetic:domain_a"`` / ``"synthetic:domain_b"`` for the built-in camera
-    network under ``synthetic_root`` (generated if missing; ``domain_b`` by default, the domain the
-    demo evaluates on), or None for the test set recorded in the checkpoint's config (its folder,
-    read with its type unless ``kind`` is given), else the synthetic ``domain_b``.
-    """
-    from ..data import build_dataset, make_synthetic_network
 
-    if spec is None:
-        spec = next((config[k] for k in _DATASET_KEYS if config.get(k)), None)
-        if spec is not None:
-            kind = kind or recorded_reader(config)
-        else:
-            spec = "synthetic"
-            print("qaconv rank: no --dataset given; using the built-in synthetic data (domain_b)")
-    spec = str(spec)
-    if spec == "synthetic" or spec.startswith("synthetic:"):
-        domain = spec.partition(":")[2] or "domain_b"
-        if domain not in ("domain_a", "domain_b"):
-            raise CommandError(f"qaconv rank: unknown synthetic domain {domain!r} (domain_a or domain_b)")
-        root = synthetic_root or config.get("synthetic_root") or DEFAULT_SYNTHETIC_ROOT
-        spec = make_synthetic_network(root)[domain]
-    if not os.path.isdir(spec):
-        raise CommandError(f"qaconv rank: dataset folder not found: {spec}")
-    kind = kind or "market1501"
+def _deprecated(old: str, new: str) -> None:
+    print(f"{COMMAND}: note: {old} is deprecated and will be removed; use {new}", file=sys.stderr)
+
+
+def dataset_options(dataset: Optional[str], data_root: Optional[str], config: Dict[str, Any], *,
+                    dataset_type: Optional[str] = None, synthetic_root: Optional[str] = None
+                    ) -> Tuple[Optional[str], Optional[str]]:
+    """``(--dataset NAME, --data-root DIR)`` from the options as given, the old spellings included:
+    ``--dataset FOLDER [--dataset-type TYPE]``, ``--dataset synthetic[:domain_a|domain_b]`` and
+    ``--synthetic-root DIR`` still work and print a note that names the new spelling."""
+    if synthetic_root is not None:
+        _deprecated("--synthetic-root DIR", "--data-root DIR")
+        if data_root is not None and data_root != synthetic_root:
+            raise CommandError(f"{COMMAND}: give --data-root only (--synthetic-root is its deprecated spelling)")
+        data_root = synthetic_root
+    name = None if dataset is None else _READER_ALIASES.get(dataset.lower(), dataset.lower())
+    if name in _SYNTHETIC_SPECS:
+        _deprecated(f"--dataset {dataset}", f"--dataset {_SYNTHETIC_SPECS[name]}")
+        name = _SYNTHETIC_SPECS[name]
+    elif dataset is not None and name not in DATASET_CHOICES:
+        if name.startswith("synthetic:"):
+            raise CommandError(f"{COMMAND}: unknown synthetic domain {dataset.partition(':')[2]!r} (domain_a or "
+                               "domain_b; or --dataset synthetic-a / synthetic-b)")
+        if not os.path.isdir(dataset):
+            raise CommandError(f"{COMMAND}: --dataset {dataset}: not a dataset name ({', '.join(DATASET_CHOICES)}) "
+                               "nor a dataset folder")
+        if data_root is not None:
+            raise CommandError(f"{COMMAND}: --dataset takes a name when --data-root gives the folder")
+        name, data_root = dataset_type or "market1501", dataset
+        _deprecated("--dataset FOLDER", f"--dataset {name} --data-root {shlex.quote(dataset)}")
+        return name, data_root
+    if dataset_type is not None:
+        if name is not None:
+            raise CommandError(f"{COMMAND}: --dataset-type is the deprecated spelling of --dataset NAME; give one")
+        folder = data_root or _recorded_folder(config)
+        _deprecated("--dataset-type TYPE", f"--dataset {dataset_type}"
+                    + (f" --data-root {shlex.quote(folder)}" if folder else ""))
+        return dataset_type, folder
+    return name, data_root
+
+
+def _read_folder(kind: str, folder: str) -> "ReIDDataset":  # noqa: F821
+    from ..data import build_dataset
+
+    if not os.path.isdir(folder):
+        raise CommandError(f"{COMMAND}: dataset folder not found: {folder}")
     try:
-        return build_dataset(kind, spec, splits=("query", "gallery"))
+        return build_dataset(kind, folder, splits=("query", "gallery"))
     except (OSError, ValueError, KeyError) as exc:
-        raise CommandError(f"qaconv rank: cannot read dataset {spec}: {exc}") from None
+        raise CommandError(f"{COMMAND}: cannot read dataset {folder}: {exc}") from None
+
+
+def resolve_dataset(name: Optional[str], config: Dict[str, Any], root: Optional[str] = None
+                    ) -> "ReIDDataset":  # noqa: F821
+    """The query and gallery sets to rank in: dataset ``name`` (:data:`~qaconv_ext.cli.common.DATASET_CHOICES`)
+    under ``root``, read as ``qaconv eval`` reads it.
+
+    Without ``name``: the test set recorded in the checkpoint (``test_dataset``; a public checkpoint may
+    record only a folder, read in the Market-1501 layout), else ``synthetic-b`` (the domain the demo
+    evaluates on). Without ``root``: the recorded test set's own folder when ``name`` is that set, the
+    checkpoint's ``synthetic_root`` for synthetic data, else as ``qaconv eval`` (``$QACONV_DATA``).
+    """
+    recorded_name, recorded = config.get("test_dataset"), _recorded_folder(config)
+    if name is None and not recorded_name:
+        if recorded is not None or root is not None:
+            return _read_folder("market1501", root or recorded)
+        name = "synthetic-b"
+        print(f"{COMMAND}: no --dataset given; using the built-in synthetic data (synthetic-b)")
+    name = name or str(recorded_name)
+    synthetic = name.startswith("synthetic")
+    if root is None and name == recorded_name and recorded is not None and os.path.isdir(recorded):
+        return _read_folder("market1501" if synthetic else dataset_type(name), recorded)
+    if synthetic and root is None:
+        root = config.get("synthetic_root") or None
+    return load_dataset(name, root, verbose=False, splits=("query", "gallery"), command=COMMAND)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -70,19 +120,19 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description="Rank a dataset's gallery for one query with a trained QAConv model and draw the top k, "
                     "true matches framed green, false ones red.")
     add_checkpoint_args(p)
-    p.add_argument("--dataset", default=None,
-                   help="dataset folder (Market-1501 layout unless --dataset-type), or 'synthetic[:domain_a|"
-                        "domain_b]' for the built-in camera network; default: the test set recorded in the "
-                        "checkpoint, else synthetic:domain_b")
+    p.add_argument("--dataset", default=None, metavar="NAME",
+                   help=f"dataset to rank in: {', '.join(DATASET_CHOICES)} (synthetic-a/-b: the built-in camera "
+                        "network); default: the test set recorded in the checkpoint, else synthetic-b")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="the dataset's folder, as for `qaconv eval` (default: the checkpoint's recorded test set "
+                        "folder or synthetic data; else $QACONV_DATA, for synthetic $QACONV_DATA/synthetic or "
+                        "data_cache/synthetic)")
     p.add_argument("--dataset-type", type=dataset_type, choices=READER_CHOICES, default=None,
-                   help="reader for the folder: market1501, dukemtmcreid (alias duke), msmt17, folder "
-                        "(default: the recorded test set's type, else market1501)")
-    p.add_argument("--synthetic-root", default=None,
-                   help="where the built-in synthetic network lives (default: the checkpoint's, else "
-                        f"{DEFAULT_SYNTHETIC_ROOT})")
+                   help="deprecated: use --dataset NAME --data-root DIR")
+    p.add_argument("--synthetic-root", default=None, metavar="DIR", help="deprecated: use --data-root DIR")
     p.add_argument("--query-index", type=int, default=0, help="which query to rank (default: %(default)s)")
     p.add_argument("-k", "--top", type=positive_int, default=10, dest="k",
-                   help="gallery images to show (default: %(default)s)")
+                   help=f"gallery images to show, at most {MAX_PICTURE_RANKS} (default: %(default)s)")
     p.add_argument("--max-gallery", type=positive_int, default=None, metavar="N",
                    help="rank only the first N >= 1 gallery images (quick looks at large galleries on a CPU; "
                         "default: all)")
@@ -104,10 +154,13 @@ def run(args: argparse.Namespace) -> int:
     from ..viz import average_match, draw_correspondences, draw_ranked_list
     from .pictures import rank_query
 
-    device = resolve_device(args.device, "qaconv rank")
-    check_writable_folder(os.path.dirname(os.path.abspath(args.output)), "-o", "qaconv rank")
-    model, head, cfg = load_qaconv(args.checkpoint, device, "qaconv rank")
-    ds = resolve_dataset(args.dataset, cfg, args.dataset_type, args.synthetic_root)
+    check_picture_ranks(args.k, COMMAND)
+    device = resolve_device(args.device, COMMAND)
+    check_writable_folder(os.path.dirname(os.path.abspath(args.output)), "-o", COMMAND)
+    model, head, cfg = load_qaconv(args.checkpoint, device, COMMAND)
+    name, root = dataset_options(args.dataset, args.data_root, cfg, dataset_type=args.dataset_type,
+                                 synthetic_root=args.synthetic_root)
+    ds = resolve_dataset(name, cfg, root)
     if not ds.query or not ds.gallery:
         raise CommandError(f"qaconv rank: {ds.root} has no query or no gallery images")
     if not 0 <= args.query_index < len(ds.query):
@@ -117,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
     q = ds.query[args.query_index]
     h, w = cfg["height"], cfg["width"]
     g_fea = extract_features(model, gallery, h, w, batch_size=args.batch_size, device=device,
-                             progress=len(gallery) > 2000, desc="gallery features")
-    ranking = rank_query(model, head, q, gallery, g_fea, h, w, device)
+                             progress=len(gallery) > 2000, desc="gallery features", preprocess=cfg["preprocess"])
+    ranking = rank_query(model, head, q, gallery, g_fea, h, w, device, preprocess=cfg["preprocess"])
     q_fea, scores, junk, matches, order = (ranking.features, ranking.scores, ranking.junk, ranking.matches,
                                            ranking.order)
     n_rel = int(np.sum(matches & ~junk))

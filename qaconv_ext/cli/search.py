@@ -2,6 +2,7 @@
 
     qaconv search --index archive.idx query1.jpg query2.jpg -k 10 -o ranked.png --json ranked.json
     qaconv search --index archive.idx query.jpg --shortlist 500      # two-stage: faster, approximate
+    qaconv search --index archive.idx query.jpg --shortlist 500 --method centroid   # needs --codebook
 
 Prints each query's ranked list (score, camera, time, identity when known, path); ``-o`` draws it
 (one row per query), ``--json`` writes it. The model is the checkpoint recorded in the index unless
@@ -14,7 +15,8 @@ import os
 import time
 from typing import Any, Dict, List
 
-from .common import error_line, image_record, json_path, picture_path, positive_int, resolve_device, write_json
+from .common import (FAILED, CommandError, check_picture_ranks, error_line, image_record, json_path, picture_path, positive_int,
+                     resolve_device, write_json)
 
 __all__ = ["register", "run", "format_ranking"]
 
@@ -26,10 +28,14 @@ Find query images in a gallery index (made by `qaconv index build`) with its mod
 
   qaconv search --index archive.idx query1.jpg query2.jpg -k 10 -o ranked.png --json ranked.json
   qaconv search --index archive.idx query.jpg --shortlist 500      # two-stage: faster, approximate
+  qaconv search --index archive.idx query.jpg --shortlist 500 --method centroid   # needs --codebook
 
 Prints each query's ranked list (score, camera, time, identity when known, path); -o draws it (one
 row per query), --json writes it. The model is the checkpoint recorded in the index unless
---checkpoint gives its new location (it must be the same model)."""
+--checkpoint gives its new location (it must be the same model).
+
+Scores are always finite: a damaged index whose maps hold NaN or Inf ends the search with one line
+naming the index (exit status 1); `qaconv index info --verify INDEX` tells which part is damaged."""
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -42,6 +48,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shortlist", type=positive_int, default=None, metavar="M",
                    help="two-stage search: shortlist M candidates by a global descriptor, re-rank them exactly "
                         "(faster, approximate; default: exhaustive, exact)")
+    p.add_argument("--method", choices=("exhaustive", "descriptor", "centroid"), default=None,
+                   help="how to search: exhaustive (exact), or shortlist by the global descriptor or by the "
+                        "index's centroid codes (`qaconv index build --codebook K`); default: exhaustive, "
+                        "descriptor with --shortlist")
     p.add_argument("--checkpoint", default=None,
                    help="the index's model (default: the checkpoint recorded in the index; must be the same)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -98,8 +108,10 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``qaconv search``."""
     from ..data import ImageReadError, read_image
     from ..evaluation import extract_features
-    from ..search import GalleryIndex, GalleryIndexError
+    from ..search import GalleryIndex, GalleryIndexError, NonFiniteScoresError
 
+    if args.output:
+        check_picture_ranks(args.k, COMMAND, " (or leave out -o: the printed and --json lists have no limit)")
     device = resolve_device(args.device, COMMAND)
     try:
         for img in args.images:
@@ -112,11 +124,14 @@ def run(args: argparse.Namespace) -> int:
         backbone, _, cfg = index.load_model(args.checkpoint, device)
         t0 = time.time()
         q = extract_features(backbone, list(args.images), int(cfg["height"]), int(cfg["width"]),
-                             batch_size=args.batch_size, device=device, progress=False)
+                             batch_size=args.batch_size, device=device, progress=False,
+                             preprocess=cfg["preprocess"])
         t1 = time.time()
-        scores, indices = index.search(q, k=args.k, shortlist=args.shortlist, device=device,
+        scores, indices = index.search(q, k=args.k, shortlist=args.shortlist, method=args.method, device=device,
                                        progress=not args.no_progress and len(index) > 20000)
         t2 = time.time()
+    except NonFiniteScoresError as exc:
+        raise CommandError(f"{COMMAND}: {error_line(exc)}", FAILED) from None
     except (GalleryIndexError, ImageReadError) as exc:
         raise SystemExit(f"{COMMAND}: {error_line(exc)}") from None
     results = []
@@ -128,11 +143,13 @@ def run(args: argparse.Namespace) -> int:
                          "time": r.time})
         results.append(hits)
         print(format_ranking(args.images[p], hits))
-    mode = f"two-stage, shortlist {args.shortlist}" if args.shortlist else "exhaustive"
+    by = " by centroid codes" if args.method == "centroid" else ""
+    mode = (f"two-stage{by}, shortlist {args.shortlist}" if args.shortlist and args.method != "exhaustive"
+            else "exhaustive")
     print(f"{len(args.images)} quer{'y' if len(args.images) == 1 else 'ies'} against {len(index)} maps ({mode}): "
           f"features {t1 - t0:.2f} s, search {t2 - t1:.2f} s")
     if args.json:
-        out = {"index": index.path, "maps": len(index), "k": args.k, "shortlist": args.shortlist,
+        out = {"index": index.path, "maps": len(index), "k": args.k, "shortlist": args.shortlist, "method": args.method,
                "queries": [{"path": os.path.abspath(q), "results": hits} for q, hits in zip(args.images, results)]}
         print(f"wrote {write_json(args.json, out)}")
     if args.output:

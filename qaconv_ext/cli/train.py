@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from ..config import RUN_OPTIONS
 from .common import (
     DATASET_CHOICES,
     GS_DEFAULTS,
+    INTERRUPTED,
     RECIPE_CHOICES,
     CommandError,
     add_dataset_command,
     add_postprocess_args,
     check_time_stamps,
     check_writable_folder,
+    count_queries_or_exit,
     evaluate_or_exit,
     load_dataset,
     non_negative_float,
@@ -32,11 +36,12 @@ from .common import (
     positive_int,
     print_table,
     resolve_device,
+    with_counts,
     write_json,
 )
 
 __all__ = ["register", "run", "RUN_OPTIONS", "RUNS_DIR", "RunPlan", "plan_run", "settle_run_options",
-           "check_run_inputs", "config_from_args", "resolve_test_root", "new_run_dir"]
+           "check_run_inputs", "config_from_args", "resolve_test_root", "new_run_dir", "interrupted_message"]
 
 COMMAND = "qaconv train"
 DESCRIPTION = ("Train a QAConv model. --recipe eccv (the default) is the ECCV 2020 paper's: class-memory loss, SGD, "
@@ -51,22 +56,6 @@ DESCRIPTION = ("Train a QAConv model. --recipe eccv (the default) is the ECCV 20
 
 #: Where new runs go when no --checkpoint-dir is given: a new dated folder each.
 RUNS_DIR = os.path.join("runs", "train")
-
-#: The options that define a run, by name: the argparse ``dest`` and the field of
-#: :class:`~qaconv_ext.engine.TrainConfig` are the same. Each parses to None when not given; a new
-#: run then takes ``TrainConfig``'s default, a resumed run the checkpoint's value.
-RUN_OPTIONS = ("method", "arch", "neck", "layout", "height", "width", "ibn", "neck_type", "preprocess", "augment",
-               "pretrained", "epochs", "batch_size", "lr", "base_lr_mult", "step_size", "weight_decay",
-               "random_block", "flip", "freeze_bn", "clip_grad", "amp", "workers", "seed", "recipe",
-               "mem_batch_size", "num_instance")
-
-#: What a checkpoint that lacks a setting was trained with (it predates the option).
-_LEGACY = {"preprocess": "imagenet"}   # before the input presets, ImageNet mean/std
-
-#: How a setting is named in messages when that is not simply ``--<name>``.
-_LABELS = {"random_block": "Random Block (--no-random-block)", "flip": "flips (--no-flip)",
-           "freeze_bn": "frozen BatchNorms (--freeze-bn/--no-freeze-bn)", "amp": "mixed precision (--amp/--no-amp)"}
-
 
 def _synthetic(name: str) -> bool:
     return name.startswith("synthetic")
@@ -201,6 +190,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
     one continued is refused unless ``--overwrite`` is given."""
     from ..engine import CHECKPOINT_NAME, find_checkpoint
     from ..engine.checkpoint import missing_checkpoint_message
+    from ..engine.resume import saved_settings
 
     plan = RunPlan(checkpoint_dir=args.checkpoint_dir)
     if args.resume:
@@ -217,7 +207,7 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
             raise CommandError(f"{COMMAND}: --resume: {found} was written by the public QAConv code; it can be "
                                f"evaluated (qaconv eval --checkpoint {found}) but not resumed here")
         plan.resume, plan.done = found, int(ckpt.get("epoch", 0))
-        plan.saved = {**_LEGACY, **dict(ckpt.get("config") or {})}
+        plan.saved = saved_settings(ckpt.get("config"))
         plan.scheduler = ckpt.get("scheduler")
         if plan.checkpoint_dir is None:
             plan.checkpoint_dir = os.path.dirname(os.path.abspath(found))
@@ -228,6 +218,29 @@ def plan_run(args: argparse.Namespace) -> RunPlan:
             raise CommandError(f"{COMMAND}: {target} already holds a run{_progress(target)}; continue it with "
                                "--resume, replace it with --overwrite, or give another --checkpoint-dir")
     return plan
+
+
+def interrupted_message(folder: str, removed: bool, argv: Optional[List[str]], started: Optional[float] = None
+                        ) -> str:
+    """What an interrupted training run kept: the last checkpoint and the command that continues it, or
+    that nothing was saved (the interruption came in the first epoch) and the command that starts it again.
+    ``removed``: the run's new folder was removed; ``started``: when a new run started (a checkpoint
+    written before is the run it replaces with ``--overwrite``, not this one)."""
+    from ..engine import find_checkpoint
+
+    found = None if removed else find_checkpoint(folder)
+    if found is not None and (started is None or os.path.getmtime(found) >= started):
+        return (f"{COMMAND}: interrupted; {found} holds the run up to the last finished epoch{_progress(found)}: "
+                f"continue it with `qaconv train --resume {shlex.quote(folder)}`")
+    again = "qaconv " + shlex.join(argv) if argv else "the same qaconv train command"
+    if removed:
+        where = f"the new run folder {folder} was removed"
+    elif found is not None:
+        where = f"{found} still holds the run it was to replace"
+    else:
+        where = f"{folder} holds no checkpoint"
+    return (f"{COMMAND}: interrupted in the first epoch, before any checkpoint: nothing was saved ({where}); "
+            f"start again with `{again}`")
 
 
 def _progress(path: str) -> str:
@@ -246,64 +259,18 @@ def _progress(path: str) -> str:
 # Settings: a new run's defaults, or the resumed run's own
 # ----------------------------------------------------------------------------------------------
 
-def _defaults(recipe: Optional[str] = None) -> Dict[str, Any]:
-    """The defaults of a new run of ``recipe`` (default ``eccv``)."""
-    from ..engine import TrainConfig
-
-    cfg = TrainConfig.for_recipe(recipe or "eccv")
-    return {k: getattr(cfg, k) for k in RUN_OPTIONS}
-
-
-def _show(key: str, value: Any) -> str:
-    """A setting's value as a message shows it."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if value is None:
-        return {"amp": "auto", "pretrained": "none", "base_lr_mult": "auto"}.get(key, "none")
-    if key == "ibn" and value == "none":
-        return "none"
-    return str(value)
-
-
-def _as_option(key: str, value: Any, recipe: str = "eccv") -> Optional[str]:
-    """The command-line words that give ``key`` the value ``value`` (None when nothing needs giving)."""
-    if key in ("random_block", "flip"):
-        return None if value else f"--no-{key.replace('_', '-')}"
-    if key == "freeze_bn":
-        return "--freeze-bn" if value else ("--no-freeze-bn" if recipe == "gs" else None)
-    if key == "amp":
-        return None if value is None else ("--amp" if value else "--no-amp")
-    if key == "ibn":
-        return f"--ibn {value or 'none'}"
-    if value is None:
-        return None
-    return f"--{key.replace('_', '-')} {value}"
-
-
-def _agrees(key: str, given: Any, saved: Any, saved_config: Dict[str, Any]) -> bool:
-    if key == "ibn":   # a plain trunk is a setting too: None in the config, "none" on the command line
-        return (given or "none") == (saved or "none")
-    if key == "pretrained" and given is not None and saved is not None:
-        return os.path.abspath(given) == os.path.abspath(saved)
-    if key == "base_lr_mult" and saved is None:   # compare with the multiplier the run used
-        return float(given) == (0.1 if saved_config.get("pretrained") else 1.0)
-    if isinstance(given, float) or isinstance(saved, float):
-        return saved is not None and float(given) == float(saved)
-    return given == saved
-
-
 def settle_run_options(args: argparse.Namespace, plan: Optional[RunPlan] = None) -> List[str]:
-    """Fill in every :data:`RUN_OPTIONS` not given on the command line (and ``--dataset``,
-    ``--data-root``, ``--combine-all``, ``--skip-bad-images``); returns lines to print.
+    """Fill in every :data:`~qaconv_ext.engine.resume.RUN_OPTIONS` not given on the command line (and
+    ``--dataset``, ``--data-root``, ``--combine-all``, ``--skip-bad-images``); returns lines to print.
 
-    A new run takes ``TrainConfig``'s defaults. A resumed run (``plan.resume``) takes the values of the
-    checkpoint's config; a given value that differs from it ends the command with the differences
-    listed (setting: checkpoint vs given). The one change allowed is ``--epochs``: a number larger
-    than the epochs done sets where the run ends (and says so); a number not larger is refused, and
-    without ``--epochs`` a run that is complete is refused too.
+    A new run takes ``TrainConfig``'s defaults. A resumed run (``plan.resume``) takes its checkpoint's
+    settings by :func:`qaconv_ext.engine.resume.settle_resume` (the rule ``Trainer.resume`` applies too);
+    a conflict ends the command with its one line.
     """
+    from ..engine.resume import ResumeConflict, new_run_settings, settle_resume
+
     if plan is None or plan.resume is None:
-        defaults = _defaults(args.recipe)
+        defaults = new_run_settings(args.recipe)
         if args.dataset is None:
             raise CommandError(f"{COMMAND}: --dataset is required (or --resume a run)")
         for key in RUN_OPTIONS:
@@ -312,59 +279,20 @@ def settle_run_options(args: argparse.Namespace, plan: Optional[RunPlan] = None)
         args.combine_all, args.skip_bad_images = bool(args.combine_all), bool(args.skip_bad_images)
         return []
 
-    saved, done = plan.saved or {}, plan.done
-    defaults = _defaults(saved.get("recipe", "eccv"))
-    conflicts, adopted = [], []
-    for key in RUN_OPTIONS:
-        if key == "epochs":
-            continue
-        given, old = getattr(args, key), saved.get(key, defaults[key])
-        if given is not None and not _agrees(key, given, old, saved):
-            conflicts.append(f"{_LABELS.get(key, '--' + key.replace('_', '-'))}: {_show(key, old)} in the "
-                             f"checkpoint, {_show(key, given)} given")
-            continue
-        setattr(args, key, old)
-        if given is None and key in saved:
-            words = _as_option(key, old, saved.get("recipe", "eccv"))
-            if words:
-                adopted.append(words)
-    old_dataset = saved.get("dataset") or None
-    if args.dataset is not None and old_dataset is not None and args.dataset != old_dataset:
-        conflicts.append(f"--dataset: {old_dataset} in the checkpoint, {args.dataset} given")
-    args.dataset = args.dataset or old_dataset
+    saved = plan.saved or {}
+    given = {k: getattr(args, k) for k in (*RUN_OPTIONS, "dataset", "combine_all")}
+    try:
+        settled, notes = settle_resume(saved, plan.done, given, run=plan.resume, scheduler=plan.scheduler)
+    except ResumeConflict as exc:
+        raise CommandError(f"{COMMAND}: {exc}") from None
+    for key, value in settled.items():
+        setattr(args, key, value)
     if args.dataset is None:
         raise CommandError(f"{COMMAND}: --resume: {plan.resume} does not record its dataset; give --dataset")
-    if "combine_all" in saved and args.combine_all is not None and bool(args.combine_all) != bool(saved["combine_all"]):
-        conflicts.append(f"--combine-all: {_show('', bool(saved['combine_all']))} in the checkpoint, "
-                         f"{_show('', bool(args.combine_all))} given")
-    if conflicts:
-        raise CommandError(f"{COMMAND}: --resume continues {plan.resume} with the settings it was started with, "
-                           f"and these differ: {'; '.join(conflicts)}; drop them, or start a new run")
     if args.data_root is None and saved.get("data_root"):
         args.data_root = saved["data_root"]
-    args.combine_all = bool(saved.get("combine_all", False) if args.combine_all is None else args.combine_all)
     if args.skip_bad_images is None:
         args.skip_bad_images = bool(saved.get("skip_bad_images", False))
-
-    planned = int(saved.get("epochs", defaults["epochs"]))
-    notes = [f"from the checkpoint: {' '.join(adopted)}"] if adopted else []
-    final = (plan.scheduler or {}).get("final_epochs")
-    if final is not None and done >= int(final):
-        raise CommandError(f"{COMMAND}: --resume: {plan.resume} is complete: the gs schedule lowered the learning rate "
-                           f"after epoch {(plan.scheduler or {}).get('stepped_at')} and ended the run after epoch "
-                           f"{final}; start a new run to train more")
-    if args.epochs is None:
-        if done >= planned:
-            raise CommandError(f"{COMMAND}: --resume: {plan.resume} is complete ({done} of {planned} epochs); "
-                               f"give --epochs N (more than {done}) to extend the run")
-        args.epochs = planned
-    elif args.epochs <= done:
-        raise CommandError(f"{COMMAND}: --epochs {args.epochs}: the run in {plan.resume} has already done {done} "
-                           f"epoch{'s' if done != 1 else ''}; give more than {done} to extend it")
-    elif args.epochs != planned:
-        change = "extends" if args.epochs > planned else "shortens"
-        notes.append(f"--epochs {args.epochs} {change} the run: it was started for {planned} epochs and now ends "
-                     f"after {args.epochs} (the one setting a resumed run may change)")
     return notes
 
 
@@ -507,23 +435,31 @@ def _run(args: argparse.Namespace, device: str, dist: Any) -> int:
     extra: Dict[str, Any] = {k: saved[k] for k in ("test_dataset", "test_root") if k in saved}
     extra.update(train_root=ds.root, train_images=len(ds.train), combine_all=bool(args.combine_all),
                  skip_bad_images=bool(args.skip_bad_images))
-    test = None
+    test = counts = None
     if args.test_dataset:
         test = load_dataset(args.test_dataset, resolve_test_root(args), verbose=True, option="--test-root",
                             splits=("query", "gallery"), skip_bad_images=args.skip_bad_images, command=COMMAND)
+        counts = count_queries_or_exit(test, args.test_dataset, COMMAND)
         if args.tlift and cfg.method == "qaconv":
             check_time_stamps(test, args.test_dataset, COMMAND)
         extra.update(test_dataset=args.test_dataset, test_root=test.root)
     folder = plan.checkpoint_dir or _claim_run_dir(dist)
     print(f"run folder: {folder}" + ("" if plan.checkpoint_dir else " (new; --checkpoint-dir chooses one)"))
+    started = time.time()
     try:
         trainer = _train(cfg, ds, plan, folder, extra, args, dist)
-    except BaseException:
+    except BaseException as exc:
+        removed = False
         if plan.checkpoint_dir is None and (dist is None or dist.is_main):
             try:   # a new folder that got no checkpoint: leave nothing behind
                 os.rmdir(folder)
+                removed = True
             except OSError:
                 pass
+        if isinstance(exc, KeyboardInterrupt) and (dist is None or dist.is_main):
+            older = None if plan.resume else started   # a checkpoint older than a new run is not this run's
+            raise CommandError(interrupted_message(folder, removed, getattr(args, "argv", None), older),
+                               INTERRUPTED) from None
         raise
     if test is not None:
         head = getattr(trainer.criterion, "matcher", None)
@@ -536,8 +472,8 @@ def _run(args: argparse.Namespace, device: str, dist: Any) -> int:
                                 rerank=args.rerank, tlift=args.tlift, progress=not args.no_progress)
         if rows is None:  # not the main rank
             return 0
-        print_table(rows, f"{cfg.dataset} -> {args.test_dataset}")
-        out = write_json(os.path.join(folder, f"results_{args.test_dataset}.json"), rows)
+        print_table(rows, f"{cfg.dataset} -> {args.test_dataset}", counts)
+        out = write_json(os.path.join(folder, f"results_{args.test_dataset}.json"), with_counts(rows, counts))
         print(f"results: {out}")
     return 0
 

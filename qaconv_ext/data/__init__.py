@@ -13,7 +13,7 @@ from .datasets import (
     parse_market_name,
     parse_msmt_camera,
 )
-from .samplers import GraphSampler, qaconv_distance_fn
+from .samplers import GraphSampler
 from .records import ImageDataset, ImageReadError, Record, partition_readable, read_image
 from .synthetic import (
     SYNTHETIC_DEFAULTS,
@@ -40,7 +40,7 @@ from .transforms import (
 )
 
 __all__ = [
-    "GraphSampler", "qaconv_distance_fn",
+    "GraphSampler",
     "Record", "read_image", "ImageReadError", "ImageDataset", "partition_readable",
     "ReIDDataset", "Market1501", "DukeMTMCreID", "MSMT17", "ImageFolderDataset",
     "DatasetFormatError", "DATASETS", "build_dataset", "DUKE_FRAME_OFFSETS",

@@ -1,7 +1,7 @@
 """Graph sampling (QAConv 2.x, "QAConv-GS"): batches of mutually similar classes, chosen afresh every epoch.
 
 Each epoch :class:`GraphSampler` picks one random image per class, asks for the ``[C, C]`` distances among
-these images (by default QAConv distances from the current model, computed with the fused op), and for
+these images (QAConv distances from the current model: :func:`qaconv_ext.scoring.qaconv_distance_fn`), and for
 every class builds one batch: the ``batch_size / num_instance - 1`` nearest other classes and the class
 itself, ``num_instance`` images each. The batches are shuffled and flattened into one epoch of
 ``C * batch_size`` dataset indices, to be cut into batches of ``batch_size`` by the loader.
@@ -14,13 +14,12 @@ holds it with the lists and pointers, so a run restored from a checkpoint draws 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
-from torch import nn
 from torch.utils.data import Sampler
 
-__all__ = ["GraphSampler", "qaconv_distance_fn"]
+__all__ = ["GraphSampler"]
 
 DistanceFn = Callable[[List[int]], Any]
 
@@ -28,58 +27,6 @@ DistanceFn = Callable[[List[int]], Any]
 def _pid(record: Any) -> int:
     pid = getattr(record, "pid", None)
     return int(record[1] if pid is None else pid)
-
-
-def qaconv_distance_fn(model: nn.Module, matcher: nn.Module, records: Sequence[Any], height: int, width: int, *,
-                       device: Union[str, torch.device] = "cpu", batch_size: int = 64, chunk: int = 512,
-                       progress: bool = True) -> DistanceFn:
-    """``distance_fn`` for :class:`GraphSampler`: the negated QAConv score among the images
-    ``records[i]`` of the given indices. The model runs in eval mode without gradient on the test
-    transform of its preset (its ``preprocess`` attribute); the head (``matcher``) in eval mode is folded
-    into the fused :func:`~qaconv_ext.qaconv_score` (``matcher.folded()``), called in ``chunk`` x ``chunk``
-    blocks, with progress bars. Both modules' training modes are restored afterwards.
-    (:func:`qaconv_ext.evaluation.self_score_blocks` computes the same scores; the data layer does not
-    import the evaluation.)"""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from ..ops import qaconv_score
-    from .records import ImageDataset
-    from .transforms import build_test_transform
-
-    device = torch.device(device)
-
-    def distances(indices: List[int]) -> torch.Tensor:
-        preprocess = getattr(model, "preprocess", None) or "public"
-        loader = DataLoader(ImageDataset([records[i] for i in indices], build_test_transform(height, width, preprocess)),
-                            batch_size=batch_size, shuffle=False, num_workers=0)
-        modes = [(m, m.training) for module in (model, matcher) for m in module.modules()]  # frozen BNs stay so
-        model.eval()
-        matcher.eval()
-        try:
-            with torch.no_grad():
-                parts = [model(batch[0].to(device)).float() for batch in
-                         tqdm(loader, desc="graph sampler: features", leave=False, disable=not progress,
-                              dynamic_ncols=True)]
-                fea = torch.cat(parts)
-                weight, bias = matcher.folded()
-                weight, bias = weight.detach().to(device, torch.float32), bias.detach().to(device, torch.float32)
-                n = fea.shape[0]
-                score = torch.empty(n, n, dtype=torch.float32)
-                bounds = [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
-                bar = tqdm(total=n * n, desc="graph sampler: class distances", unit="pair", unit_scale=True,
-                           leave=False, disable=not progress, dynamic_ncols=True)
-                for a0, a1 in bounds:
-                    for b0, b1 in bounds:
-                        score[a0:a1, b0:b1] = qaconv_score(fea[a0:a1], fea[b0:b1], weight, bias).float().cpu()
-                        bar.update((a1 - a0) * (b1 - b0))
-                bar.close()
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        return -score
-
-    return distances
 
 
 class GraphSampler(Sampler):
@@ -91,10 +38,9 @@ class GraphSampler(Sampler):
         batch_size: images per batch, a multiple of ``num_instance`` (public default 64).
         num_instance: images per class in a batch (public default 2).
         distance_fn: ``distance_fn(indices) -> [C, C]`` distances (lower = closer) among the images
-            ``records[indices[c]]``, one per class in class order. Default: :func:`qaconv_distance_fn` of
-            ``model`` and ``matcher`` (both required then, with ``height``, ``width``, ``device``).
+            ``records[indices[c]]``, one per class in class order, e.g. the current model's QAConv
+            distances, :func:`qaconv_ext.scoring.qaconv_distance_fn`.
         generator: the source of every random choice (default: a new one seeded with ``seed``).
-        progress: progress bars of the default distance computation.
 
     ``len(sampler)`` is ``C * batch_size``, the indices of one epoch; every ``iter`` computes new
     distances. Raises ``ValueError`` when ``batch_size`` is not a positive multiple of ``num_instance``
@@ -102,10 +48,8 @@ class GraphSampler(Sampler):
     """
 
     def __init__(self, records: Sequence[Any], batch_size: int = 64, num_instance: int = 2,
-                 distance_fn: Optional[DistanceFn] = None, *, model: Optional[nn.Module] = None,
-                 matcher: Optional[nn.Module] = None, height: Optional[int] = None, width: Optional[int] = None,
-                 device: Union[str, torch.device] = "cpu", generator: Optional[torch.Generator] = None,
-                 seed: int = 0, progress: bool = True) -> None:
+                 distance_fn: Optional[DistanceFn] = None, *, generator: Optional[torch.Generator] = None,
+                 seed: int = 0) -> None:
         batch_size, num_instance = int(batch_size), int(num_instance)
         if num_instance < 1:
             raise ValueError(f"GraphSampler: num_instance must be positive, got {num_instance}")
@@ -123,11 +67,8 @@ class GraphSampler(Sampler):
             raise ValueError(f"GraphSampler: a batch of {batch_size} images with num_instance {num_instance} needs "
                              f"{self.classes_per_batch} classes, the training set has {self.num_classes}")
         if distance_fn is None:
-            if model is None or matcher is None or height is None or width is None:
-                raise ValueError("GraphSampler: give distance_fn, or model, matcher, height and width for the "
-                                 "default QAConv distances")
-            distance_fn = qaconv_distance_fn(model, matcher, records, int(height), int(width), device=device,
-                                             progress=progress)
+            raise ValueError("GraphSampler: give distance_fn, e.g. qaconv_ext.scoring.qaconv_distance_fn(model, "
+                             "matcher, records, height, width, preprocess=...)")
         self.distance_fn = distance_fn
         if generator is None:
             generator = torch.Generator()

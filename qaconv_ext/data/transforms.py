@@ -32,6 +32,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..config import AUGMENTATIONS, DEFAULT_PRESET, PRESETS, check_preset
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -56,18 +58,10 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: Input presets: the public code's (bicubic, [0, 1]) and this package's earlier one (bilinear, ImageNet mean/std).
-PREPROCESS_PRESETS = ("public", "imagenet")
-#: Training augmentations: the ECCV 2020 recipe and the QAConv 2.x recipe.
-AUGMENTATIONS = ("eccv", "v2")
+#: The input presets (:data:`qaconv_ext.config.PRESETS`) and the check of a name.
+PREPROCESS_PRESETS = PRESETS
+check_preprocess = check_preset
 _INTERPOLATION = {"public": "bicubic", "imagenet": "bilinear"}
-
-
-def check_preprocess(preprocess: str) -> str:
-    """``preprocess`` if it names a preset, else a ``ValueError`` listing the valid ones."""
-    if preprocess not in PREPROCESS_PRESETS:
-        raise ValueError(f"unknown preprocess {preprocess!r}; valid: {', '.join(PREPROCESS_PRESETS)}")
-    return preprocess
 
 ImageLike = Union["PIL.Image.Image", torch.Tensor]  # noqa: F821
 
@@ -408,7 +402,7 @@ class ColorJitter(_RandomTransform):
 
 def build_train_transform(height: int, width: int, random_block: bool = True, flip: bool = True,
                           generator: Optional[torch.Generator] = None, block_ratio: float = 0.8, *,
-                          preprocess: str = "public", augment: str = "eccv",
+                          preprocess: str = DEFAULT_PRESET, augment: str = "eccv",
                           block_min_ratio: float = 0.0) -> Compose:
     """Training transform: PIL image -> float tensor ``[3, height, width]`` (see the module doc).
 
@@ -448,7 +442,7 @@ def build_train_transform(height: int, width: int, random_block: bool = True, fl
     return Compose(steps)
 
 
-def build_test_transform(height: int, width: int, preprocess: str = "public") -> Compose:
+def build_test_transform(height: int, width: int, preprocess: str = DEFAULT_PRESET) -> Compose:
     """Test transform: PIL image -> float tensor ``[3, H, W]``.
 
     ``"public"``: bicubic resize, ``[0, 1]`` (equals ``np.asarray(img.resize((W, H), Image.BICUBIC)) / 255``);

@@ -6,8 +6,8 @@ from .env import (DEFAULT_TIMEOUT_S, DistEnv, barrier, init_from_env, is_main, l
                   world_size)
 from .launch import join_if_launched, main_rank_output
 from .evaluation import sharded_evaluate_baseline, sharded_evaluate_qaconv, sharded_evaluate_trained
-from .scoring import (sharded_extract_features, sharded_score_blocks, sharded_self_score_blocks, sharded_topk,
-                      topk_rows)
+from .scoring import (self_score_shares, sharded_extract_features, sharded_score_blocks, sharded_self_score_blocks,
+                      sharded_topk, topk_rows)
 from .sharding import shard_range, shard_sizes
 from .training import (CrossRankBatchNorm, DistributedTraining, ShardedBatchSampler, convert_sync_batchnorm,
                        gather_batch)
@@ -17,5 +17,5 @@ __all__ = [
     "DEFAULT_TIMEOUT_S", "DistEnv", "RankFailure", "collective", "all_gather_objects", "all_gather_rows", "barrier", "check_same_options",
     "gather_rows", "init_from_env", "is_main", "join_if_launched", "launched", "main_rank_output", "option_mismatches", "rank", "shard_range",
     "shard_sizes", "sharded_evaluate_baseline", "sharded_evaluate_qaconv", "sharded_evaluate_trained", "sharded_extract_features",
-    "sharded_score_blocks", "sharded_self_score_blocks", "sharded_topk", "topk_rows", "shutdown", "world_size",
+    "self_score_shares", "sharded_score_blocks", "sharded_self_score_blocks", "sharded_topk", "topk_rows", "shutdown", "world_size",
 ]

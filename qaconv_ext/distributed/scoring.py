@@ -7,33 +7,37 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..evaluation.scoring import _blocks, _folded, extract_features, score_blocks
+from ..config import DEFAULT_PRESET
+from ..scoring import (BlockJob, assemble_self_scores, deal_by_pairs, extract_features, score_blocks,
+                       score_jobs, select_topk, self_score_blocks, self_score_jobs)
 from .collectives import all_gather_objects, all_gather_rows, gather_rows
 from .env import rank, world_size
 from .sharding import shard_range
 
-__all__ = ["sharded_extract_features", "sharded_score_blocks", "sharded_self_score_blocks", "topk_rows",
-           "sharded_topk"]
+__all__ = ["sharded_extract_features", "sharded_score_blocks", "sharded_self_score_blocks", "self_score_shares",
+           "topk_rows", "sharded_topk"]
+
 
 def sharded_extract_features(model: nn.Module, records: Sequence[Any], height: int, width: int,
                              batch_size: int = 64, device: Union[str, torch.device] = "cpu", workers: int = 0,
                              progress: bool = True, desc: str = "features", gather: bool = True,
-                             out_device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-    """:func:`~qaconv_ext.evaluation.extract_features` over this rank's contiguous shard of ``records``
-    (shards start on batch boundaries, so every batch is one of the one-process run).
+                             out_device: Union[str, torch.device] = "cpu", preprocess: str = DEFAULT_PRESET,
+                             amp: Optional[bool] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`~qaconv_ext.scoring.extract_features` over this rank's contiguous shard of ``records``
+    (shards start on batch boundaries, so every batch is one of the one-process run); ``preprocess``,
+    ``amp`` and ``dtype`` as there.
 
     ``gather``: return the features of all records on every rank (rank order = record order);
     otherwise only this rank's shard (``shard_range(len(records), rank, world, align=batch_size)``).
     """
     part = shard_range(len(records), rank(), world_size(), align=batch_size)
     recs = [records[i] for i in part]
+    options = dict(out_device=out_device, preprocess=preprocess, amp=amp, dtype=dtype)
     if recs:
-        local = extract_features(model, recs, height, width, batch_size, device, workers, progress, desc,
-                                 out_device=out_device)
+        local = extract_features(model, recs, height, width, batch_size, device, workers, progress, desc, **options)
     else:  # more ranks than batches: an empty shard with the right trailing shape
-        probe = extract_features(model, list(records[:1]), height, width, 1, device, workers, False, desc,
-                                 out_device=out_device)
-        local = probe[:0]
+        local = extract_features(model, list(records[:1]), height, width, 1, device, workers, False, desc,
+                                 **options)[:0]
     return all_gather_rows(local) if gather else local
 
 
@@ -44,14 +48,10 @@ def sharded_score_blocks(head: nn.Module, query_fea: torch.Tensor, local_gallery
     """QAConv logits of every query against the gallery, the gallery split across ranks.
 
     Every rank passes all queries and its own gallery shard (``[n_r, d, h, w]``; the shards in rank
-    order make the gallery) and scores it with :func:`~qaconv_ext.evaluation.score_blocks`. Rank
+    order make the gallery) and scores it with :func:`~qaconv_ext.scoring.score_blocks`. Rank
     ``dst`` returns the assembled ``[P, N]`` float32 CPU scores, the other ranks ``None``;
-    ``dst=None`` returns them on every rank. In one process this is ``score_blocks``.
-
-    On the CPU the scores equal those of one process bit for bit when ``h * w`` is a multiple of 4
-    (24 x 8 and every map size of this package's models). Otherwise a score may differ in its last
-    bit: the CPU kernel's per-pair GEMM then rounds depending on where the pair's tile sits in memory,
-    which depends on the gallery's size and the pair's position in the call.
+    ``dst=None`` returns them on every rank. In one process this is ``score_blocks``. On the CPU the
+    scores equal those of one process bit for bit (the kernel's sums do not depend on the blocking).
     """
     local = score_blocks(head, query_fea, local_gallery_fea, query_chunk, gallery_chunk, progress, desc, device)
     if world_size() == 1:
@@ -61,67 +61,49 @@ def sharded_score_blocks(head: nn.Module, query_fea: torch.Tensor, local_gallery
     return None if full is None else full.t().contiguous()
 
 
-def _self_blocks(head: nn.Module, n: int, chunk: int) -> List[Tuple[Tuple[int, int], Tuple[int, int]]]:
-    blocks = _blocks(n, chunk)
-    if getattr(head, "layout", "eccv") == "v2":  # symmetric: blocks on and above the diagonal, mirrored
-        return [(a, b) for i, a in enumerate(blocks) for b in blocks[i:]]
-    return [(a, b) for b in blocks for a in blocks]
+def self_score_shares(head: nn.Module, n: int, chunk: int, world: int) -> Tuple[List[BlockJob], List[List[int]]]:
+    """The blocks of an ``n x n`` self-scoring and each rank's share of them, dealt by pair count
+    (:func:`~qaconv_ext.scoring.deal_by_pairs`): the ranks' pair counts differ by at most one block. The
+    blocks are at most ``chunk`` wide, and narrower when that is needed for at least four per rank."""
+    size = max(1, min(int(chunk), -(-n // (4 * world)))) if world > 1 else int(chunk)
+    jobs = self_score_jobs(head, n, size)
+    return jobs, deal_by_pairs(jobs, world)
 
 
 def sharded_self_score_blocks(head: nn.Module, fea: torch.Tensor, chunk: int = 1024, progress: bool = True,
                               desc: str = "QAConv self scores", device: Union[str, torch.device, None] = None,
                               dst: int = 0) -> Optional[torch.Tensor]:
-    """:func:`~qaconv_ext.evaluation.self_score_blocks` with its blocks dealt round-robin to the ranks.
+    """:func:`~qaconv_ext.scoring.self_score_blocks` with its blocks dealt to the ranks by pair count
+    (:func:`self_score_shares`).
 
-    Every rank passes the whole set ``fea``; rank ``dst`` returns the ``[N, N]`` scores assembled
-    from the same blocks as the one-process call (so the same values bit for bit), the others
-    ``None``.
+    Every rank passes the whole set ``fea``; rank ``dst`` returns the ``[N, N]`` scores, the others
+    ``None``. On the CPU they equal the one-process call's bit for bit.
     """
-    from ..evaluation.scoring import self_score_blocks
-    from ..ops import qaconv_score
-
     world = world_size()
     if world == 1:
         return self_score_blocks(head, fea, chunk, progress, desc, device)
     device = torch.device(device) if device is not None else fea.device
-    weight, bias = _folded(head, device, fea.dtype)
-    jobs = _self_blocks(head, fea.shape[0], chunk)
-    mine = jobs[rank()::world]
-    flat: List[torch.Tensor] = []
-    with torch.no_grad():
-        for (a0, a1), (b0, b1) in mine:
-            a = fea[a0:a1].to(device)
-            b = fea[b0:b1].to(device)
-            flat.append(qaconv_score(a, b, weight, bias).float().cpu().reshape(-1))
-    local = torch.cat(flat) if flat else torch.zeros(0)
-    full = gather_rows(local, dst)
+    jobs, shares = self_score_shares(head, fea.shape[0], chunk, world)
+    mine = [jobs[i] for i in shares[rank()]]
+    flat = [s.reshape(-1) for s in score_jobs(head, fea, mine, device)]
+    full = gather_rows(torch.cat(flat) if flat else torch.zeros(0), dst)
     if full is None:
         return None
-    N = fea.shape[0]
-    out = torch.empty(N, N, dtype=torch.float32)
-    sizes = [sum((a1 - a0) * (b1 - b0) for (a0, a1), (b0, b1) in jobs[r::world]) for r in range(world)]
-    offset = 0
-    symmetric = getattr(head, "layout", "eccv") == "v2"
-    for r in range(world):
-        pos = offset
-        for (a0, a1), (b0, b1) in jobs[r::world]:
-            k = (a1 - a0) * (b1 - b0)
-            s = full[pos:pos + k].view(a1 - a0, b1 - b0)
-            out[a0:a1, b0:b1] = s
-            if symmetric and b0 != a0:
-                out[b0:b1, a0:a1] = s.t()
-            pos += k
-        offset += sizes[r]
-    return out
+    ordered = [jobs[i] for share in shares for i in share]   # rank order, as gathered
+    parts, pos = [], 0
+    for (a0, a1), (b0, b1) in ordered:
+        k = (a1 - a0) * (b1 - b0)
+        parts.append(full[pos:pos + k].view(a1 - a0, b1 - b0))
+        pos += k
+    return assemble_self_scores(head, fea.shape[0], ordered, parts)
 
 
 def topk_rows(scores: torch.Tensor, k: int, offset: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest scores of every row ``[P, N]`` and their column indices (plus ``offset``), best
-    first; equal scores in column order. ``k`` is capped at ``N``."""
-    k = min(int(k), scores.shape[1])
-    cols = torch.arange(scores.shape[1], dtype=torch.long).expand(scores.shape[0], -1)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return scores.gather(1, order), cols.gather(1, order) + offset
+    """The ``k`` largest scores of every row ``[P, N]`` and their column indices (plus ``offset``), in
+    :func:`~qaconv_ext.scoring.select_topk`'s order (best first; equal scores in column order). ``k``
+    is capped at ``N``."""
+    cols = torch.arange(offset, offset + scores.shape[1], dtype=torch.long).expand(scores.shape[0], -1)
+    return select_topk(scores, cols, int(k))
 
 
 def sharded_topk(head: nn.Module, query_fea: torch.Tensor, local_gallery_fea: torch.Tensor, k: int,
@@ -144,5 +126,4 @@ def sharded_topk(head: nn.Module, query_fea: torch.Tensor, local_gallery_fea: to
     if all_values is None or all_index is None:
         return None
     cand_v, cand_i = all_values.t(), all_index.t()  # [P, sum of k_r], in rank order = gallery order
-    order = topk_rows(cand_v, k)[1]
-    return cand_v.gather(1, order), cand_i.gather(1, order)
+    return select_topk(cand_v, cand_i, int(k))

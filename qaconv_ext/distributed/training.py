@@ -20,12 +20,15 @@ What each step does with ``W`` ranks and a global batch of ``B`` images (``B / W
 """
 from __future__ import annotations
 
+import random
 from typing import Any, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .collectives import all_gather_objects, collective
 from .env import DistEnv
 
 __all__ = ["ShardedBatchSampler", "CrossRankBatchNorm", "convert_sync_batchnorm", "gather_batch",
@@ -133,7 +136,6 @@ class _GatherRows(torch.autograd.Function):
 def gather_batch(feature: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The global batch: every rank's features (differentiable, see :class:`_GatherRows`) and labels,
     concatenated in rank order. Every rank must pass the same number of samples."""
-    from .collectives import collective
 
     with collective("gathering the batch"):
         labels = [torch.empty_like(target) for _ in range(dist.get_world_size())]
@@ -200,7 +202,6 @@ class DistributedTraining:
         """``fn`` computed on the main rank only and broadcast to every rank: a function of the same
         arguments returning the main rank's tensor (all ranks must call it together; the graph sampler's
         class distances, so that every rank samples the same epoch)."""
-        from .collectives import all_gather_objects, collective
 
         def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
             value = torch.as_tensor(fn(*args, **kwargs)) if self.is_main else None
@@ -217,10 +218,6 @@ class DistributedTraining:
         """Seed the global generators per rank (rank 0 keeps ``seed``): each rank draws its own
         augmentations. Call after the model is built (every rank builds the same one)."""
         if self.env.rank:
-            import random
-
-            import numpy as np
-
             s = int(seed) + 1_000_003 * self.env.rank
             random.seed(s)
             np.random.seed(s % (2 ** 32))
@@ -229,8 +226,6 @@ class DistributedTraining:
     def checkpoint_state(self, state: dict) -> Optional[dict]:
         """On the main rank ``state`` with ``rng_ranks`` (every rank's RNG states, in rank order) added;
         ``None`` on the others. Every rank must call it (the states are gathered)."""
-        from .collectives import all_gather_objects
-
         states = all_gather_objects(state["rng"])
         if not self.env.is_main:
             return None

@@ -9,10 +9,12 @@ from .checkpoint import (
     load_checkpoint,
     load_public_qaconv,
     load_trained,
+    TrainedModel,
     restore_rng_state,
     save_checkpoint,
 )
 from .config import RECIPE_DEFAULTS, RECIPES, TrainConfig
+from .resume import RUN_OPTIONS, ResumeConflict, settle_resume
 from .trainer import (
     MAX_BAD_STEPS,
     Trainer,
@@ -32,5 +34,5 @@ __all__ = [
     "seed_everything", "CHECKPOINT_NAME", "save_checkpoint", "load_checkpoint", "find_checkpoint",
     "capture_rng_state", "restore_rng_state", "load_public_qaconv", "load_trained", "CheckpointError",
     "TrainingDiverged", "MAX_BAD_STEPS",
-    "PUBLIC_CHECKPOINT_NAME", "infer_backbone",
+    "PUBLIC_CHECKPOINT_NAME", "infer_backbone", "TrainedModel", "RUN_OPTIONS", "ResumeConflict", "settle_resume",
 ]

@@ -21,11 +21,15 @@ import os
 import random
 import re
 import secrets
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
+from ..config import check_preset, preset_of
+from ..head import QAConv, extract_head_state
+from ..models import RESNET_SPECS, build_backbone, feature_map_size, trunk_ibn_type
+from ..models.resnet import Bottleneck
 from ..utils.torch_files import TorchFileError, load_torch_file
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "load_public_qaconv",
     "find_checkpoint",
     "load_trained",
+    "TrainedModel",
     "CheckpointError",
     "missing_checkpoint_message",
     "infer_backbone",
@@ -213,7 +218,6 @@ def load_public_qaconv(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     package's own checkpoints (``"model"``/``"head"``). Build the head with
     :meth:`qaconv_ext.QAConv.from_state_dict` (it infers the layout from the FC size).
     """
-    from ..head import extract_head_state
 
     ckpt = load_checkpoint(path)
     model = ckpt.get("model") or ckpt.get("state_dict")
@@ -254,8 +258,6 @@ def infer_backbone(model_state: Dict[str, Any]) -> Dict[str, Any]:
     ``neck_bn``: ``"bn"``), the last stage from the neck's input channels. Raises
     :class:`CheckpointError` naming what matches no supported backbone.
     """
-    from ..models import RESNET_SPECS, trunk_ibn_type
-    from ..models.resnet import Bottleneck
 
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in model_state.items()}
     trunk = {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
@@ -338,12 +340,25 @@ def _public_version(ckpt: Dict[str, Any], neck_type: str) -> str:
     return "v1.2-v2.0" if any(str(k).startswith("matcher.") for k in crit) else "v1.0-v1.1"
 
 
+class TrainedModel(NamedTuple):
+    """What :func:`load_trained` returns: ``backbone, head, config = load_trained(path)`` unpacks it."""
+
+    backbone: torch.nn.Module
+    head: Optional[torch.nn.Module]
+    config: Dict[str, Any]
+
+    @property
+    def preprocess(self) -> str:
+        """The input preset the model was trained with (extract its features with this one)."""
+        return self.config["preprocess"]
+
+
 def load_trained(path: str, *, arch: Optional[str] = None, neck: Optional[int] = None,
                  height: Optional[int] = None, width: Optional[int] = None, layout: Optional[str] = None,
                  device: Any = "cpu", ibn: Optional[str] = None, neck_type: Optional[str] = None,
-                 preprocess: Optional[str] = None
-                 ) -> Tuple[torch.nn.Module, Optional[torch.nn.Module], Dict[str, Any]]:
-    """``(backbone, head or None, config)`` in eval mode from a checkpoint file or folder.
+                 preprocess: Optional[str] = None) -> "TrainedModel":
+    """``(backbone, head or None, config)`` in eval mode from a checkpoint file or folder, as a
+    :class:`TrainedModel` (``.preprocess``: the input preset to extract features with).
 
     Reads this package's checkpoints and those of the public QAConv code (every version, plain ResNet
     or IBN-Net, BatchNorm or bias neck). The backbone -- ResNet depth, IBN-Net variant, neck width and
@@ -353,19 +368,13 @@ def load_trained(path: str, *, arch: Optional[str] = None, neck: Optional[int] =
     forces a plain ResNet). ``head`` is None for baseline checkpoints.
 
     The returned config has ``arch``, ``ibn``, ``neck``, ``neck_type``, ``final_layer``, ``height``,
-    ``width``, ``preprocess`` (the input preset: the checkpoint's own, ``"public"`` for the public
-    code's checkpoints, ``"imagenet"`` for this package's checkpoints written before presets
-    existed), ``source`` (``"qaconv-ext"`` or ``"public"``; ``public_version`` for the latter),
-    ``checkpoint`` and, for QAConv, ``layout``, ``feature_height``, ``feature_width``. The backbone's
-    ``preprocess`` attribute is set to the preset. Raises :class:`CheckpointError` (one line) naming
+    ``width``, ``preprocess`` (the input preset: the checkpoint's own, else the rule of
+    :func:`qaconv_ext.config.preset_of`), ``source`` (``"qaconv-ext"`` or ``"public"``; ``public_version`` for the latter),
+    ``checkpoint`` and, for QAConv, ``layout``, ``feature_height``, ``feature_width``. Raises :class:`CheckpointError` (one line) naming
     what does not fit.
     """
-    from ..data.transforms import check_preprocess
-    from ..head import QAConv
-    from ..models import build_backbone, feature_map_size
-
     if preprocess is not None:
-        check_preprocess(preprocess)
+        check_preset(preprocess)
     found = find_checkpoint(path)
     if found is None:
         raise CheckpointError(missing_checkpoint_message(path))
@@ -396,8 +405,7 @@ def load_trained(path: str, *, arch: Optional[str] = None, neck: Optional[int] =
         cfg["ibn"] = None if str(ibn).lower() == "none" else ibn
     cfg.setdefault("height", 384)
     cfg.setdefault("width", 128)
-    # this package's checkpoints from before the presets were all trained with ImageNet mean/std
-    cfg.setdefault("preprocess", "imagenet" if own_format else "public")
+    cfg["preprocess"] = preset_of(cfg, own_format)
     cfg["source"] = "qaconv-ext" if own_format else "public"
     if not own_format:
         cfg["public_version"] = _public_version(ckpt, cfg["neck_type"])
@@ -408,7 +416,6 @@ def load_trained(path: str, *, arch: Optional[str] = None, neck: Optional[int] =
         backbone.load_state_dict(_check_backbone_state(backbone, model_state, what))
     except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{found}: {str(exc).strip(chr(39))}") from None
-    backbone.preprocess = cfg["preprocess"]
     backbone.eval()
     head = None
     if head_state is not None:
@@ -421,4 +428,4 @@ def load_trained(path: str, *, arch: Optional[str] = None, neck: Optional[int] =
         cfg.update(layout=head.layout, feature_height=h, feature_width=w)
         head = head.to(device).eval()
     cfg["checkpoint"] = found
-    return backbone.to(device), head, cfg
+    return TrainedModel(backbone.to(device), head, cfg)

@@ -14,13 +14,20 @@ over the last good checkpoint.
 from __future__ import annotations
 
 import os
+import random
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..data import GraphSampler, ImageDataset, build_train_transform
+from ..head import QAConv
+from ..losses import ClassMemoryLoss, CosineSoftmaxLoss, TripletLoss
+from ..models import build_backbone, feature_map_size
+from ..scoring import qaconv_distance_fn
 from .checkpoint import (
     CHECKPOINT_NAME,
     FORMAT,
@@ -30,6 +37,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
+from .resume import RUN_OPTIONS, saved_settings, settle_resume
 
 __all__ = ["Trainer", "run_training", "build_optimizer", "build_scheduler", "build_train_loader", "build_model",
            "build_graph_sampler", "LossDropSchedule", "seed_everything", "TrainingDiverged", "MAX_BAD_STEPS"]
@@ -74,10 +82,6 @@ def _length(loader: Any) -> Optional[int]:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
@@ -159,12 +163,12 @@ class LossDropSchedule:
 def build_graph_sampler(records: Sequence[Any], cfg: TrainConfig, model: nn.Module, matcher: nn.Module,
                         progress: bool = True) -> Any:
     """The ``gs`` recipe's :class:`~qaconv_ext.data.GraphSampler` over ``records``: ``cfg.batch_size``,
-    ``cfg.num_instance``, QAConv distances from ``model`` and ``matcher`` on ``cfg.device``, its own
-    generator seeded from ``cfg.seed`` (its state goes into checkpoints)."""
-    from ..data import GraphSampler
-
-    return GraphSampler(records, cfg.batch_size, cfg.num_instance, model=model, matcher=matcher, height=cfg.height,
-                        width=cfg.width, device=cfg.device, seed=int(cfg.seed), progress=progress)
+    ``cfg.num_instance``, QAConv distances from ``model`` and ``matcher`` on ``cfg.device`` with the run's
+    input preset (:func:`~qaconv_ext.scoring.qaconv_distance_fn`), its own generator seeded from
+    ``cfg.seed`` (its state goes into checkpoints)."""
+    distances = qaconv_distance_fn(model, matcher, records, cfg.height, cfg.width, preprocess=cfg.preprocess,
+                                   device=cfg.device, progress=progress)
+    return GraphSampler(records, cfg.batch_size, cfg.num_instance, distances, seed=int(cfg.seed))
 
 
 def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
@@ -175,8 +179,6 @@ def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
     state goes into checkpoints. ``sampler`` (the ``gs`` recipe's :func:`build_graph_sampler`): the
     indices of each epoch come from it instead, cut into batches of ``cfg.batch_size``.
     """
-    from ..data import ImageDataset, build_train_transform
-
     if generator is None:
         generator = torch.Generator()
         generator.manual_seed(int(cfg.seed))
@@ -195,15 +197,11 @@ def build_train_loader(records: Sequence[Any], cfg: TrainConfig,
 def build_model(cfg: TrainConfig, num_classes: int) -> Tuple[nn.Module, nn.Module]:
     """``(backbone, criterion)`` for ``cfg.method`` and ``cfg.recipe``: QAConv with the class-memory loss
     (``eccv``) or the hard triplet loss (``gs``), or the GAP baseline."""
-    from ..head import QAConv
-    from ..losses import ClassMemoryLoss, CosineSoftmaxLoss, TripletLoss
-    from ..models import build_backbone, feature_map_size
 
     cfg.check_recipe()
 
     backbone = build_backbone(cfg.arch, pretrained_path=cfg.pretrained, neck=cfg.neck, ibn=cfg.ibn,
                               neck_type=cfg.neck_type)
-    backbone.preprocess = cfg.preprocess
     d, h, w = feature_map_size(backbone, cfg.height, cfg.width)
     if cfg.method == "qaconv" and cfg.recipe == "gs":
         criterion: nn.Module = TripletLoss(QAConv(d, h, w, layout=cfg.layout), margin=cfg.margin)
@@ -487,10 +485,21 @@ class Trainer:
         return save_checkpoint(self.state_dict(), path)
 
     def resume(self, path: str) -> int:
-        """Load a checkpoint (file or folder holding the checkpoint); returns the epochs completed."""
+        """Load a checkpoint (file or folder holding the checkpoint); returns the epochs completed.
+
+        When the trainer has a config (:func:`run_training` gives it one), the run's settings must agree
+        with the checkpoint's as ``qaconv train --resume`` requires (:func:`~qaconv_ext.engine.resume.settle_resume`:
+        the same settings; more epochs than done, unless the run is not complete yet); else
+        :class:`~qaconv_ext.engine.resume.ResumeConflict` names what differs.
+        """
         if os.path.isdir(path):
             path = os.path.join(path, self.checkpoint_name)
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        ckpt = load_checkpoint(path, map_location=self.device)
+        given = {k: self.config[k] for k in (*RUN_OPTIONS, "dataset", "combine_all") if k in self.config}
+        if given:
+            settle_resume(saved_settings(ckpt.get("config")), int(ckpt.get("epoch", 0)),
+                          {**given, "dataset": given.get("dataset") or None}, run=path, scheduler=ckpt.get("scheduler"))
+        self.load_state_dict(ckpt)
         return self.epoch
 
 

@@ -18,17 +18,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..config import ARCHITECTURES, NECK_TYPES
 from ..utils.torch_files import TorchFileError, load_torch_file
-from .resnet import IBN_ARCHITECTURES, IBN_TYPES, RESNET_SPECS, resnet
+from .resnet import IBN_ARCHITECTURES, IBN_TYPES, resnet
 
 __all__ = ["ReIDBackbone", "FeatureMapAdapter", "build_backbone", "load_pretrained", "feature_map_size",
            "ARCHITECTURES", "NECK_TYPES", "IBN_TYPES", "IBN_ARCHITECTURES", "trunk_ibn_type",
            "PretrainedWeightsError"]
 
 #: Names accepted by :func:`build_backbone`.
-ARCHITECTURES = tuple(sorted(RESNET_SPECS))
-#: Neck variants: 3x3 conv + BatchNorm (public code v1.x/v2.0) or 3x3 conv with bias (v2.1+).
-NECK_TYPES = ("bn", "bias")
 
 
 def _strip_prefix(state: Mapping[str, Any], prefix: str) -> Dict[str, Any]:
@@ -43,14 +41,9 @@ class ReIDBackbone(nn.Module):
     ``forward(images [B, 3, H, W]) -> [B, num_features, H / stride, W / stride]``, unit norm over
     channels at every location. ``neck <= 0`` skips the neck (``num_features`` is then the trunk's
     channel count). ``neck_type``: ``"bn"`` (conv without bias + BatchNorm) or ``"bias"`` (conv with
-    bias, no normalisation).
-
-    ``preprocess`` (an attribute, not a parameter): the input preset the weights were trained with
-    (``"public"`` or ``"imagenet"``, see :mod:`qaconv_ext.data.transforms`), set by the training and
-    checkpoint-loading code; feature extraction uses it. None: not known.
+    bias, no normalisation). The input preset the weights were trained with is not part of the module:
+    a run's config records it and :func:`qaconv_ext.engine.load_trained` returns it with the model.
     """
-
-    preprocess: Optional[str] = None
 
     def __init__(self, base: nn.Module, base_channels: int, neck: int = 128, neck_kernel: int = 3,
                  normalize: bool = True, neck_type: str = "bn") -> None:

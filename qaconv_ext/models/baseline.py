@@ -6,8 +6,6 @@ feature vectors.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -26,11 +24,6 @@ class GAPCosine(nn.Module):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-
-    @property
-    def preprocess(self) -> Optional[str]:
-        """The backbone's input preset (see :class:`~qaconv_ext.models.ReIDBackbone`), if known."""
-        return getattr(self.backbone, "preprocess", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gap_features(self.backbone(x))

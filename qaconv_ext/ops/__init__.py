@@ -1,5 +1,7 @@
 """Fused QAConv matching ops, registered as ``torch.ops.qaconv_ext.*``."""
 from . import reference
-from .match import native_available, qaconv_match, qaconv_score
+from .centroid import centroid_score, centroid_table
+from .match import build_info, cpu_kernel, native_available, qaconv_match, qaconv_score
 
-__all__ = ["qaconv_match", "qaconv_score", "native_available", "reference"]
+__all__ = ["qaconv_match", "qaconv_score", "native_available", "cpu_kernel", "build_info", "reference",
+           "centroid_score", "centroid_table"]

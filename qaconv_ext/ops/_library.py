@@ -1,9 +1,10 @@
 """Binds the ``qaconv_ext::*`` dispatcher ops: native kernels, fake kernels, autograd, fallbacks.
 
-The schemas and the CPU/CUDA kernels come from the compiled ``qaconv_ext._C``. This module adds what
-PyTorch wants from Python: fake (meta) kernels for ``torch.compile``, autograd formulas (to any
-order), and a chunked PyTorch implementation for CUDA tensors when the extension was built without
-CUDA (and for every device, with the schemas of :data:`SCHEMAS`, when the compiled module is missing).
+The schemas and the CPU/CUDA kernels come from the compiled libraries that :mod:`._native` loads. This
+module adds what PyTorch wants from Python: fake (meta) kernels for ``torch.compile``, autograd formulas
+(to any order), a chunked PyTorch implementation for CUDA tensors when the extension was built without
+CUDA (and for every device, with the schemas of :data:`SCHEMAS`, when the compiled libraries are
+missing), and the one setting the CUDA kernels read from Python (``_float32_matmul_precision``).
 The compiled kernels validate their inputs in C++; the kernels written here apply the same rules
 through :mod:`.checks`.
 """
@@ -16,17 +17,22 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .checks import check_backward, check_head, check_pair
+from .checks import check_backward, check_centroid_score, check_head, check_pair
 from .dtypes import accumulation_dtype
 
 Tensor = torch.Tensor
 
+_native = None
 try:
-    _C = importlib.import_module("qaconv_ext._C")  # registers the schemas and native kernels
+    _native = importlib.import_module("qaconv_ext.ops._native")
+    _native.load()  # registers the schemas and native kernels; TorchTooOldError goes to the user
     NATIVE = True
-    NATIVE_CUDA = bool(getattr(_C, "with_cuda", 0))
+    NATIVE_CUDA = _native.with_cuda
     _IMPORT_ERROR: Optional[BaseException] = None
 except ImportError as exc:  # not built: keep the package usable through the reference path
+    if _native is not None and isinstance(exc, _native.TorchTooOldError):
+        raise  # built, but for a newer torch: an error with its reason, not a silent fallback
+    _native = None
     NATIVE = False
     NATIVE_CUDA = False
     _IMPORT_ERROR = exc
@@ -38,13 +44,18 @@ SCHEMAS = {
     "score": "score(Tensor query, Tensor gallery, Tensor weight, Tensor? bias) -> Tensor",
     "match_backward": "match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery, "
                       "bool[2] output_mask=[True, True]) -> (Tensor, Tensor)",
+    "centroid_score": "centroid_score(Tensor table, Tensor codes, Tensor weight, Tensor? bias) -> Tensor",
 }
 
-_LIB = None
+_LIB = torch.library.Library("qaconv_ext", "FRAGMENT")
 if not NATIVE:
-    _LIB = torch.library.Library("qaconv_ext", "DEF")
     for _schema in SCHEMAS.values():
         _LIB.define(_schema)
+
+# torch.get_float32_matmul_precision() for the CUDA kernels (qaconv_score's float32 staging): the setting
+# lives in torch's global context, which the stable ABI does not reach, so they call this op.
+_LIB.define("_float32_matmul_precision() -> str")
+_LIB.impl("_float32_matmul_precision", lambda: torch.get_float32_matmul_precision(), "CompositeExplicitAutograd")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,6 +99,17 @@ def _fallback_backward(grad_values: Tensor, indices: Tensor, query: Tensor, gall
     return reference.match_backward(grad_values, indices, query, gallery, output_mask=output_mask)
 
 
+def _fallback_centroid_score(table: Tensor, codes: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    check_centroid_score(table, codes, weight, bias)
+    if table.device.type != "cuda":  # CUDA has no native kernel of this op: no warning there
+        _warn_fallback(table.device.type)
+    return reference.centroid_score(table, codes, weight, bias).contiguous()
+
+
+# centroid_score has a CPU kernel only (the candidate stage of an archive search runs on the CPU)
+for _key in ["CUDA"] + ([] if NATIVE else ["CPU"]):
+    torch.library.impl("qaconv_ext::centroid_score", _key)(_fallback_centroid_score)
+
 _fallback_keys = [] if NATIVE_CUDA else ["CUDA"]
 if not NATIVE:
     _fallback_keys.append("CPU")
@@ -113,6 +135,12 @@ def _score_fake(query: Tensor, gallery: Tensor, weight: Tensor, bias: Optional[T
     P, N, _, Lq, Lg = check_pair(query, gallery)
     check_head(weight, bias, Lq + Lg, query)
     return query.new_empty((P, N), dtype=accumulation_dtype(query.dtype))
+
+
+@torch.library.register_fake("qaconv_ext::centroid_score")
+def _centroid_score_fake(table: Tensor, codes: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    P, N = check_centroid_score(table, codes, weight, bias)
+    return table.new_empty((P, N))
 
 
 @torch.library.register_fake("qaconv_ext::match_backward")

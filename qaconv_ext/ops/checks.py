@@ -16,7 +16,8 @@ from .dtypes import accumulation_dtype
 
 Tensor = torch.Tensor
 
-__all__ = ["FLOAT_DTYPES", "check_pair", "check_head", "check_backward", "require_tensor", "scalar_bias"]
+__all__ = ["FLOAT_DTYPES", "check_pair", "check_head", "check_backward", "check_centroid_score", "require_tensor",
+           "scalar_bias"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -85,6 +86,25 @@ def check_backward(grad_values: Tensor, indices: Tensor, query: Tensor, gallery:
     torch._check_value(grad_values.device == query.device,
                        lambda: f"qaconv: grad_values is on {grad_values.device}, features on {query.device}")
     return dims
+
+
+def check_centroid_score(table: Tensor, codes: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tuple[int, int]:
+    """Validate the arguments of ``centroid_score`` (as ``csrc/cpu/centroid_cpu.cpp`` does); return ``(P, N)``."""
+    torch._check_value(table.dim() == 3, lambda: f"centroid_score: table must be [P, K, Lq], got shape "
+                       f"{_shape(table)}")
+    torch._check_value(codes.dim() == 2, lambda: f"centroid_score: codes must be [N, Lg], got shape "
+                       f"{_shape(codes)}")
+    torch._check_type(table.dtype in (torch.float32, torch.float64),
+                      lambda: f"centroid_score: table must be float32, got {table.dtype}")
+    torch._check_type(not codes.is_floating_point() and not codes.is_complex() and codes.dtype != torch.bool,
+                      lambda: f"centroid_score: codes must be uint16, got {codes.dtype}")
+    length = table.shape[2] + codes.shape[1]
+    torch._check_value(weight.numel() == length, lambda: f"centroid_score: weight must hold Lq + Lg = {length} "
+                       f"values, got {weight.numel()}")
+    if bias is not None:
+        torch._check_value(bias.numel() == 1, lambda: f"centroid_score: bias must be a scalar, got shape "
+                           f"{_shape(bias)}")
+    return table.shape[0], codes.shape[0]
 
 
 def require_tensor(name: str, value: Any, op: str = "qaconv") -> None:

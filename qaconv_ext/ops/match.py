@@ -1,21 +1,48 @@
 """Public API of the fused QAConv matching ops."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from . import _library  # noqa: F401  (registers fake kernels, autograd and fallbacks)
-from .checks import require_tensor, scalar_bias
+from .checks import check_head, check_pair, require_tensor, scalar_bias
 
 Tensor = torch.Tensor
 
-__all__ = ["qaconv_match", "qaconv_score", "native_available"]
+__all__ = ["qaconv_match", "qaconv_score", "native_available", "cpu_kernel", "build_info"]
 
 
 def native_available(device: str = "cpu") -> bool:
     """Whether a compiled fused kernel serves ``device`` ("cpu" or "cuda")."""
     return _library.NATIVE_CUDA if str(device).startswith("cuda") else _library.NATIVE
+
+
+def cpu_kernel() -> str:
+    """Name of the CPU micro-kernel variant the compiled ops use (avx512, avx2, generic, generic16).
+
+    The processor's best, or the variant the environment variable ``QACONV_CPU_KERNEL`` names
+    (ValueError when it names an unknown one or one this processor cannot run). RuntimeError when the
+    compiled kernels are not available.
+    """
+    if not _library.NATIVE:
+        raise RuntimeError(f"qaconv_ext's compiled kernels are not available ({_library._IMPORT_ERROR})")
+    return _library._native.cpu_kernel()
+
+
+def build_info() -> Dict[str, Any]:
+    """What the compiled kernels were built with and which of them run here.
+
+    Keys: ``torch`` (the torch built against), ``target_torch`` and ``target_abi`` (the oldest torch the
+    libraries load into: the stable-ABI version they were compiled for), ``cuda`` and ``cuda_archs``
+    (the CUDA toolkit and the architectures of the CUDA kernels, ``sm_*`` machine code and ``compute_*``
+    PTX; None and [] in a CPU-only build), ``cuda_library`` (whether the build has CUDA kernels),
+    ``kernels`` (the devices whose compiled kernels are loaded now: ``cpu``, ``cuda``), ``cpu_kernel``
+    and ``torch_running``. Without compiled kernels: ``kernels`` is empty and ``error`` says why.
+    """
+    if not _library.NATIVE:
+        return {"kernels": [], "error": str(_library._IMPORT_ERROR), "torch_running": torch.__version__}
+    return _library._native.build_info()
 
 
 def qaconv_match(query: Tensor, gallery: Tensor, return_indices: bool = False
@@ -54,8 +81,26 @@ def qaconv_match(query: Tensor, gallery: Tensor, return_indices: bool = False
         return (values, indices) if return_indices else values
     need_indices = bool(return_indices) or (
         torch.is_grad_enabled() and (query.requires_grad or gallery.requires_grad))
-    values, indices = torch.ops.qaconv_ext.match(query, gallery, need_indices)
+    values, indices = with_contract_errors(lambda: torch.ops.qaconv_ext.match(query, gallery, need_indices),
+                                            lambda: check_pair(query, gallery))
     return (values, indices) if return_indices else values
+
+
+def with_contract_errors(call, check):
+    """``call()``; when the op refuses its inputs, the contract's error from ``check()`` instead.
+
+    The compiled kernels raise the contract's dtype rules as ValueError (their stable ABI carries no
+    TypeError); the same checks in Python raise TypeError for them, with the same message. They run only
+    after a refusal: nothing is added to a call that succeeds. (Compiled graphs check in the fake kernels.)
+    """
+    if torch.compiler.is_compiling():
+        return call()
+    try:
+        return call()
+    except ValueError as exc:
+        error = exc
+    check()  # raises the first broken rule, as the kernel found it
+    raise error
 
 
 def _cpu_bfloat16_autocast(query: Tensor, gallery: Tensor) -> bool:
@@ -107,4 +152,10 @@ def qaconv_score(query: Tensor, gallery: Tensor, weight: Tensor,
     require_tensor("query", query)
     require_tensor("gallery", gallery)
     require_tensor("weight", weight, "qaconv_score")
-    return torch.ops.qaconv_ext.score(query, gallery, weight, scalar_bias(bias, query))
+    bias = scalar_bias(bias, query)
+
+    def check() -> None:
+        _, _, _, Lq, Lg = check_pair(query, gallery)
+        check_head(weight, bias, Lq + Lg, query)
+
+    return with_contract_errors(lambda: torch.ops.qaconv_ext.score(query, gallery, weight, bias), check)

@@ -14,7 +14,7 @@ from .dtypes import accumulation_dtype
 
 Tensor = torch.Tensor
 
-__all__ = ["qaconv_match", "qaconv_score", "match_backward", "similarity", "similarity_at"]
+__all__ = ["qaconv_match", "qaconv_score", "match_backward", "similarity", "similarity_at", "centroid_score"]
 
 
 def _flatten_locations(x: Tensor) -> Tensor:
@@ -165,3 +165,28 @@ def match_backward(grad_values: Tensor, indices: Tensor, query: Tensor, gallery:
     dg = (dg.transpose(1, 2).reshape(gallery.shape).to(gallery.dtype).contiguous() if need_g
           else gallery.new_empty((0,)))
     return dq, dg
+
+
+def centroid_score(table: Tensor, codes: Tensor, weight: Tensor, bias: Optional[Union[Tensor, float]] = None,
+                   chunk: int = 256) -> Tensor:
+    """QAConv scores of centroid-coded gallery maps from per-query tables (the oracle of
+    ``qaconv_ext::centroid_score``), chunk by chunk over the maps.
+
+    ``table`` ``[P, K, Lq]``: similarity of centroid ``k`` with query location ``i``; ``codes`` ``[N, Lg]``
+    centroid ids (any integer dtype). Score of pair ``(p, n)``: ``sum_i w[i] max_j table[p, c_nj, i] +
+    sum_j w[Lq + j] max_i table[p, c_nj, i] + bias``, in ``table``'s dtype (float64 stays float64).
+    """
+    P, K, Lq = table.shape
+    ids = codes.to(torch.int64)
+    N, Lg = ids.shape
+    w = weight.reshape(-1).to(table.dtype)
+    colmax = table.amax(dim=2)  # [P, K]
+    out = table.new_empty((P, N))
+    for n0 in range(0, N, chunk):
+        c = ids[n0:n0 + chunk]  # [n, Lg]
+        rows = table[:, c].amax(dim=2)  # [P, n, Lg, Lq] -> [P, n, Lq]
+        cols = colmax[:, c]  # [P, n, Lg]
+        out[:, n0:n0 + chunk] = rows @ w[:Lq] + cols @ w[Lq:]
+    if bias is not None:
+        out = out + (bias.to(table.dtype).reshape(()) if isinstance(bias, Tensor) else float(bias))
+    return out

@@ -8,10 +8,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..config import preset_of
+from ..data import build_test_transform
+from ..ops.dtypes import score_weights
 from .storage import GalleryIndexError
 
 __all__ = ["checkpoint_sha256", "fold_head", "model_identity", "describe_model", "head_matches",
-           "preprocessing_of", "check_checkpoint", "check_head"]
+           "preprocessing_of", "check_checkpoint", "check_head", "check_preprocessing"]
 
 HeadLike = Union[torch.nn.Module, Tuple[Any, Any]]
 
@@ -39,23 +42,22 @@ def fold_head(head: HeadLike) -> Tuple[torch.Tensor, torch.Tensor]:
     else:
         raise TypeError(f"head: expected a QAConv head (with .folded()) or a (weight, bias) pair, "
                         f"got {type(head).__name__}")
-    w = torch.as_tensor(w).detach().to("cpu", torch.float32).reshape(-1)
-    b = torch.as_tensor(0.0 if b is None else b).detach().to("cpu", torch.float32).reshape(())
-    return w, b
+    w, b = score_weights(w, b, torch.float32, "cpu")
+    return w.detach(), b.detach()
 
 
-def preprocessing_of(height: int, width: int) -> str:
-    """How query and gallery images are turned into model input (the test transform, as text)."""
-    from ..data import build_test_transform
-
-    return repr(build_test_transform(int(height), int(width)))
+def preprocessing_of(height: int, width: int, preprocess: str) -> str:
+    """How query and gallery images are turned into model input with the input preset ``preprocess``
+    (the test transform, as text)."""
+    return repr(build_test_transform(int(height), int(width), preprocess))
 
 
 def model_identity(head: HeadLike, map_shape: Sequence[int], *, checkpoint: Optional[str] = None,
                    config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The ``"model"`` entry of a manifest: the folded head (weight and bias as exact float32 values),
-    the map shape, and when known the checkpoint (path and SHA-256), backbone, input size and
-    preprocessing."""
+    the map shape, and when known the checkpoint (path and SHA-256), backbone, input size, input preset
+    and preprocessing (the preset of ``config``, a model's config as :func:`qaconv_ext.engine.load_trained`
+    returns it)."""
     w, b = fold_head(head)
     L = int(map_shape[1]) * int(map_shape[2])
     if w.numel() != 2 * L:
@@ -71,7 +73,9 @@ def model_identity(head: HeadLike, map_shape: Sequence[int], *, checkpoint: Opti
         ident["checkpoint"] = {"path": path, "sha256": checkpoint_sha256(path)}
     if config:
         h, w_ = int(config["height"]), int(config["width"])
-        ident.update(arch=config.get("arch"), input_size=[h, w_], preprocessing=preprocessing_of(h, w_))
+        preset = preset_of(config)
+        ident.update(arch=config.get("arch"), input_size=[h, w_], preprocess=preset,
+                     preprocessing=preprocessing_of(h, w_, preset))
     return ident
 
 
@@ -112,3 +116,17 @@ def check_checkpoint(folder: str, ident: Dict[str, Any], checkpoint: str) -> str
         raise GalleryIndexError(f"{folder} was made with {describe_model(ident)}, not with {checkpoint} "
                                 f"(sha256 {digest[:12]})")
     return digest
+
+
+def check_preprocessing(folder: str, ident: Dict[str, Any], config: Dict[str, Any], what: str) -> None:
+    """Raise :class:`GalleryIndexError` unless the model of ``config`` (``what`` names it) turns images into
+    input as the index's model did (input preset and size)."""
+    recorded = ident.get("preprocessing")
+    if recorded is None:
+        return
+    preset = preset_of(config)
+    mine = preprocessing_of(int(config["height"]), int(config["width"]), preset)
+    if mine != recorded:
+        made = ident.get("preprocess")
+        raise GalleryIndexError(f"{folder} was made with the {made + ' input preset, ' if made else ''}"
+                                f"preprocessing {recorded}; {what} uses the {preset} preset, {mine}")

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from ..data import Record
+from ..engine import CheckpointError, load_trained
+from ..scoring import extract_features
 from .storage import GalleryIndexError
 
 __all__ = ["as_record", "as_records", "load_model", "map_shape_of", "extract_map_blocks"]
@@ -50,8 +52,6 @@ def load_model(checkpoint: str, device: Union[str, torch.device] = "cpu"
                ) -> Tuple[nn.Module, nn.Module, Dict[str, Any]]:
     """``(backbone, head, config)`` of a trained QAConv checkpoint (:func:`qaconv_ext.engine.load_trained`),
     in eval mode; a baseline checkpoint or an unreadable file is a :class:`GalleryIndexError`."""
-    from ..engine import CheckpointError, load_trained
-
     try:
         backbone, head, cfg = load_trained(checkpoint, device=device)
     except (CheckpointError, FileNotFoundError) as exc:
@@ -68,18 +68,17 @@ def map_shape_of(head: nn.Module, cfg: Dict[str, Any]) -> Tuple[int, int, int]:
 
 
 def extract_map_blocks(backbone: nn.Module, records: Sequence[Record], height: int, width: int, *,
-                       batch_size: int = 64, device: Union[str, torch.device] = "cpu", workers: int = 0,
+                       preprocess: str, batch_size: int = 64, device: Union[str, torch.device] = "cpu", workers: int = 0,
                        block: Optional[int] = None, progress: bool = True, desc: str = "index images"
                        ) -> Iterator[Tuple[torch.Tensor, List[Record]]]:
     """Feature maps of ``records`` in blocks of ``block`` images (default 16 batches):
     ``(maps [n, d, h, w] float32 CPU, records)`` per block, with a progress bar over the images.
 
-    Uses :func:`qaconv_ext.evaluation.extract_features` (the test transform, batches of ``batch_size``).
+    Uses :func:`qaconv_ext.scoring.extract_features` (the test transform of the input preset
+    ``preprocess``, batches of ``batch_size``).
     An image that cannot be read raises :class:`~qaconv_ext.data.ImageReadError` naming it.
     """
     from tqdm.auto import tqdm
-
-    from ..evaluation import extract_features
 
     records = list(records)
     block = int(block or 16 * batch_size)
@@ -88,7 +87,7 @@ def extract_map_blocks(backbone: nn.Module, records: Sequence[Record], height: i
         for s in range(0, len(records), block):
             part = records[s:s + block]
             maps = extract_features(backbone, part, height, width, batch_size=batch_size, device=device,
-                                    workers=workers, progress=False)
+                                    workers=workers, progress=False, preprocess=preprocess)
             bar.update(len(part))
             yield maps, part
     finally:

@@ -31,7 +31,7 @@ import numpy as np
 __all__ = [
     "FORMAT", "MANIFEST", "MAPS_FILE", "DESCRIPTORS_FILE", "RECORDS_FILE",
     "GalleryIndexError", "read_manifest", "write_manifest", "locked", "SegmentWriter",
-    "map_nbytes", "read_records", "check_sizes", "record_line", "now",
+    "map_nbytes", "read_records", "check_sizes", "committed_bytes", "record_line", "now",
 ]
 
 FORMAT = "qaconv-ext-index/1"
@@ -142,15 +142,21 @@ def record_line(path: Optional[str], pid: Optional[int], camid: Optional[int], t
     return (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
 
 
+def committed_bytes(manifest: Dict[str, Any]) -> Dict[str, int]:
+    """Bytes of each data file that the manifest commits (the rest of a file, if any, is the leftover
+    of an interrupted append)."""
+    count = int(manifest["count"])
+    shape = manifest["map_shape"]
+    return {MAPS_FILE: count * map_nbytes(shape),
+            DESCRIPTORS_FILE: count * int(shape[0]) * DESCRIPTORS_DTYPE.itemsize,
+            RECORDS_FILE: int(manifest["records_bytes"])}
+
+
 def check_sizes(folder: str, manifest: Dict[str, Any]) -> None:
     """Each data file holds at least what the manifest commits (more is the leftover of an
     interrupted append and is ignored)."""
     count = int(manifest["count"])
-    shape = manifest["map_shape"]
-    need = {MAPS_FILE: count * map_nbytes(shape),
-            DESCRIPTORS_FILE: count * int(shape[0]) * DESCRIPTORS_DTYPE.itemsize,
-            RECORDS_FILE: int(manifest["records_bytes"])}
-    for name, nbytes in need.items():
+    for name, nbytes in committed_bytes(manifest).items():
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             if nbytes == 0:

@@ -1,9 +1,9 @@
 """Exact top-k over galleries streamed in chunks, and the two-stage (shortlist, then re-rank) search.
 
-Order everywhere: score descending, ties by the smaller gallery index — the order a stable descending
-sort of the dense ``[P, N]`` score matrix gives, so ``streaming_topk`` returns exactly the first ``k``
-columns of that sort (``torch.topk`` returns the same values; its order among ties is unspecified).
-NaN scores rank first, as in ``torch.sort``/``torch.topk``.
+Order everywhere: :func:`qaconv_ext.scoring.select_topk`'s (score descending, ties by the smaller
+gallery index) -- the order a stable descending sort of the dense ``[P, N]`` score matrix gives, so
+``streaming_topk`` returns exactly the first ``k`` columns of that sort (``torch.topk`` returns the same
+values; its order among ties is unspecified). NaN scores rank first, as in ``torch.sort``/``torch.topk``.
 """
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from ..ops import qaconv_score
+from ..ops.dtypes import score_weights
+from ..scoring import blocks, select_topk
 
 __all__ = [
     "select_topk",
@@ -27,18 +31,6 @@ __all__ = [
 
 Tensor = torch.Tensor
 ChunkLike = Union[Tensor, np.ndarray]
-
-
-def select_topk(values: Tensor, indices: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """The ``k`` best ``(value, index)`` entries of every row, ordered by value descending and, among
-    equal values, by index ascending.
-
-    ``values`` and ``indices`` are ``[P, n]`` (any order of columns); returns ``[P, min(k, n)]`` each.
-    """
-    by_index = torch.sort(indices, dim=1, stable=True)
-    v = torch.gather(values, 1, by_index.indices)
-    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :k]
-    return torch.gather(v, 1, order), torch.gather(by_index.values, 1, order)
 
 
 def candidates(values: Tensor, indices: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -82,16 +74,6 @@ def compute_dtype_for(device: torch.device, dtype: Optional[torch.dtype] = None)
     if dtype is not None:
         return dtype
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def _weights(weight: Tensor, bias: Union[Tensor, float, None], device: torch.device, dtype: torch.dtype
-             ) -> Tuple[Tensor, Tensor]:
-    from ..ops.dtypes import accumulation_dtype
-
-    acc = accumulation_dtype(dtype)
-    w = torch.as_tensor(weight).detach().reshape(-1).to(device, acc)
-    b = torch.as_tensor(0.0 if bias is None else bias).detach().reshape(()).to(device, acc)
-    return w, b
 
 
 def _as_tensor(chunk: ChunkLike) -> Tensor:
@@ -156,8 +138,6 @@ def streaming_topk(query_maps: Tensor, chunks: Iterable[ChunkLike], weight: Tens
         by the smaller index: exactly the first ``k`` columns of a stable descending sort of the dense
         scores. Memory: ``O(P * k + P * chunk)`` beyond one chunk of maps.
     """
-    from ..ops import qaconv_score
-
     if int(k) < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     k = int(k)
@@ -165,7 +145,7 @@ def streaming_topk(query_maps: Tensor, chunks: Iterable[ChunkLike], weight: Tens
     dtype = compute_dtype_for(device, compute_dtype)
     q = query_maps.detach().to(device, dtype)
     reduced = _reduced_queries(query_maps.detach().to(device), device, compute_dtype)
-    w, b = _weights(weight, bias, device, dtype)
+    w, b = score_weights(weight, bias, dtype, device)
     P = q.shape[0]
     run_v = torch.empty(P, 0, dtype=torch.float32)
     run_i = torch.empty(P, 0, dtype=torch.int64)
@@ -228,11 +208,9 @@ def rerank_shortlist(query_maps: Tensor, shortlist: Tensor, fetch: Callable[[np.
     in :func:`streaming_topk` (so equal to the exhaustive result whenever the shortlist holds the
     exhaustive top ``k``).
     """
-    from ..ops import qaconv_score
-
     device = torch.device(device) if device is not None else query_maps.device
     dtype = compute_dtype_for(device, compute_dtype)
-    w, b = _weights(weight, bias, device, dtype)
+    w, b = score_weights(weight, bias, dtype, device)
     P, M = shortlist.shape
     if M < k:
         raise ValueError(f"the shortlist ({M}) must hold at least k={k} entries")
@@ -251,7 +229,6 @@ def rerank_shortlist(query_maps: Tensor, shortlist: Tensor, fetch: Callable[[np.
 
 
 def iterate_blocks(n: int, size: int) -> Iterator[Tuple[int, int]]:
-    """``(start, stop)`` of consecutive blocks of ``size`` covering ``range(n)``."""
-    size = max(1, int(size))
-    for s in range(0, n, size):
-        yield s, min(s + size, n)
+    """``(start, stop)`` of consecutive blocks of ``size`` covering ``range(n)``
+    (:func:`qaconv_ext.scoring.blocks`)."""
+    return iter(blocks(n, size))

@@ -35,7 +35,9 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..data import read_image
 from ..head import QAConv
+from ..ops import qaconv_match
 
 __all__ = [
     "Segment",
@@ -102,8 +104,6 @@ def load_image(image: ImageInput, name: str = "image") -> "PIL.Image.Image":  # 
     A missing or unreadable file raises :class:`qaconv_ext.data.ImageReadError` naming the path.
     """
     from PIL import Image
-
-    from ..data import read_image
 
     if hasattr(image, "path") and not isinstance(image, (str, bytes)) and not hasattr(image, "size"):
         image = image.path
@@ -275,7 +275,6 @@ def match_pair(fea_a: torch.Tensor, fea_b: torch.Tensor, normalize: bool = True
     ``fea_a`` plays the query, ``fea_b`` the gallery. With ``normalize`` the maps are L2-normalised
     over channels first (what QAConv feeds; a no-op on a backbone's normalised output).
     """
-    from ..ops import qaconv_match
 
     a = _feature_map(fea_a, "fea_a")
     b = _feature_map(fea_b, "fea_b")
@@ -296,7 +295,6 @@ def match_pair(fea_a: torch.Tensor, fea_b: torch.Tensor, normalize: bool = True
 def average_match(query_fea: torch.Tensor, gallery_fea: torch.Tensor) -> torch.Tensor:
     """The mean over ``gallery_fea [N, d, h, w]`` of one query's max values ``[Lq + Lg]`` (CPU, float32):
     the ``reference`` of :func:`relative_contributions` and :func:`draw_correspondences`."""
-    from ..ops import qaconv_match
 
     q = _feature_map(query_fea, "query_fea")[None]
     with torch.no_grad():

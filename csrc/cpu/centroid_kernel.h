@@ -1,0 +1,41 @@
+// Approximate QAConv scores of centroid-coded gallery maps: plain C++ (no torch headers).
+//
+// A gallery map is stored as Lg centroid ids c_j (uint16) into a codebook C [K, d]. For one query map Q
+// [d, Lq] the caller passes the table T = C Q ([K][Lq], row k = the similarities of centroid k with every
+// query location) and its row maxima colmax[k] = max_i T[k][i]. The score of a coded map is
+//
+//   sum_i w_row[i] * max_j T[c_j][i]  +  sum_j w_col[j] * colmax[c_j]  +  bias,
+//
+// i.e. QAConv's score with every gallery location replaced by its centroid: Lq * Lg table look-ups instead
+// of Lq * Lg * d multiply-adds. The first term reads whole table rows (Lq contiguous floats per id), so the
+// maxima over j are vector max operations on a register block of query locations; the table stays in L1/L2
+// while a block of maps is scored.
+//
+// Rounding: each row maximum is exact (max of table entries); the sums run in float32 in a fixed order
+// (the row term over i, then the column term over j, then the bias), independent of the batch or thread.
+// NaN in the table is not supported (the maxima follow std::max, which may drop it).
+#pragma once
+
+#include <cstdint>
+
+namespace qaconv {
+namespace cpu {
+
+struct CentroidTable {
+  const float* table;   // [K][Lq]
+  const float* colmax;  // [K]
+  int64_t K;
+  int64_t Lq;
+};
+
+// Scores of the coded maps codes[n * Lg ... n * Lg + Lg - 1] for n in [n0, n1), written to out[n - n0].
+// w_row: [Lq], w_col: [Lg]. scratch: at least Lq floats. Returns the number of ids >= K met (their maps'
+// scores are left unspecified; the caller reports the error).
+int64_t centroid_scores(const CentroidTable& t, const uint16_t* codes, int64_t Lg, int64_t n0, int64_t n1,
+                        const float* w_row, const float* w_col, float bias, float* out, float* scratch);
+
+// colmax[k] = max_i table[k][i] for a table [K][Lq].
+void centroid_table_maxima(const float* table, int64_t K, int64_t Lq, float* colmax);
+
+}  // namespace cpu
+}  // namespace qaconv

@@ -22,35 +22,25 @@ the measured per-map rate of the real gallery's exhaustive search times the size
 streams the gallery). The speed-up at each size is extrapolated exhaustive / (measured candidate stage +
 measured exact stage).
 
-    python benchmarks/bench_centroid.py --checkpoint runs/centroid_model/checkpoint.pt --update-results
+    python benchmarks/bench_centroid.py --update-results            # the demo's model, runs/demo/qaconv.pt
+    python benchmarks/bench_centroid.py --scale-only 2048 --json scale.json   # the scale timing alone
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import add_output_args, machine_record, reset_peak_rss, save_result, status_kib  # noqa: E402
-from bench_two_stage import _ranking_distance, _two_stage_order, synthetic_test_set  # noqa: E402  (same rules)
+from bench_two_stage import _ranking_distance, _timed, _two_stage_order, search_bench_parser, synthetic_test_set  # noqa: E402  (same rules)
 
 RESULT_NAME = "centroid_synthetic.json"
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _recall(order, exact_top, k: int) -> float:
@@ -94,7 +84,7 @@ def evaluate(name: str, index: Any, q_maps: Any, query: List[Any], gallery: List
         for p in range(timed):
             index.search(q_maps[p:p + 1], k=k, **kw)
 
-    t_ex = _median_time(one_by_one, repeats) / timed
+    t_ex = _timed(one_by_one, repeats) / timed
     m = rank_metrics(_ranking_distance(full_i, N), query, gallery)
     out["methods"]["exhaustive"] = {"recall_top10": 1.0, "rank1": m["rank1"], "mAP": m["mAP"],
                                     "seconds_per_query": t_ex, "speedup": 1.0,
@@ -113,7 +103,7 @@ def evaluate(name: str, index: Any, q_maps: Any, query: List[Any], gallery: List
             _, short_i = index.search(q_maps, k=M, shortlist=M, method=method)
             order = _two_stage_order(short_i, first_sim)
             ms = rank_metrics(_ranking_distance(order, N), query, gallery)
-            t = _median_time(lambda: one_by_one(shortlist=M, method=method), repeats) / timed
+            t = _timed(lambda: one_by_one(shortlist=M, method=method), repeats) / timed
             out["methods"][f"{label} M={M}"] = {
                 "recall_top10": _recall(order, exact_top, k), "rank1": ms["rank1"], "mAP": ms["mAP"],
                 "shortlist_share": M / N, "seconds_per_query": t, "speedup": t_ex / t,
@@ -165,17 +155,17 @@ def scale(index: Any, q_maps: Any, sizes: List[int], K: int, share: float, repea
         M = max(10, int(round(share * n)))
         rss_before = status_kib("VmRSS")
         exact_peak = reset_peak_rss()
-        t_cand = _median_time(lambda: centroid_topk(q, chunks, centroids, weight, bias, M), repeats)
+        t_cand = _timed(lambda: centroid_topk(q, chunks, centroids, weight, bias, M), repeats)
         peak = status_kib("VmHWM")
         _, cand = centroid_topk(q, chunks, centroids, weight, bias, M)
 
         def fetch(ids: Any) -> Any:  # the M candidates' maps: real maps of the index, read from its file
             return index.read_maps(np.asarray(ids) % real)
 
-        t_exact = _median_time(lambda: rerank_shortlist(q, cand, fetch, weight, bias, 10), repeats)
+        t_exact = _timed(lambda: rerank_shortlist(q, cand, fetch, weight, bias, 10), repeats)
         rate = per_map_exhaustive
         if rate is None:
-            rate = _median_time(lambda: index.search(q, k=10), repeats) / real
+            rate = _timed(lambda: index.search(q, k=10), repeats) / real
         t_ex = rate * n
         out["sizes"][str(n)] = {
             "maps": n, "shortlist": M, "exhaustive_s_per_map": rate, "candidate_stage_s": t_cand,
@@ -196,20 +186,11 @@ def scale(index: Any, q_maps: Any, sizes: List[int], K: int, share: float, repea
 
 
 def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=os.path.join("runs", "centroid_model", "checkpoint.pt"))
-    ap.add_argument("--data-root", default=os.path.join("data_cache", "synthetic"),
-                    help="the synthetic network's folder (generated there when missing)")
-    ap.add_argument("--shortlists", default="10,25,50,100,250,500")
+    ap = search_bench_parser(__doc__, "10,25,50,100,250,500", 12)
     ap.add_argument("--codebooks", default="256,1024,4096")
     ap.add_argument("--scales", default="100000,1000000")
     ap.add_argument("--scale-codebook", type=int, default=4096, help="K of the scale timing (default: %(default)s)")
     ap.add_argument("--scale-share", type=float, default=0.01, help="M / N at scale (default: %(default)s)")
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--timed-queries", type=int, default=12,
-                    help="queries searched one at a time for the latency (default: %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--no-test-gallery", action="store_true", help="only the gallery with distractors")
     ap.add_argument("--no-distractors", action="store_true", help="only the test gallery (and scale on it)")
     ap.add_argument("--scale-only", type=int, default=0, metavar="R",

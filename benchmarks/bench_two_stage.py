@@ -138,17 +138,24 @@ def evaluate_gallery(name: str, index: Any, q_maps: Any, query: List[Any], galle
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def search_bench_parser(description: str, shortlists: str, timed_queries: int) -> argparse.ArgumentParser:
+    """The options the search benchmarks share: the model (the demo's by default), the synthetic network,
+    the shortlists, k, repeats, the timed queries and the extraction batch."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=os.path.join("runs", "demo", "qaconv.pt"))
     ap.add_argument("--data-root", default=os.path.join("data_cache", "synthetic"),
                     help="the synthetic network's folder (generated there when missing)")
-    ap.add_argument("--shortlists", default="50,100,500,1000")
+    ap.add_argument("--shortlists", default=shortlists)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--timed-queries", type=int, default=24,
+    ap.add_argument("--timed-queries", type=int, default=timed_queries,
                     help="queries searched one at a time for the latency (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=64)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
+    ap = search_bench_parser(__doc__, "50,100,500,1000", 24)
     ap.add_argument("--no-enlarged", action="store_true", help="only the test gallery")
     add_output_args(ap, RESULT_NAME)
     args = ap.parse_args(argv)

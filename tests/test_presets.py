@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from qaconv_ext import cli
 from qaconv_ext.data import build_test_transform
 from qaconv_ext.engine import TrainConfig, build_model, load_trained
 from qaconv_ext.evaluation import extract_features
@@ -70,6 +71,12 @@ def test_an_imagenet_models_index_says_imagenet(models, tmp_path):
     trained = load_trained(models["imagenet"])
     maps = extract_features(trained.backbone, models["paths"], H, W, progress=False, preprocess="imagenet")
     assert np.array_equal(np.array(index.maps()), maps.half().numpy())
+
+
+def test_index_info_names_the_preset(models, tmp_path, capsys):
+    index = GalleryIndex.build(tmp_path / "g.idx", models["imagenet"], models["paths"], progress=False)
+    assert cli.main(["index", "info", index.path]) == 0
+    assert f"input {H} x {W}, preset imagenet: " in capsys.readouterr().out
 
 
 def test_a_model_of_the_other_preset_is_refused(models, tmp_path):

@@ -136,6 +136,16 @@ def built(tmp_path):
     return index, head, g, gen
 
 
+def test_a_head_with_non_finite_weights_is_refused_and_nothing_is_written(tmp_path):
+    gen = torch.Generator().manual_seed(6)
+    head = make_head()
+    with torch.no_grad():
+        head.fc.weight[0, 3] = float("nan")
+    with pytest.raises((GalleryIndexError, ValueError), match="not finite"):
+        GalleryIndex.create(tmp_path / "nan.idx", head, unit(4, gen), records(4))
+    assert os.listdir(tmp_path) == []
+
+
 def test_index_stores_plain_json_and_float16_maps(built):
     index, head, g, _ = built
     assert len(index) == 60 and index.map_shape == (D, FH, FW)

@@ -164,7 +164,9 @@ def run(args: argparse.Namespace) -> int:
                       "interrupted append: ignored, and removed by the next append")
             pre = index.model.get("preprocessing")
             if pre:
-                print(f"  input {index.model['input_size'][0]} x {index.model['input_size'][1]}: {pre}")
+                preset = index.model.get("preprocess")
+                named = f", preset {preset}" if preset else ""
+                print(f"  input {index.model['input_size'][0]} x {index.model['input_size'][1]}{named}: {pre}")
             if index.has_codebook:
                 print(_codebook_line(index))
             if args.verify:

@@ -62,6 +62,8 @@ def model_identity(head: HeadLike, map_shape: Sequence[int], *, checkpoint: Opti
     L = int(map_shape[1]) * int(map_shape[2])
     if w.numel() != 2 * L:
         raise ValueError(f"head: {w.numel()} folded weights, {list(map_shape)} maps need {2 * L}")
+    if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+        raise ValueError("head: its folded weights or bias are not finite (NaN or Inf), so every score would be")
     ident: Dict[str, Any] = {
         "map_shape": [int(x) for x in map_shape],
         "head": {"layout": getattr(head, "layout", None), "weight": [float(x) for x in w.tolist()],

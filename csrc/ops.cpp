@@ -18,6 +18,10 @@ STABLE_TORCH_LIBRARY(qaconv_ext, m) {
   m.def("match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery, "
         "bool[2] output_mask=[True, True]) -> (Tensor, Tensor)");
   m.def("centroid_score(Tensor table, Tensor codes, Tensor weight, Tensor? bias) -> Tensor");
+  // The same score from a table quantised to uint8 (scale [P, 2]: offset, step; colmax [P, K]: the float
+  // table's row maxima), built by qaconv_ext.ops.quantize_centroid_table.
+  m.def("centroid_score_u8(Tensor table, Tensor scale, Tensor colmax, Tensor codes, Tensor weight, "
+        "Tensor? bias) -> Tensor");
 }
 
 extern "C" {

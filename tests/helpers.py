@@ -113,6 +113,15 @@ def error_of(call: Callable[[], object]):
     return None
 
 
+def centroid_problem(seed: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A small centroid-score problem: table float32 [2, 9, 70], uint16 codes [5, 11], weight [81]
+    (70 query locations: a 64-wide block and a tail; 11 gallery locations: an 8-wide step and a tail)."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randn(2, 9, 70, generator=gen)
+    codes = torch.randint(0, 9, (5, 11), generator=gen).to(torch.uint16)
+    return table, codes, torch.rand(81, generator=gen)
+
+
 def uneven_head(d: int, h: int, w: int, seed: int = 0):
     """An eval-mode QAConv head for ``d x h x w`` maps whose FC weights are positive and uneven (drawn
     with ``seed``), so that a map's best match is itself, and with non-trivial BN statistics."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from qaconv_ext.ops import centroid_score, centroid_table, reference
+from qaconv_ext.ops import QuantizedTable, centroid_score, centroid_table, quantize_centroid_table, reference
 from qaconv_ext.search import GalleryIndex, GalleryIndexError, centroid_topk, rerank_shortlist, spherical_kmeans
 from qaconv_ext.search import codes as codes_module
 from qaconv_ext.search.centroids import encode_maps, location_vectors
@@ -68,6 +68,62 @@ def test_kernel_rejects_bad_inputs_and_has_a_fake_kernel():
     with FakeTensorMode() as mode:
         out = torch.ops.qaconv_ext.centroid_score(mode.from_tensor(table), mode.from_tensor(codes),
                                                   mode.from_tensor(weight), None)
+    assert out.shape == (2, 8) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("P, K, Lq, N, Lg", [(1, 1, 1, 1, 1), (3, 37, 70, 1029, 13), (2, 300, 128, 517, 128),
+                                             (2, 17, 192, 600, 64), (1, 40, 257, 300, 9), (2, 9, 63, 77, 17),
+                                             (1, 65536, 9, 70, 3)])
+def test_uint8_kernel_matches_the_float64_reference(P, K, Lq, N, Lg):
+    # Lq 63/70/192/257: the 256-, 128- and 64-location register blocks and the byte tail; Lg 9/13/17: the
+    # column term's 8-wide steps and its tail
+    table, codes, weight, bias = random_problem(P, K, Lq, N, Lg, seed=7 * P + Lq)
+    qt = quantize_centroid_table(table)
+    got = centroid_score(qt, codes, weight, bias)
+    want = reference.centroid_score_u8(*qt, codes, weight.double(), bias.double())
+    assert got.dtype == torch.float32 and got.shape == (P, N)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    # within half a level of the float table per row term: |sum_i w_i (max decoded - max float)| <= sum |w| step/2
+    exact = reference.centroid_score(table.double(), codes, weight.double(), bias.double())
+    bound = weight[:Lq].abs().sum().double() * qt.scale[:, 1].double()[:, None] / 2
+    assert bool(((got.double() - exact).abs() <= bound * (1 + 1e-5) + 1e-4).all())
+
+
+def test_quantised_table_is_within_half_a_level_and_keeps_the_float_maxima():
+    table, _, _, _ = random_problem(3, 50, 40, 1, 1, seed=11)
+    table[1] = 0.25  # a constant table: one level, decoded exactly
+    qt = quantize_centroid_table(table)
+    assert isinstance(qt, QuantizedTable) and qt.values.dtype == torch.uint8
+    decoded = qt.scale[:, 0, None, None] + qt.scale[:, 1, None, None] * qt.values.float()
+    half = qt.scale[:, 1, None, None] / 2
+    assert bool(((decoded - table).abs() <= half * (1 + 1e-5)).all())
+    assert int(qt.values[0].min()) == 0 and int(qt.values[0].max()) == 255
+    assert torch.equal(decoded[1], table[1])
+    assert torch.equal(qt.colmax, table.amax(dim=2))
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_centroid_table(torch.tensor([[[0.0, float("nan")]]]))
+
+
+def test_uint8_kernel_rejects_bad_inputs_and_has_a_fake_kernel():
+    table, codes, weight, bias = random_problem(2, 10, 6, 8, 4, seed=1)
+    qt = quantize_centroid_table(table)
+    bad = codes.clone()
+    bad[5, 1] = 11
+    with pytest.raises(ValueError, match="ids >= K = 10"):
+        centroid_score(qt, bad, weight, bias)
+    with pytest.raises(TypeError, match="codes must be uint16"):
+        centroid_score(qt, codes.to(torch.float64), weight, bias)
+    with pytest.raises(TypeError, match="table must be uint8"):
+        centroid_score(QuantizedTable(qt.values.to(torch.int16), qt.scale, qt.colmax), codes, weight, bias)
+    with pytest.raises(ValueError, match=r"colmax must be \[P, K\]"):
+        centroid_score(QuantizedTable(qt.values, qt.scale, qt.colmax[:, :-1]), codes, weight, bias)
+    with pytest.raises(ValueError, match=r"scale must be \[P, 2\]"):
+        centroid_score(QuantizedTable(qt.values, qt.scale[:1], qt.colmax), codes, weight, bias)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        out = torch.ops.qaconv_ext.centroid_score_u8(*(mode.from_tensor(x) for x in qt), mode.from_tensor(codes),
+                                                     mode.from_tensor(weight), None)
     assert out.shape == (2, 8) and out.dtype == torch.float32
 
 

@@ -457,7 +457,7 @@ def _schema(name: str) -> str:
 
 def test_fallback_schemas_are_the_compiled_ones():
     # the schema strings a build without the compiled module defines, parsed as the dispatcher does
-    assert set(_library.SCHEMAS) == {"match", "score", "match_backward", "centroid_score"}
+    assert set(_library.SCHEMAS) == {"match", "score", "match_backward", "centroid_score", "centroid_score_u8"}
     for name, schema in _library.SCHEMAS.items():
         assert str(torch._C.parse_schema("qaconv_ext::" + schema)) == _schema(name), name
 
@@ -487,8 +487,13 @@ ref_q = torch.autograd.grad(reference.qaconv_match(q, g).sum(), q)
 for a, b in zip(grads + only_q, ref + ref_q):
     assert (a - b).abs().max() < 1e-12
 schemas = {name: str(getattr(torch.ops.qaconv_ext, name).default._schema)
-           for name in ("match", "score", "match_backward")}
-print(json.dumps({"schemas": schemas, "errors": errors}))
+           for name in ("match", "score", "match_backward", "centroid_score", "centroid_score_u8")}
+from helpers import centroid_problem
+from qaconv_ext.ops import centroid_score, quantize_centroid_table
+table, codes, cw = centroid_problem()
+centroid = {"float32": centroid_score(table, codes, cw, 0.5).tolist(),
+            "uint8": centroid_score(quantize_centroid_table(table), codes, cw, 0.5).tolist()}
+print(json.dumps({"schemas": schemas, "errors": errors, "centroid": centroid}))
 """
 
 
@@ -500,7 +505,16 @@ def test_package_works_without_the_compiled_extension():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["schemas"] == {name: _schema(name) for name in ("match", "score", "match_backward")}
+    assert report["schemas"] == {name: _schema(name) for name in ("match", "score", "match_backward", "centroid_score",
+                                                                  "centroid_score_u8")}
+    # the centroid scores' fallbacks give the compiled kernels' scores
+    from helpers import centroid_problem
+    from qaconv_ext.ops import centroid_score, quantize_centroid_table
+
+    table, codes, cw = centroid_problem()
+    for name, t in (("float32", table), ("uint8", quantize_centroid_table(table))):
+        torch.testing.assert_close(torch.tensor(report["centroid"][name]), centroid_score(t, codes, cw, 0.5),
+                                   rtol=1e-5, atol=1e-5)
     compiled = {case: error_of(call) for case, call in bad_op_calls("cpu").items()}
     # the compiled kernels' messages, with the Python error types (TypeError for the dtype rules)
     assert report["errors"] == {case: [BAD_INPUT_ERRORS[case][0], message] for case, (_, message) in compiled.items()}

@@ -12,8 +12,14 @@
 // while a block of maps is scored.
 //
 // Rounding: each row maximum is exact (max of table entries); the sums run in float32 in a fixed order
-// (the row term over i, then the column term over j, then the bias), independent of the batch or thread.
-// NaN in the table is not supported (the maxima follow std::max, which may drop it).
+// (eight interleaved partial sums over i, then over j, each folded pairwise; then the bias), independent of
+// the batch or thread. NaN in the table is not supported (the maxima follow std::max, which may drop it).
+//
+// The uint8 table (centroid_scores_u8) holds the same similarities quantised per query to 256 levels,
+// T ~ offset + step * q, q in 0..255: a quarter of the bytes (a 4096-centroid table of 128-location queries
+// is 512 KiB and stays in L2) and byte-wide maxima. As the decoding is increasing, max_j decode(q) =
+// decode(max_j q), so the row term is offset * sum_i w_row[i] + step * sum_i w_row[i] * max_j q[c_j][i]; the
+// column term reads float32 maxima of the unquantised table.
 #pragma once
 
 #include <cstdint>
@@ -33,6 +39,19 @@ struct CentroidTable {
 // scores are left unspecified; the caller reports the error).
 int64_t centroid_scores(const CentroidTable& t, const uint16_t* codes, int64_t Lg, int64_t n0, int64_t n1,
                         const float* w_row, const float* w_col, float bias, float* out, float* scratch);
+
+struct CentroidTableU8 {
+  const uint8_t* table;  // [K][Lq], similarity ~ offset + step * value
+  const float* colmax;   // [K], maxima of the float table's rows
+  float offset;
+  float step;
+  int64_t K;
+  int64_t Lq;
+};
+
+// As centroid_scores, from a uint8 table. scratch: at least Lq bytes.
+int64_t centroid_scores_u8(const CentroidTableU8& t, const uint16_t* codes, int64_t Lg, int64_t n0, int64_t n1,
+                           const float* w_row, const float* w_col, float bias, float* out, uint8_t* scratch);
 
 // colmax[k] = max_i table[k][i] for a table [K][Lq].
 void centroid_table_maxima(const float* table, int64_t K, int64_t Lq, float* colmax);

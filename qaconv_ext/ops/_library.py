@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .checks import check_backward, check_centroid_score, check_head, check_pair
+from .checks import check_backward, check_centroid_score, check_centroid_score_u8, check_head, check_pair
 from .dtypes import accumulation_dtype
 
 Tensor = torch.Tensor
@@ -45,6 +45,8 @@ SCHEMAS = {
     "match_backward": "match_backward(Tensor grad_values, Tensor indices, Tensor query, Tensor gallery, "
                       "bool[2] output_mask=[True, True]) -> (Tensor, Tensor)",
     "centroid_score": "centroid_score(Tensor table, Tensor codes, Tensor weight, Tensor? bias) -> Tensor",
+    "centroid_score_u8": "centroid_score_u8(Tensor table, Tensor scale, Tensor colmax, Tensor codes, Tensor weight, "
+                         "Tensor? bias) -> Tensor",
 }
 
 _LIB = torch.library.Library("qaconv_ext", "FRAGMENT")
@@ -106,9 +108,18 @@ def _fallback_centroid_score(table: Tensor, codes: Tensor, weight: Tensor, bias:
     return reference.centroid_score(table, codes, weight, bias).contiguous()
 
 
-# centroid_score has a CPU kernel only (the candidate stage of an archive search runs on the CPU)
+def _fallback_centroid_score_u8(table: Tensor, scale: Tensor, colmax: Tensor, codes: Tensor, weight: Tensor,
+                                bias: Optional[Tensor]) -> Tensor:
+    check_centroid_score_u8(table, scale, colmax, codes, weight, bias)
+    if table.device.type != "cuda":
+        _warn_fallback(table.device.type)
+    return reference.centroid_score_u8(table, scale, colmax, codes, weight, bias, dtype=torch.float32).contiguous()
+
+
+# the centroid scores have CPU kernels only (the candidate stage of an archive search runs on the CPU)
 for _key in ["CUDA"] + ([] if NATIVE else ["CPU"]):
     torch.library.impl("qaconv_ext::centroid_score", _key)(_fallback_centroid_score)
+    torch.library.impl("qaconv_ext::centroid_score_u8", _key)(_fallback_centroid_score_u8)
 
 _fallback_keys = [] if NATIVE_CUDA else ["CUDA"]
 if not NATIVE:
@@ -141,6 +152,13 @@ def _score_fake(query: Tensor, gallery: Tensor, weight: Tensor, bias: Optional[T
 def _centroid_score_fake(table: Tensor, codes: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     P, N = check_centroid_score(table, codes, weight, bias)
     return table.new_empty((P, N))
+
+
+@torch.library.register_fake("qaconv_ext::centroid_score_u8")
+def _centroid_score_u8_fake(table: Tensor, scale: Tensor, colmax: Tensor, codes: Tensor, weight: Tensor,
+                            bias: Optional[Tensor]) -> Tensor:
+    P, N = check_centroid_score_u8(table, scale, colmax, codes, weight, bias)
+    return colmax.new_empty((P, N))
 
 
 @torch.library.register_fake("qaconv_ext::match_backward")

@@ -16,7 +16,8 @@ from .dtypes import accumulation_dtype
 
 Tensor = torch.Tensor
 
-__all__ = ["FLOAT_DTYPES", "check_pair", "check_head", "check_backward", "check_centroid_score", "require_tensor",
+__all__ = ["FLOAT_DTYPES", "check_pair", "check_head", "check_backward", "check_centroid_score",
+           "check_centroid_score_u8", "require_tensor",
            "scalar_bias"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -105,6 +106,30 @@ def check_centroid_score(table: Tensor, codes: Tensor, weight: Tensor, bias: Opt
         torch._check_value(bias.numel() == 1, lambda: f"centroid_score: bias must be a scalar, got shape "
                            f"{_shape(bias)}")
     return table.shape[0], codes.shape[0]
+
+
+def check_centroid_score_u8(table: Tensor, scale: Tensor, colmax: Tensor, codes: Tensor, weight: Tensor,
+                            bias: Optional[Tensor]) -> Tuple[int, int]:
+    """Validate the arguments of ``centroid_score_u8`` (as ``csrc/cpu/centroid_cpu.cpp`` does); return ``(P, N)``."""
+    op = "centroid_score_u8"
+    torch._check_value(table.dim() == 3, lambda: f"{op}: table must be [P, K, Lq], got shape {_shape(table)}")
+    torch._check_type(table.dtype == torch.uint8, lambda: f"{op}: table must be uint8, got {table.dtype}")
+    P, K, _ = table.shape
+    torch._check_value(scale.dim() == 2 and tuple(scale.shape) == (P, 2),
+                       lambda: f"{op}: scale must be [P, 2] (offset, step), got shape {_shape(scale)}")
+    torch._check_value(colmax.dim() == 2 and tuple(colmax.shape) == (P, K),
+                       lambda: f"{op}: colmax must be [P, K], got shape {_shape(colmax)}")
+    torch._check_type(scale.dtype == torch.float32 and colmax.dtype == torch.float32,
+                      lambda: f"{op}: scale and colmax must be float32, got {scale.dtype} and {colmax.dtype}")
+    torch._check_value(codes.dim() == 2, lambda: f"{op}: codes must be [N, Lg], got shape {_shape(codes)}")
+    torch._check_type(not codes.is_floating_point() and not codes.is_complex() and codes.dtype != torch.bool,
+                      lambda: f"{op}: codes must be uint16, got {codes.dtype}")
+    length = table.shape[2] + codes.shape[1]
+    torch._check_value(weight.numel() == length, lambda: f"{op}: weight must hold Lq + Lg = {length} values, got "
+                       f"{weight.numel()}")
+    if bias is not None:
+        torch._check_value(bias.numel() == 1, lambda: f"{op}: bias must be a scalar, got shape {_shape(bias)}")
+    return P, codes.shape[0]
 
 
 def require_tensor(name: str, value: Any, op: str = "qaconv") -> None:

@@ -14,7 +14,8 @@ from .dtypes import accumulation_dtype
 
 Tensor = torch.Tensor
 
-__all__ = ["qaconv_match", "qaconv_score", "match_backward", "similarity", "similarity_at", "centroid_score"]
+__all__ = ["qaconv_match", "qaconv_score", "match_backward", "similarity", "similarity_at", "centroid_score",
+           "centroid_score_u8"]
 
 
 def _flatten_locations(x: Tensor) -> Tensor:
@@ -176,11 +177,25 @@ def centroid_score(table: Tensor, codes: Tensor, weight: Tensor, bias: Optional[
     centroid ids (any integer dtype). Score of pair ``(p, n)``: ``sum_i w[i] max_j table[p, c_nj, i] +
     sum_j w[Lq + j] max_i table[p, c_nj, i] + bias``, in ``table``'s dtype (float64 stays float64).
     """
+    return _coded_scores(table, table.amax(dim=2), codes, weight, bias, chunk)
+
+
+def centroid_score_u8(table: Tensor, scale: Tensor, colmax: Tensor, codes: Tensor, weight: Tensor,
+                      bias: Optional[Union[Tensor, float]] = None, dtype: torch.dtype = torch.float64,
+                      chunk: int = 256) -> Tensor:
+    """The oracle of ``qaconv_ext::centroid_score_u8``: :func:`centroid_score`'s row term from the decoded
+    table ``offset + step * table`` (``scale[p] = (offset, step)``), its column term from ``colmax``
+    ``[P, K]``; in ``dtype``."""
+    decoded = scale[:, 0, None, None].to(dtype) + scale[:, 1, None, None].to(dtype) * table.to(dtype)
+    return _coded_scores(decoded, colmax.to(dtype), codes, weight, bias, chunk)
+
+
+def _coded_scores(table: Tensor, colmax: Tensor, codes: Tensor, weight: Tensor,
+                  bias: Optional[Union[Tensor, float]], chunk: int) -> Tensor:
     P, K, Lq = table.shape
     ids = codes.to(torch.int64)
     N, Lg = ids.shape
     w = weight.reshape(-1).to(table.dtype)
-    colmax = table.amax(dim=2)  # [P, K]
     out = table.new_empty((P, N))
     for n0 in range(0, N, chunk):
         c = ids[n0:n0 + chunk]  # [n, Lg]

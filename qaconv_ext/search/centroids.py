@@ -18,13 +18,15 @@ from torch.nn import functional as F
 from .topk import merge_topk
 
 __all__ = [
-    "CODES_DTYPE", "MAX_CENTROIDS", "RETRAIN_RATIO", "default_codebook_size", "default_sample_size",
+    "CENTROID_TABLES", "CODES_DTYPE", "MAX_CENTROIDS", "RETRAIN_RATIO", "default_codebook_size", "default_sample_size",
     "location_vectors", "assign", "encode_maps", "spherical_kmeans", "centroid_topk",
 ]
 
 Tensor = torch.Tensor
 MapsLike = Union[Tensor, np.ndarray]
 
+#: The query tables the candidate stage can look up: quantised (the default) or float.
+CENTROID_TABLES = ("uint8", "float32")
 #: Stored codes: one little-endian uint16 centroid id per map location.
 CODES_DTYPE = np.dtype("<u2")
 #: The largest codebook uint16 ids can address.
@@ -113,17 +115,21 @@ def spherical_kmeans(vectors: Tensor, k: int, *, iterations: int = 10, seed: int
 
 
 def centroid_topk(query_maps: Tensor, code_chunks: Iterable[np.ndarray], centroids: Tensor, weight: Tensor,
-                  bias: Union[Tensor, float, None], m: int) -> Tuple[Tensor, Tensor]:
+                  bias: Union[Tensor, float, None], m: int, *, table: str = "uint8") -> Tuple[Tensor, Tensor]:
     """The ``m`` best coded gallery maps of every query by the centroid score
     (:func:`qaconv_ext.ops.centroid_score`), over codes streamed in consecutive chunks ``[n_i, Lg]``
-    (uint16). Returns ``(approximate scores [P, m'], indices [P, m'])``, ``m' = min(m, gallery size)``,
-    ordered as :func:`~qaconv_ext.search.streaming_topk` orders."""
-    from ..ops import centroid_score, centroid_table
+    (uint16). ``table``: ``"uint8"`` (each query's table quantised to 256 levels: a quarter of the bytes,
+    about 3.5x faster) or ``"float32"``. Returns ``(approximate scores [P, m'], indices [P, m'])``,
+    ``m' = min(m, gallery size)``, ordered as :func:`~qaconv_ext.search.streaming_topk` orders."""
+    from ..ops import centroid_score, centroid_table, quantize_centroid_table
 
-    table = centroid_table(centroids, query_maps)
+    if table not in CENTROID_TABLES:
+        raise ValueError(f"centroid_topk: table must be one of {', '.join(CENTROID_TABLES)}, got {table!r}")
+    t = centroid_table(centroids, query_maps)
+    lookup = quantize_centroid_table(t) if table == "uint8" else t
     w = torch.as_tensor(weight).detach().reshape(-1).to(torch.float32)
     b = torch.as_tensor(0.0 if bias is None else bias).detach().reshape(()).to(torch.float32)
-    P = table.shape[0]
+    P = t.shape[0]
     run_v = torch.empty(P, 0, dtype=torch.float32)
     run_i = torch.empty(P, 0, dtype=torch.int64)
     offset = 0
@@ -132,7 +138,7 @@ def centroid_topk(query_maps: Tensor, code_chunks: Iterable[np.ndarray], centroi
         if n == 0:
             continue
         codes = torch.from_numpy(np.ascontiguousarray(chunk, dtype=CODES_DTYPE).view(np.uint16))
-        s = centroid_score(table, codes, w, b)
+        s = centroid_score(lookup, codes, w, b)
         run_v, run_i = merge_topk(run_v, run_i, s, torch.arange(offset, offset + n).expand(P, n), m)
         offset += n
     return run_v, run_i

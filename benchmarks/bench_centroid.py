@@ -366,7 +366,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
                 result["galleries"]["archive"] = big
                 result["archive_network"] = ARCHIVE_NETWORK
             if sizes:
-                if not (scale_index.has_codebook() and scale_index.centroids().shape[0] == args.scale_codebook):
+                if not (scale_index.has_codebook and scale_index.centroids().shape[0] == args.scale_codebook):
                     scale_index.train_codebook(args.scale_codebook)
                 print(f"scale: codes drawn at random, K={args.scale_codebook}, one query at a time; the exhaustive "
                       f"rate of the {len(scale_index)}-map gallery")

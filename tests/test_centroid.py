@@ -102,6 +102,8 @@ def test_quantised_table_is_within_half_a_level_and_keeps_the_float_maxima():
     assert torch.equal(qt.colmax, table.amax(dim=2))
     with pytest.raises(ValueError, match="non-finite"):
         quantize_centroid_table(torch.tensor([[[0.0, float("nan")]]]))
+    with pytest.raises(ValueError, match=r"must be \[P, K, Lq\]"):
+        quantize_centroid_table(torch.zeros(3, 4))
 
 
 def test_uint8_kernel_rejects_bad_inputs_and_has_a_fake_kernel():
@@ -162,6 +164,26 @@ def coded(tmp_path):
     head = make_head()
     index = GalleryIndex.create(tmp_path / "c.idx", head, g[:50], records(50), codebook=16)
     return index, head, g, gen
+
+
+_SEARCH_IN_A_FRESH_PROCESS = r"""
+import sys, torch
+from qaconv_ext.search import GalleryIndex
+index = GalleryIndex.open(sys.argv[1])
+index.search(torch.from_numpy(index.read_maps([0]).astype("float32")), k=3, shortlist=5, method="centroid")
+print("sympy" in sys.modules)
+"""
+
+
+def test_a_centroid_search_does_not_import_sympy(coded):
+    # torch's _check_* helpers import sympy (0.4 s) on first use: a one-query `qaconv search` took 0.6 s
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _SEARCH_IN_A_FRESH_PROCESS, coded[0].path], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_codes_on_disk_round_trip_with_append(coded):

@@ -46,8 +46,8 @@ def quantize_centroid_table(table: Tensor) -> QuantizedTable:
     (round to nearest), with the float row maxima the column term needs. A non-finite entry is a
     ``ValueError``."""
     require_tensor("table", table, "quantize_centroid_table")
-    torch._check_value(table.dim() == 3, lambda: f"quantize_centroid_table: table must be [P, K, Lq], got shape "
-                       f"{tuple(table.shape)}")
+    if table.dim() != 3:  # (a plain check: torch._check_value imports sympy on its first call, 0.4 s)
+        raise ValueError(f"quantize_centroid_table: table must be [P, K, Lq], got shape {tuple(table.shape)}")
     t = table.detach().to("cpu", torch.float32)
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError("quantize_centroid_table: the table holds non-finite values")

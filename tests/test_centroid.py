@@ -129,6 +129,16 @@ def test_uint8_kernel_rejects_bad_inputs_and_has_a_fake_kernel():
     assert out.shape == (2, 8) and out.dtype == torch.float32
 
 
+def test_default_codebook_size_grows_with_the_gallery_up_to_4096():
+    from qaconv_ext.search.centroids import default_codebook_size
+
+    assert default_codebook_size(100) == 64  # at most the vectors (a power of two)
+    assert default_codebook_size(2000) == 256  # at least 2^8
+    assert default_codebook_size(1151 * 128) == 2048  # 4 sqrt(n) = 1,535
+    assert default_codebook_size(5239 * 128) == 4096
+    assert default_codebook_size(10 ** 6 * 128) == 4096  # the uint8 table stays in L2
+
+
 # ----------------------------------------------------------------------------------------------
 # k-means
 # ----------------------------------------------------------------------------------------------

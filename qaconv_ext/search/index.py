@@ -304,7 +304,7 @@ class GalleryIndex:
 
         Spherical k-means (:func:`~qaconv_ext.search.centroids.spherical_kmeans`, seeded) over ``sample``
         location vectors of maps drawn with ``seed``; defaults: ``k`` the power of two nearest ``4 sqrt(n)``
-        for ``n`` location vectors (2^8..2^14, at most n), 32 vectors per centroid. Committed at once by
+        for ``n`` location vectors (2^8..2^12, at most n), 32 vectors per centroid. Committed at once by
         replacing the manifest (the old codebook's files are deleted after). Appends encode new maps with this codebook;
         :meth:`codebook_drift` says when training again is worthwhile. Returns ``self``.
         """

@@ -137,69 +137,78 @@ inline int64_t ids_out_of_range(const uint16_t* ids, int64_t Lg, int64_t K) {
   return over;
 }
 
-}  // namespace
+// sum_i w_row[i] * max_j table[ids[j]][i] from a float32 table (base unused).
+inline __attribute__((always_inline)) float row_term(const CentroidTable& t, const uint16_t* ids, int64_t Lg,
+                                                     const float* w_row, float* scratch, float /*base*/) {
+  const int64_t Lq = t.Lq;
+  int64_t i0 = 0;
+  for (; i0 + kVectors * kWidth <= Lq; i0 += kVectors * kWidth)
+    block_maxima<kVectors>(t.table, Lq, i0, ids, Lg, scratch + i0);
+  for (; i0 + kWidth <= Lq; i0 += kWidth) block_maxima<1>(t.table, Lq, i0, ids, Lg, scratch + i0);
+  if (i0 < Lq) scalar_maxima(t.table, Lq, i0, Lq, ids, Lg, scratch + i0);
+  return weighted_sum(w_row, scratch, Lq);
+}
 
-QACONV_CENTROID_MULTIVERSION
-int64_t centroid_scores(const CentroidTable& t, const uint16_t* codes, int64_t Lg, int64_t n0, int64_t n1,
-                        const float* w_row, const float* w_col, float bias, float* out, float* scratch) {
-  const int64_t Lq = t.Lq, K = t.K;
+// The same from a uint8 table: base + step * sum_i w_row[i] * max_j q[ids[j]][i], base = offset * sum_i w_row[i].
+inline __attribute__((always_inline)) float row_term(const CentroidTableU8& t, const uint16_t* ids, int64_t Lg,
+                                                     const float* w_row, uint8_t* scratch, float base) {
+  const int64_t Lq = t.Lq;
+  int64_t i0 = 0;
+  for (; i0 + 4 * kBytes <= Lq; i0 += 4 * kBytes) block_maxima_u8<4>(t.table, Lq, i0, ids, Lg, scratch + i0);
+  if (i0 + 2 * kBytes <= Lq) {
+    block_maxima_u8<2>(t.table, Lq, i0, ids, Lg, scratch + i0);
+    i0 += 2 * kBytes;
+  }
+  if (i0 + kBytes <= Lq) {
+    block_maxima_u8<1>(t.table, Lq, i0, ids, Lg, scratch + i0);
+    i0 += kBytes;
+  }
+  if (i0 < Lq) {
+    for (int64_t i = i0; i < Lq; ++i) scratch[i] = 0;
+    for (int64_t j = 0; j < Lg; ++j) {
+      const uint8_t* row = t.table + static_cast<int64_t>(ids[j]) * Lq;
+      for (int64_t i = i0; i < Lq; ++i) scratch[i] = std::max(scratch[i], row[i]);
+    }
+  }
+  return base + t.step * weighted_sum(w_row, scratch, Lq);
+}
+
+// The loop both kernels share (inlined into each processor variant): every map's row term, column term and
+// bias; a map with ids >= K scores 0 and its bad ids are counted.
+template <typename Table, typename Scratch>
+inline __attribute__((always_inline)) int64_t score_maps(const Table& t, const uint16_t* codes, int64_t Lg,
+                                                        int64_t n0, int64_t n1, const float* w_row,
+                                                        const float* w_col, float bias, float* out,
+                                                        Scratch* scratch, float base) {
   int64_t bad = 0;
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* ids = codes + n * Lg;
-    if (const int64_t over = ids_out_of_range(ids, Lg, K)) {
+    if (const int64_t over = ids_out_of_range(ids, Lg, t.K)) {
       bad += over;
       out[n - n0] = 0.0f;
       continue;
     }
-    int64_t i0 = 0;
-    for (; i0 + kVectors * kWidth <= Lq; i0 += kVectors * kWidth)
-      block_maxima<kVectors>(t.table, Lq, i0, ids, Lg, scratch + i0);
-    for (; i0 + kWidth <= Lq; i0 += kWidth) block_maxima<1>(t.table, Lq, i0, ids, Lg, scratch + i0);
-    if (i0 < Lq) scalar_maxima(t.table, Lq, i0, Lq, ids, Lg, scratch + i0);
-    const float rows = weighted_sum(w_row, scratch, Lq);
+    const float rows = row_term(t, ids, Lg, w_row, scratch, base);
     const float cols = column_term(w_col, t.colmax, ids, Lg);
     out[n - n0] = (rows + cols) + bias;
   }
   return bad;
 }
 
+}  // namespace
+
+QACONV_CENTROID_MULTIVERSION
+int64_t centroid_scores(const CentroidTable& t, const uint16_t* codes, int64_t Lg, int64_t n0, int64_t n1,
+                        const float* w_row, const float* w_col, float bias, float* out, float* scratch) {
+  return score_maps(t, codes, Lg, n0, n1, w_row, w_col, bias, out, scratch, 0.0f);
+}
+
 QACONV_CENTROID_U8_MULTIVERSION
 int64_t centroid_scores_u8(const CentroidTableU8& t, const uint16_t* codes, int64_t Lg, int64_t n0, int64_t n1,
                            const float* w_row, const float* w_col, float bias, float* out, uint8_t* scratch) {
-  const int64_t Lq = t.Lq, K = t.K;
   float w_row_sum = 0.0f;
-  for (int64_t i = 0; i < Lq; ++i) w_row_sum += w_row[i];
-  const float base = t.offset * w_row_sum;
-  int64_t bad = 0;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* ids = codes + n * Lg;
-    if (const int64_t over = ids_out_of_range(ids, Lg, K)) {
-      bad += over;
-      out[n - n0] = 0.0f;
-      continue;
-    }
-    int64_t i0 = 0;
-    for (; i0 + 4 * kBytes <= Lq; i0 += 4 * kBytes) block_maxima_u8<4>(t.table, Lq, i0, ids, Lg, scratch + i0);
-    if (i0 + 2 * kBytes <= Lq) {
-      block_maxima_u8<2>(t.table, Lq, i0, ids, Lg, scratch + i0);
-      i0 += 2 * kBytes;
-    }
-    if (i0 + kBytes <= Lq) {
-      block_maxima_u8<1>(t.table, Lq, i0, ids, Lg, scratch + i0);
-      i0 += kBytes;
-    }
-    if (i0 < Lq) {
-      for (int64_t i = i0; i < Lq; ++i) scratch[i] = 0;
-      for (int64_t j = 0; j < Lg; ++j) {
-        const uint8_t* row = t.table + static_cast<int64_t>(ids[j]) * Lq;
-        for (int64_t i = i0; i < Lq; ++i) scratch[i] = std::max(scratch[i], row[i]);
-      }
-    }
-    const float rows = base + t.step * weighted_sum(w_row, scratch, Lq);
-    const float cols = column_term(w_col, t.colmax, ids, Lg);
-    out[n - n0] = (rows + cols) + bias;
-  }
-  return bad;
+  for (int64_t i = 0; i < t.Lq; ++i) w_row_sum += w_row[i];
+  return score_maps(t, codes, Lg, n0, n1, w_row, w_col, bias, out, scratch, t.offset * w_row_sum);
 }
 
 void centroid_table_maxima(const float* table, int64_t K, int64_t Lq, float* colmax) {

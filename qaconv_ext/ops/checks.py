@@ -93,18 +93,9 @@ def check_centroid_score(table: Tensor, codes: Tensor, weight: Tensor, bias: Opt
     """Validate the arguments of ``centroid_score`` (as ``csrc/cpu/centroid_cpu.cpp`` does); return ``(P, N)``."""
     torch._check_value(table.dim() == 3, lambda: f"centroid_score: table must be [P, K, Lq], got shape "
                        f"{_shape(table)}")
-    torch._check_value(codes.dim() == 2, lambda: f"centroid_score: codes must be [N, Lg], got shape "
-                       f"{_shape(codes)}")
     torch._check_type(table.dtype in (torch.float32, torch.float64),
                       lambda: f"centroid_score: table must be float32, got {table.dtype}")
-    torch._check_type(not codes.is_floating_point() and not codes.is_complex() and codes.dtype != torch.bool,
-                      lambda: f"centroid_score: codes must be uint16, got {codes.dtype}")
-    length = table.shape[2] + codes.shape[1]
-    torch._check_value(weight.numel() == length, lambda: f"centroid_score: weight must hold Lq + Lg = {length} "
-                       f"values, got {weight.numel()}")
-    if bias is not None:
-        torch._check_value(bias.numel() == 1, lambda: f"centroid_score: bias must be a scalar, got shape "
-                           f"{_shape(bias)}")
+    _check_codes_and_head("centroid_score", table.shape[2], codes, weight, bias)
     return table.shape[0], codes.shape[0]
 
 
@@ -121,15 +112,21 @@ def check_centroid_score_u8(table: Tensor, scale: Tensor, colmax: Tensor, codes:
                        lambda: f"{op}: colmax must be [P, K], got shape {_shape(colmax)}")
     torch._check_type(scale.dtype == torch.float32 and colmax.dtype == torch.float32,
                       lambda: f"{op}: scale and colmax must be float32, got {scale.dtype} and {colmax.dtype}")
+    _check_codes_and_head(op, table.shape[2], codes, weight, bias)
+    return P, codes.shape[0]
+
+
+def _check_codes_and_head(op: str, Lq: int, codes: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """The rules both centroid scores share: codes ``[N, Lg]`` of an integer dtype, ``Lq + Lg`` weights, a scalar
+    bias."""
     torch._check_value(codes.dim() == 2, lambda: f"{op}: codes must be [N, Lg], got shape {_shape(codes)}")
     torch._check_type(not codes.is_floating_point() and not codes.is_complex() and codes.dtype != torch.bool,
                       lambda: f"{op}: codes must be uint16, got {codes.dtype}")
-    length = table.shape[2] + codes.shape[1]
+    length = Lq + codes.shape[1]
     torch._check_value(weight.numel() == length, lambda: f"{op}: weight must hold Lq + Lg = {length} values, got "
                        f"{weight.numel()}")
     if bias is not None:
         torch._check_value(bias.numel() == 1, lambda: f"{op}: bias must be a scalar, got shape {_shape(bias)}")
-    return P, codes.shape[0]
 
 
 def require_tensor(name: str, value: Any, op: str = "qaconv") -> None:

@@ -33,7 +33,6 @@ extrapolated exhaustive / (measured candidate stage + measured exact stage).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +41,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import add_output_args, machine_record, reset_peak_rss, save_result, status_kib  # noqa: E402
+from _machine import add_output_args, cpu_flags, machine_record, reset_peak_rss, save_result, status_kib  # noqa: E402
 from bench_two_stage import _ranking_distance, _timed, _two_stage_order, search_bench_parser, synthetic_test_set  # noqa: E402  (same rules)
 
 RESULT_NAME = "centroid_synthetic.json"
@@ -120,11 +119,6 @@ def _recall(order, exact_top, k: int) -> float:
     return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(order[:, :k], exact_top)]))
 
 
-def _cpu_flags() -> List[str]:
-    with open("/proc/cpuinfo") as fh:
-        return sorted(set(re.findall(r"\b(avx512_bf16|avx512f|avx2)\b", fh.read())))
-
-
 def _row(name: str, r: Dict[str, Any]) -> str:
     ms = f"{1e3 * r['seconds_per_query']:>10.1f}" if "seconds_per_query" in r else f"{'-':>10}"
     sp = f"{r['speedup']:>8.1f}x" if "speedup" in r else f"{'-':>9}"
@@ -152,11 +146,11 @@ def evaluate(name: str, index: Any, q_maps: Any, query: List[Any], gallery: List
     out: Dict[str, Any] = {"gallery": N, "queries": P, "map_shape": [d, h, w],
                            "map_bytes_float16": 2 * d * h * w, "methods": {}}
 
-    def one_by_one(**kw: Any) -> None:
+    def one_by_one(search: Any) -> None:  # the first `timed` queries, one search each
         for p in range(timed):
-            index.search(q_maps[p:p + 1], k=k, **kw)
+            search(q_maps[p:p + 1])
 
-    t_ex = _timed(one_by_one, exhaustive_repeats or repeats) / timed
+    t_ex = _timed(lambda: one_by_one(lambda q: index.search(q, k=k)), exhaustive_repeats or repeats) / timed
     m = rank_metrics(_ranking_distance(full_i, N), query, gallery)
     out["methods"]["exhaustive"] = {"recall_top10": 1.0, "rank1": m["rank1"], "mAP": m["mAP"],
                                     "seconds_per_query": t_ex, "speedup": 1.0,
@@ -189,11 +183,7 @@ def evaluate(name: str, index: Any, q_maps: Any, query: List[Any], gallery: List
             _, short_i = search(q_maps, M, M)
             order = _two_stage_order(short_i, first_sim)
             ms = rank_metrics(_ranking_distance(order, N), query, gallery)
-
-            def one_by_one_search() -> None:
-                for p in range(timed):
-                    search(q_maps[p:p + 1], k, M)
-            t = _timed(one_by_one_search, repeats) / timed
+            t = _timed(lambda: one_by_one(lambda q: search(q, k, M)), repeats) / timed
             out["methods"][f"{label} M={M}"] = {
                 "recall_top10": _recall(order, exact_top, k), "rank1": ms["rank1"], "mAP": ms["mAP"],
                 "shortlist_share": M / N, "seconds_per_query": t, "speedup": t_ex / t,
@@ -329,7 +319,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         "model_config": {key: cfg.get(key) for key in ("arch", "height", "width", "neck", "epochs", "batch_size",
                                                        "lr", "step_size", "preprocess", "seed", "dataset")},
         "k": args.k, "timed_queries": args.timed_queries, "repeats": args.repeats, "galleries": {},
-        "cpu_flags": _cpu_flags()}
+        "cpu_flags": cpu_flags()}
     tmp = tempfile.mkdtemp(prefix="bench_centroid.")
     try:
         if args.scale_only:
